@@ -1,0 +1,139 @@
+"""``danbooru-assets``: the command line.
+
+- ``danbooru-assets sample-data DIR``: generate the bundled sample dataset.
+- ``danbooru-assets run``: the main job — materialize the whole graph for every shard
+  that has data, stage by stage, recorded in the Dagster instance (``$DAGSTER_HOME``).
+- ``danbooru-assets settings show|set``: the durable curation settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shards",
+        help="comma-separated shard keys (e.g. 0042,0107); default: every shard folder that has images",
+    )
+
+
+def _materialized_summary(result) -> str:
+    parts = []
+    for event in result.get_asset_materialization_events():
+        mat = event.step_materialization_data.materialization
+        rows = mat.metadata.get("dagster/row_count")
+        label = mat.asset_key.to_user_string()
+        parts.append(f"{label}={rows.value}" if rows is not None else label)
+    return ", ".join(parts)
+
+
+def run_main_job(args: argparse.Namespace) -> int:
+    from danbooru_assets import environment
+
+    home = environment.ensure_dagster_home()
+    if environment.using_sample_data():
+        from danbooru_assets.sample_data import generate_sample_dataset
+
+        root = environment.dataset_root()
+        print(f"DANBOORU_ROOT is not set: using the bundled sample dataset at {root}")
+        summary = generate_sample_dataset(root)
+        print(f"  sample dataset: {summary.n_images_written} images in {len(summary.shards)} shards")
+
+    import dagster as dg
+
+    from danbooru_assets.dataset import DatasetRootError
+    from danbooru_assets.definitions import RUN_STAGES, defs
+
+    dataset = defs.resources["dataset"]
+    try:
+        dataset.check_root()
+    except DatasetRootError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shards = args.shards.split(",") if args.shards else dataset.shards_with_images()
+    if not shards:
+        print(f"error: no shard folders with images under {dataset.root_path / dataset.image_folder}", file=sys.stderr)
+        return 2
+    print(f"dataset {dataset.root_path}: {len(shards)} shards; Dagster instance in {home}")
+    instance = dg.DagsterInstance.get()
+    started = time.perf_counter()
+    for job, per_shard in RUN_STAGES:
+        job_def = defs.resolve_job_def(job.name)
+        keys: list[str | None] = list(shards) if per_shard else [None]
+        print(f"== {job.name} ({len(keys)} run{'s' if len(keys) > 1 else ''})")
+        for i, key in enumerate(keys, start=1):
+            t0 = time.perf_counter()
+            result = job_def.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+            label = f"shard {key}" if key else job.name
+            took = time.perf_counter() - t0
+            if not result.success:
+                failure = next((e for e in result.all_events if e.is_step_failure), None)
+                reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the UI"
+                print(f"  [{i}/{len(keys)}] {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
+                return 1
+            print(f"  [{i}/{len(keys)}] {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
+    print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dagster dev` (DAGSTER_HOME={home})")
+    return 0
+
+
+def settings_command(args: argparse.Namespace) -> int:
+    from danbooru_assets import environment
+    from danbooru_assets.settings import load_settings, save_settings, set_setting
+
+    path = environment.settings_path()
+    settings = load_settings(path)
+    if args.settings_action == "set":
+        for assignment in args.assignments:
+            key, sep, value = assignment.partition("=")
+            if not sep:
+                print(f"error: expected KEY=VALUE, got {assignment!r}", file=sys.stderr)
+                return 2
+            settings = set_setting(settings, key, value)
+        save_settings(path, settings)
+        print(f"saved {path}; reload the code location so the UI marks changed assets stale")
+    import yaml
+
+    print(f"# {path}{'' if path.exists() else ' (not written yet: defaults)'}")
+    print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from danbooru_assets.sample_data import add_sample_data_arguments, run_sample_data
+
+    parser = argparse.ArgumentParser(prog="danbooru-assets", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample-data", help="generate the deterministic sample dataset in DIR")
+    add_sample_data_arguments(p)
+    p.set_defaults(func=run_sample_data)
+
+    p = sub.add_parser(
+        "run",
+        help="materialize every asset for every shard with data (the main job)",
+        description="Materialize the asset graph stage by stage for every shard with data, "
+        "recording runs in the Dagster instance at $DAGSTER_HOME (default .dagster_home). "
+        "With DANBOORU_ROOT unset, the bundled sample dataset is generated first if absent.",
+    )
+    _add_run_arguments(p)
+    p.set_defaults(func=run_main_job)
+
+    p = sub.add_parser("settings", help="show or change the durable curation settings")
+    settings_sub = p.add_subparsers(dest="settings_action", required=True)
+    settings_sub.add_parser("show", help="print the settings in force")
+    ps = settings_sub.add_parser("set", help="set values, e.g. clip.keep_fraction=0.3")
+    ps.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    p.set_defaults(func=settings_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

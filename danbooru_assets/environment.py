@@ -1,0 +1,58 @@
+"""Where things live by default, from environment variables.
+
+| variable | default | what |
+| --- | --- | --- |
+| ``DANBOORU_ROOT`` | the bundled sample data, ``data/sample`` | the dataset root |
+| ``DANBOORU_STORAGE`` | ``data/storage`` | asset tables (a folder or an fsspec URL) |
+| ``DANBOORU_SETTINGS`` | ``data/settings.yaml`` | durable curation settings |
+| ``DANBOORU_LABELS`` | ``data/labels.sqlite`` | the human label store |
+| ``DAGSTER_HOME`` | ``.dagster_home`` (set by the CLI) | Dagster's SQLite instance |
+
+Relative defaults are under the working directory, the project folder in the README's
+commands.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    return Path.cwd() / "data"
+
+
+def using_sample_data() -> bool:
+    return not os.environ.get("DANBOORU_ROOT")
+
+
+def dataset_root() -> Path:
+    if not using_sample_data():
+        return Path(os.environ["DANBOORU_ROOT"]).expanduser()
+    from danbooru_assets.sample_data import default_sample_root
+
+    return default_sample_root()
+
+
+def storage_base() -> str:
+    return os.environ.get("DANBOORU_STORAGE") or str(data_dir() / "storage")
+
+
+def settings_path() -> Path:
+    return Path(os.environ.get("DANBOORU_SETTINGS") or data_dir() / "settings.yaml")
+
+
+def labels_path() -> Path:
+    return Path(os.environ.get("DANBOORU_LABELS") or data_dir() / "labels.sqlite")
+
+
+def ensure_dagster_home() -> Path:
+    """Point ``DAGSTER_HOME`` at ``.dagster_home`` (git-ignored) unless set, with the
+    project's ``dagster.yaml`` (SQLite storage, the ``gpu`` pool) copied in."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path.cwd() / ".dagster_home")))
+    home.mkdir(parents=True, exist_ok=True)
+    project_yaml = Path(__file__).resolve().parent.parent / "dagster.yaml"
+    if not (home / "dagster.yaml").exists() and project_yaml.exists():
+        shutil.copyfile(project_yaml, home / "dagster.yaml")
+    return home

@@ -1,0 +1,136 @@
+"""Parquet storage for asset tables, on Dagster's ``UPathIOManager``.
+
+One file per asset per partition (``<base>/<asset>/<partition>.parquet``); the base can
+be a local folder or any fsspec URL (``s3://…``, ``gs://…``, ``memory://…``). Writes are
+atomic: the table goes to a temporary sibling that is renamed into place, so a crash
+never leaves a half-written Parquet file where a reader would find it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+from upath import UPath
+
+from danbooru_assets.storage import dataframe_to_table
+
+PARQUET_SUFFIX = ".parquet"
+
+
+def _is_local(path: UPath) -> bool:
+    return getattr(path, "protocol", "") in ("", "file", "local")
+
+
+def write_parquet(path: UPath, df: pd.DataFrame) -> None:
+    """Write ``df`` to ``path`` atomically (temp sibling, then rename)."""
+    path = UPath(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    table = dataframe_to_table(df)
+    try:
+        if _is_local(path):
+            pq.write_table(table, str(tmp.path))
+            os.replace(tmp.path, path.path)
+        else:
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            with tmp.open("wb") as f:
+                f.write(buf.getvalue())
+            tmp.fs.mv(tmp.path, path.path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_parquet(path: UPath, columns: list[str] | None = None) -> pd.DataFrame:
+    path = UPath(path)
+    if _is_local(path):
+        return pq.read_table(str(path.path), columns=columns).to_pandas()
+    with path.open("rb") as f:
+        return pq.read_table(f, columns=columns).to_pandas()
+
+
+def concat_partitions(tables: dict[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
+    """One frame from the ``{partition: frame}`` mapping an unpartitioned asset receives."""
+    if isinstance(tables, pd.DataFrame):
+        return tables
+    frames = [df for _, df in sorted(tables.items()) if df is not None and len(df.columns)]
+    if not frames:
+        return pd.DataFrame()
+    return pd.concat(frames, ignore_index=True)
+
+
+class ParquetIOManager(dg.UPathIOManager):
+    """Stores pandas DataFrames as Parquet; an unpartitioned consumer of a partitioned
+    asset receives ``{partition_key: DataFrame}`` for the partitions that exist."""
+
+    extension: str = PARQUET_SUFFIX
+
+    def __init__(self, base_path: UPath):
+        super().__init__(base_path=base_path)
+        self.root = UPath(base_path)
+
+    def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+        if not isinstance(obj, pd.DataFrame):
+            raise TypeError(
+                f"{context.asset_key.to_user_string()}: the Parquet IO manager stores pandas "
+                f"DataFrames, got {type(obj).__name__}"
+            )
+        write_parquet(path, obj)
+
+    def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
+        return read_parquet(path)
+
+    def get_metadata(self, context: dg.OutputContext, obj: Any) -> dict[str, Any]:
+        if isinstance(obj, pd.DataFrame):
+            return {"dagster/row_count": len(obj)}
+        return {}
+
+    def load_partitions(self, context: dg.InputContext) -> dict[str, pd.DataFrame]:
+        # An unpartitioned consumer asks for all 1,000 shards while a dataset may use a
+        # few: list the folder once instead of probing (and warning about) every key.
+        asset_dir = self.root.joinpath(*context.asset_key.path)
+        existing = (
+            {p.name[: -len(self.extension)] for p in asset_dir.iterdir() if p.name.endswith(self.extension)}
+            if asset_dir.exists()
+            else set()
+        )
+        wanted = [k for k in context.asset_partition_keys if k in existing]
+        context.log.info(
+            f"loading {len(wanted)} materialized partitions of {context.asset_key.to_user_string()}"
+            f" ({len(context.asset_partition_keys) - len(wanted)} requested partitions have no data)"
+        )
+        return {k: read_parquet(asset_dir / f"{k}{self.extension}") for k in wanted}
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The base of the project's table storage: a local folder or an fsspec URL.
+
+    Shared by the Parquet IO manager and by assets that keep side tables of their own
+    (the per-shard metadata slices), so both always point at the same place."""
+
+    base_path: str
+
+    def path(self, *parts: str) -> UPath:
+        return UPath(self.base_path).joinpath(*parts)
+
+    def asset_path(self, asset_name: str, partition: str | None = None) -> UPath:
+        """Where the IO manager keeps an asset's table (for the CLI, the labeling page, benchmarks)."""
+        if partition is None:
+            return self.path(asset_name + PARQUET_SUFFIX)
+        return self.path(asset_name, partition + PARQUET_SUFFIX)
+
+
+class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
+    """Parquet tables under ``storage.base_path``."""
+
+    storage: StorageResource
+
+    def create_io_manager(self, context) -> ParquetIOManager:
+        return ParquetIOManager(base_path=UPath(self.storage.base_path))

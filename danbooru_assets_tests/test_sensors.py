@@ -1,0 +1,76 @@
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from danbooru_assets.assets.index import danbooru_metadata, shard_index
+from danbooru_assets.dataset import DanbooruDatasetResource
+from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource
+from danbooru_assets.sensors import build_new_data_sensor
+from danbooru_assets_tests.conftest import jpeg_bytes
+
+shard_job = dg.define_asset_job("shard_job", selection=[shard_index], partitions_def=shard_index.partitions_def)
+metadata_job = dg.define_asset_job("metadata_job", selection=[danbooru_metadata])
+sensor = build_new_data_sensor(shard_job, metadata_job)
+
+
+def _definitions(dataset, storage) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[danbooru_metadata, shard_index],
+        jobs=[shard_job, metadata_job],
+        sensors=[sensor],
+        resources={"dataset": dataset, "storage": storage, "io_manager": ParquetIOManagerFactory(storage=storage)},
+    )
+
+
+def _tick(instance, dataset, cursor, storage=None):
+    storage = storage or StorageResource(base_path="memory://sensor-test")
+    ctx = dg.build_sensor_context(
+        instance=instance, cursor=cursor, resources={"dataset": dataset}, definitions=_definitions(dataset, storage)
+    )
+    result = sensor.evaluate_tick(ctx)
+    return result.run_requests or [], result.cursor, result.skip_message
+
+
+def test_sensor_converts_metadata_first_then_requests_each_changed_shard(mini_dataset: Path, tmp_path: Path):
+    instance = dg.DagsterInstance.ephemeral()
+    dataset = DanbooruDatasetResource(root=str(mini_dataset))
+    storage = StorageResource(base_path=str(tmp_path / "store"))
+
+    requests, cursor, _ = _tick(instance, dataset, None)
+    assert [r.job_name for r in requests] == ["metadata_job"]
+    # Until the conversion lands, the sensor waits instead of indexing against old metadata.
+    requests, cursor, skip = _tick(instance, dataset, cursor)
+    assert requests == [] and "waiting" in skip
+
+    dg.materialize(
+        [danbooru_metadata],
+        instance=instance,
+        resources={"dataset": dataset, "storage": storage, "io_manager": ParquetIOManagerFactory(storage=storage)},
+    )
+    requests, cursor, _ = _tick(instance, dataset, cursor)
+    assert sorted(r.partition_key for r in requests) == ["0001", "0002"]
+    assert {r.job_name for r in requests} == {"shard_job"}
+
+    requests, cursor, skip = _tick(instance, dataset, cursor)
+    assert requests == [] and "no change" in skip
+
+    # New image lands in shard 0002 only: one run, for that shard.
+    time.sleep(0.01)
+    new_file = mini_dataset / "original" / "0002" / "8002.jpg"
+    new_file.write_bytes(jpeg_bytes())
+    os.utime(new_file.parent, ns=(time.time_ns(), time.time_ns() + 10_000_000))
+    requests, cursor, _ = _tick(instance, dataset, cursor)
+    assert [r.partition_key for r in requests] == ["0002"]
+    # A brand-new shard folder is picked up too.
+    (mini_dataset / "original" / "0777").mkdir()
+    (mini_dataset / "original" / "0777" / "1777.jpg").write_bytes(jpeg_bytes())
+    requests, cursor, _ = _tick(instance, dataset, cursor)
+    assert [r.partition_key for r in requests] == ["0777"]
+
+
+def test_sensor_skips_with_reason_when_root_is_missing(tmp_path: Path):
+    dataset = DanbooruDatasetResource(root=str(tmp_path / "nowhere"))
+    requests, _, skip = _tick(dg.DagsterInstance.ephemeral(), dataset, None)
+    assert requests == [] and "DANBOORU_ROOT" in skip
