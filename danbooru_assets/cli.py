@@ -14,6 +14,7 @@ import time
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show Dagster's debug event log")
     parser.add_argument(
         "--shards",
         help="comma-separated shard keys (e.g. 0042,0107); default: every shard folder that has images",
@@ -60,13 +61,17 @@ def run_main_job(args: argparse.Namespace) -> int:
     print(f"dataset {dataset.root_path}: {len(shards)} shards; Dagster instance in {home}")
     instance = dg.DagsterInstance.get()
     started = time.perf_counter()
+    log_level = "DEBUG" if args.verbose else "WARNING"
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     for job, per_shard in RUN_STAGES:
         job_def = defs.resolve_job_def(job.name)
         keys: list[str | None] = list(shards) if per_shard else [None]
         print(f"== {job.name} ({len(keys)} run{'s' if len(keys) > 1 else ''})")
         for i, key in enumerate(keys, start=1):
             t0 = time.perf_counter()
-            result = job_def.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+            result = job_def.execute_in_process(
+                run_config=run_config, instance=instance, partition_key=key, raise_on_error=False
+            )
             label = f"shard {key}" if key else job.name
             took = time.perf_counter() - t0
             if not result.success:

@@ -15,6 +15,7 @@ from typing import Any
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 from upath import UPath
 
@@ -29,10 +30,26 @@ def _is_local(path: UPath) -> bool:
 
 def write_parquet(path: UPath, df: pd.DataFrame) -> None:
     """Write ``df`` to ``path`` atomically (temp sibling, then rename)."""
+    write_arrow(path, dataframe_to_table(df))
+
+
+def read_arrow(path: UPath, columns: list[str] | None = None) -> pa.Table:
+    path = UPath(path)
+    if _is_local(path):
+        return pq.read_table(str(path.path), columns=columns)
+    with path.open("rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_parquet(path: UPath, columns: list[str] | None = None) -> pd.DataFrame:
+    return read_arrow(path, columns).to_pandas()
+
+
+def write_arrow(path: UPath, table: pa.Table) -> None:
+    """Write an Arrow table to ``path`` atomically (temp sibling, then rename)."""
     path = UPath(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    table = dataframe_to_table(df)
     try:
         if _is_local(path):
             pq.write_table(table, str(tmp.path))
@@ -46,14 +63,6 @@ def write_parquet(path: UPath, df: pd.DataFrame) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def read_parquet(path: UPath, columns: list[str] | None = None) -> pd.DataFrame:
-    path = UPath(path)
-    if _is_local(path):
-        return pq.read_table(str(path.path), columns=columns).to_pandas()
-    with path.open("rb") as f:
-        return pq.read_table(f, columns=columns).to_pandas()
 
 
 def concat_partitions(tables: dict[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
@@ -134,3 +143,18 @@ class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
 
     def create_io_manager(self, context) -> ParquetIOManager:
         return ParquetIOManager(base_path=UPath(self.storage.base_path))
+
+
+def read_partitions(
+    storage: StorageResource, asset_name: str, columns: list[str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """Every materialized partition of an asset, reading only ``columns`` — for global
+    assets that need one or two columns of a large per-shard table."""
+    folder = storage.path(asset_name)
+    if not folder.exists():
+        return {}
+    return {
+        p.name[: -len(PARQUET_SUFFIX)]: read_parquet(p, columns)
+        for p in sorted(folder.iterdir(), key=lambda p: p.name)
+        if p.name.endswith(PARQUET_SUFFIX) and not p.name.startswith(".")
+    }

@@ -152,40 +152,61 @@ def empty_metadata_frame() -> pd.DataFrame:
     return records_to_frame([])
 
 
+def metadata_arrow_schema():
+    import pyarrow as pa
+
+    arrow_types = {"int64": pa.int64(), "Int64": pa.int64(), "object": pa.string(), "boolean": pa.bool_()}
+    return pa.schema([(c, arrow_types[METADATA_DTYPES[c]]) for c in METADATA_COLUMNS])
+
+
+def last_row_per_id(ids):
+    """Row positions keeping the last occurrence of each id, in ascending id order."""
+    import numpy as np
+
+    _, first_from_end = np.unique(ids[::-1], return_index=True)
+    return len(ids) - 1 - first_from_end
+
+
 def convert_metadata_to_shards(
-    files: list[Path], out_dir, chunk_rows: int = 250_000
+    files: list[Path], out_dir, chunk_rows: int = 500_000, write_threads: int = 4
 ) -> tuple[pd.DataFrame, ParseReport]:
     """Stream every metadata file once and write one Parquet per shard to ``out_dir``.
 
-    Memory stays bounded by ``chunk_rows``: each chunk is split by shard into a local
-    scratch folder, and each shard's parts are joined at the end. Shard files from an
-    earlier conversion that no longer have rows are removed. Returns a per-shard summary.
+    Memory stays bounded by ``chunk_rows``: each parsed chunk is sorted by shard and
+    spilled to a local Arrow file; at the end each shard's rows are sliced from the
+    memory-mapped chunks, de-duplicated (the last line for an id wins), sorted by id and
+    written. Shard files from an earlier conversion that no longer have rows are
+    removed. Returns a per-shard summary.
     """
     import shutil
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
 
+    import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from upath import UPath
 
-    from danbooru_assets.io_manager import write_parquet
+    from danbooru_assets.io_manager import write_arrow
     from danbooru_assets.partitions import NUM_SHARDS
 
     out_dir = UPath(out_dir)
     report = ParseReport()
     scratch = Path(tempfile.mkdtemp(prefix="danbooru-metadata-"))
-    n_chunks = 0
+    schema = metadata_arrow_schema()
+    chunks: list[tuple[Path, np.ndarray]] = []  # (spilled chunk, row offset of each shard)
 
-    def flush(rows: list[dict[str, Any]]) -> None:
-        nonlocal n_chunks
+    def spill(rows: list[dict[str, Any]]) -> None:
         if not rows:
             return
-        df = records_to_frame(rows)
-        for bucket, part in df.groupby(df["image_id"] % NUM_SHARDS):
-            shard_dir = scratch / f"{int(bucket):04d}"
-            shard_dir.mkdir(exist_ok=True)
-            pq.write_table(pa.Table.from_pandas(part, preserve_index=False), shard_dir / f"{n_chunks:06d}.parquet")
-        n_chunks += 1
+        table = pa.Table.from_pandas(records_to_frame(rows), schema=schema, preserve_index=False)
+        bucket = table["image_id"].to_numpy() % NUM_SHARDS
+        order = np.argsort(bucket, kind="stable")  # stable: line order kept within a shard
+        table = table.take(pa.array(order))
+        offsets = np.searchsorted(bucket[order], np.arange(NUM_SHARDS + 1))
+        path = scratch / f"chunk-{len(chunks):05d}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+        chunks.append((path, offsets))
         rows.clear()
 
     try:
@@ -194,14 +215,23 @@ def convert_metadata_to_shards(
             for row in iter_metadata_records(path, report):
                 rows.append(row)
                 if len(rows) >= chunk_rows:
-                    flush(rows)
-        flush(rows)
-        summary = []
-        for shard_dir in sorted(scratch.iterdir()):
-            df = pd.concat([pd.read_parquet(p) for p in sorted(shard_dir.iterdir())], ignore_index=True)
-            df = df.drop_duplicates("image_id", keep="last").sort_values("image_id").reset_index(drop=True)
-            write_parquet(out_dir / f"{shard_dir.name}.parquet", df.astype(METADATA_DTYPES))
-            summary.append((shard_dir.name, len(df)))
+                    spill(rows)
+        spill(rows)
+        mapped = [(pa.ipc.open_file(pa.memory_map(str(p))).read_all(), o) for p, o in chunks]
+
+        def finish_shard(bucket: int) -> tuple[str, int]:
+            parts = [t.slice(o[bucket], o[bucket + 1] - o[bucket]) for t, o in mapped]
+            table = pa.concat_tables(parts)
+            table = table.take(pa.array(last_row_per_id(table["image_id"].to_numpy())))
+            shard = f"{bucket:04d}"
+            write_arrow(out_dir / f"{shard}.parquet", table)
+            return shard, table.num_rows
+
+        present = [b for b in range(NUM_SHARDS) if any(o[b + 1] > o[b] for _, o in mapped)]
+        # Parquet encoding and file I/O release the GIL: threads overlap them.
+        with ThreadPoolExecutor(write_threads) as pool:
+            summary = list(pool.map(finish_shard, present))
+        del mapped
         written = {s for s, _ in summary}
         if out_dir.exists():
             for old in out_dir.iterdir():

@@ -14,7 +14,9 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from danbooru_assets.dataset import IMAGE_EXTENSIONS, DanbooruDatasetResource
-from danbooru_assets.metadata import METADATA_COLUMNS, empty_metadata_frame
+import pyarrow as pa
+
+from danbooru_assets.metadata import METADATA_COLUMNS, empty_metadata_frame, last_row_per_id, metadata_arrow_schema
 
 # Status values, most severe first: a row carries the first that applies.
 STATUS_OK = "ok"
@@ -56,72 +58,92 @@ def read_header_size(path) -> tuple[int, int]:
 
 
 def build_shard_index(
-    dataset: DanbooruDatasetResource, shard: str, metadata: pd.DataFrame | None
+    dataset: DanbooruDatasetResource, shard: str, metadata: pa.Table | pd.DataFrame | None
 ) -> tuple[pd.DataFrame, ShardIndexReport]:
+    """Index one shard. ``metadata`` is the shard's metadata slice (any order)."""
     report = ShardIndexReport()
-    metadata = empty_metadata_frame() if metadata is None else metadata
+    if metadata is None:
+        metadata = empty_metadata_frame()
+    if isinstance(metadata, pd.DataFrame):
+        metadata = pa.Table.from_pandas(metadata, schema=metadata_arrow_schema(), preserve_index=False)
+    meta_ids = metadata["image_id"].to_numpy()
+    if len(meta_ids) > 1 and not np.all(np.diff(meta_ids) > 0):
+        # Unsorted or repeated ids (a slice not made by the conversion): the last line
+        # for an id wins, rows sorted by id.
+        metadata = metadata.take(pa.array(last_row_per_id(meta_ids)))
+        meta_ids = metadata["image_id"].to_numpy()
+
     files = dataset.list_shard_files(shard)
     report.files = len(files)
-    rows = []
-    for f in files:
-        if f.image_id is None:
-            report.bad_names.append(f.rel_path)
-            continue
-        rows.append((f.image_id, f.rel_path, f.ext, f.file_bytes, f.mtime))
-    index = pd.DataFrame(rows, columns=["image_id", "rel_path", "ext", "file_bytes", "mtime"]).astype(
-        {"image_id": "int64", "file_bytes": "int64", "mtime": "float64"}
-    )
-    index.insert(1, "shard", shard)
-    # Duplicate metadata lines for one id (dumps overlap): the last one wins.
-    metadata = metadata.drop_duplicates("image_id", keep="last")
-    index = index.merge(metadata, on="image_id", how="left", indicator="_meta")
-    has_meta = (index.pop("_meta") == "both").to_numpy()
-    report.metadata_without_file = int((~metadata["image_id"].isin(index["image_id"])).sum())
+    kept = [f for f in files if f.image_id is not None]
+    report.bad_names = [f.rel_path for f in files if f.image_id is None]
+    ids = np.fromiter((f.image_id for f in kept), dtype=np.int64, count=len(kept))
+    rel_path = np.array([f.rel_path for f in kept], dtype=object)
+    ext = np.array([f.ext for f in kept], dtype=object)
+    file_bytes = np.fromiter((f.file_bytes for f in kept), dtype=np.int64, count=len(kept))
+    mtime = np.fromiter((f.mtime for f in kept), dtype=np.float64, count=len(kept))
 
-    n = len(index)
-    width = np.zeros(n, dtype="int64")
-    height = np.zeros(n, dtype="int64")
-    size_source = np.full(n, "", dtype=object)
-    status = np.full(n, STATUS_OK, dtype=object)
-    problem = np.full(n, "", dtype=object)
+    # Join by id: metadata is sorted by id, so a binary search finds each file's row.
+    if len(meta_ids):
+        pos = np.minimum(np.searchsorted(meta_ids, ids), len(meta_ids) - 1)
+        has_meta = meta_ids[pos] == ids
+    else:
+        pos = np.zeros(len(ids), dtype=np.int64)
+        has_meta = np.zeros(len(ids), dtype=bool)
+    joined = metadata.take(pa.array(pos, mask=~has_meta)) if len(ids) else metadata.slice(0, 0)
+    report.metadata_without_file = int(len(meta_ids) - np.isin(meta_ids, ids[has_meta]).sum())
+
+    n = len(ids)
+    meta_width = joined["meta_width"].fill_null(0).to_numpy()
+    meta_height = joined["meta_height"].fill_null(0).to_numpy()
+    norm_ext = np.where(ext == "jpeg", "jpg", ext) if n else ext
+    meta_ext = np.array(
+        [("jpg" if e == "jpeg" else (e or "").lower()) for e in joined["meta_file_ext"].to_pylist()], dtype=object
+    )
     # Metadata sizes describe the original file: trust them only for that file.
-    meta_ext = index["meta_file_ext"].fillna("").str.lower().replace("jpeg", "jpg").to_numpy()
-    ext = index["ext"].replace("jpeg", "jpg").to_numpy()
     meta_size_ok = (
         has_meta
         & (dataset.image_folder == "original")
-        & (meta_ext == ext)
-        & index["meta_width"].notna().to_numpy()
-        & index["meta_height"].notna().to_numpy()
+        & (meta_ext == norm_ext)
+        & (meta_width > 0)
+        & (meta_height > 0)
     )
-    width[meta_size_ok] = index.loc[meta_size_ok, "meta_width"].astype("int64")
-    height[meta_size_ok] = index.loc[meta_size_ok, "meta_height"].astype("int64")
-    size_source[meta_size_ok] = "metadata"
+    width = np.where(meta_size_ok, meta_width, 0).astype(np.int64)
+    height = np.where(meta_size_ok, meta_height, 0).astype(np.int64)
+    size_source = np.where(meta_size_ok, "metadata", "").astype(object)
+    status = np.full(n, STATUS_OK, dtype=object)
+    problem = np.full(n, "", dtype=object)
 
-    for i, (rel_path, file_ext, nbytes) in enumerate(
-        zip(index["rel_path"], index["ext"], index["file_bytes"])
-    ):
-        if nbytes == 0:
-            status[i], problem[i] = STATUS_ZERO_BYTES, "file is empty"
-            continue
-        if file_ext not in IMAGE_EXTENSIONS:
-            status[i], problem[i] = STATUS_UNKNOWN_EXTENSION, f"extension '.{file_ext}' is not an image type"
-            continue
-        if not meta_size_ok[i]:
-            report.header_reads += 1
-            try:
-                width[i], height[i] = read_header_size(dataset.image_path(rel_path))
-                size_source[i] = "header"
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                status[i], problem[i] = STATUS_UNREADABLE_HEADER, f"{type(exc).__name__}: {exc}"
-                continue
-        if not has_meta[i]:
-            status[i], problem[i] = STATUS_NO_METADATA, "no metadata line for this id"
+    zero = file_bytes == 0
+    unknown = ~zero & ~np.isin(ext, list(IMAGE_EXTENSIONS))
+    status[zero], problem[zero] = STATUS_ZERO_BYTES, "file is empty"
+    status[unknown] = STATUS_UNKNOWN_EXTENSION
+    problem[unknown] = [f"extension '.{e}' is not an image type" for e in ext[unknown]]
+    for i in np.flatnonzero(~zero & ~unknown & ~meta_size_ok):
+        report.header_reads += 1
+        try:
+            width[i], height[i] = read_header_size(dataset.image_path(rel_path[i]))
+            size_source[i] = "header"
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            status[i], problem[i] = STATUS_UNREADABLE_HEADER, f"{type(exc).__name__}: {exc}"
+    no_meta = (status == STATUS_OK) & ~has_meta
+    status[no_meta], problem[no_meta] = STATUS_NO_METADATA, "no metadata line for this id"
 
-    index.insert(5, "width", width)
-    index.insert(6, "height", height)
-    index.insert(7, "size_source", size_source)
-    index.insert(8, "status", status)
-    index.insert(9, "problem", problem)
-    index = index[INDEX_COLUMNS].sort_values("image_id", kind="stable").reset_index(drop=True)
-    return index, report
+    columns = {
+        "image_id": pa.array(ids, pa.int64()),
+        "shard": pa.array([shard] * n, pa.string()),
+        "rel_path": pa.array(rel_path, pa.string()),
+        "ext": pa.array(ext, pa.string()),
+        "file_bytes": pa.array(file_bytes, pa.int64()),
+        "mtime": pa.array(mtime, pa.float64()),
+        "width": pa.array(width, pa.int64()),
+        "height": pa.array(height, pa.int64()),
+        "size_source": pa.array(size_source, pa.string()),
+        "status": pa.array(status, pa.string()),
+        "problem": pa.array(problem, pa.string()),
+    }
+    for name in METADATA_COLUMNS:
+        if name != "image_id":
+            columns[name] = joined[name]
+    table = pa.table(columns)
+    return table.select(INDEX_COLUMNS).to_pandas(), report

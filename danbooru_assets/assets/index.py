@@ -5,10 +5,11 @@ from collections import Counter
 
 import dagster as dg
 import pandas as pd
+import pyarrow as pa
 
 from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.io_manager import StorageResource, read_parquet
-from danbooru_assets.metadata import convert_metadata_to_shards, empty_metadata_frame
+from danbooru_assets.io_manager import StorageResource, read_arrow
+from danbooru_assets.metadata import convert_metadata_to_shards
 from danbooru_assets.partitions import shard_key, shard_partitions
 from danbooru_assets.shard_index import INDEX_COLUMNS, STATUSES, build_shard_index
 
@@ -47,9 +48,9 @@ def danbooru_metadata(
     return summary
 
 
-def load_shard_metadata(storage: StorageResource, shard: str) -> pd.DataFrame:
+def load_shard_metadata(storage: StorageResource, shard: str) -> pa.Table | None:
     path = storage.path(METADATA_SHARDS_DIR, f"{shard}.parquet")
-    return read_parquet(path) if path.exists() else empty_metadata_frame()
+    return read_arrow(path) if path.exists() else None
 
 
 @dg.asset(
@@ -86,7 +87,7 @@ def shard_index(
             "indexed": len(index),
             **{f"status_{s}": int(counts.get(s, 0)) for s in STATUSES},
             "bad_file_names": len(report.bad_names),
-            "metadata_rows": len(metadata),
+            "metadata_rows": 0 if metadata is None else metadata.num_rows,
             "metadata_without_file": report.metadata_without_file,
             "header_reads": report.header_reads,
             "total_bytes": int(index["file_bytes"].sum()) if len(index) else 0,
