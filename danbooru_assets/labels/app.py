@@ -1,0 +1,551 @@
+"""The labeling page: one HTML page + a small JSON API on the stdlib HTTP server.
+
+``danbooru-assets label --queue Q.parquet --root DATASET --store labels.sqlite`` serves
+the next image of the queue large, with its keypoint skeleton (drawn client-side on a
+canvas, so the toggle is instant), its scores and predicted class. Keys: ``1`` good,
+``2`` questionable, ``3`` bad, ``z`` undo, ``s`` skip, ``k`` skeleton on/off.
+
+Safety: binds to 127.0.0.1 by default; images are served read-only and only for image
+ids of the queue, resolved inside the dataset root; every input is validated (unknown
+ids → 404, unknown classes / malformed JSON → 400); POSTs must be JSON, which makes a
+browser preflight any cross-site request (which this server never approves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import math
+import sys
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+
+from danbooru_assets.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON, SKELETON_COLORS
+from danbooru_assets.labels.store import LABEL_CLASSES, LabelStore
+
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
+               ".webp": "image/webp", ".bmp": "image/bmp"}
+MAX_BODY = 64 * 1024
+
+
+class RequestError(Exception):
+    """An input problem reported to the client with an HTTP status and a clear message."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _finite(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+class LabelingSession:
+    """The page's state: the queue, what is labeled (mirrored from the store), skips."""
+
+    def __init__(self, store: LabelStore, dataset_root: Path, queue: pd.DataFrame, round: int, labeler: str) -> None:
+        missing = {"image_id", "rel_path"} - set(queue.columns)
+        if missing:
+            raise ValueError(f"queue lacks column(s) {sorted(missing)}")
+        if not str(labeler).strip():
+            raise ValueError("labeler must be a non-empty name")
+        self.store = store
+        self.root = Path(dataset_root).resolve()
+        self.round = int(round)
+        self.labeler = str(labeler).strip()
+        if "queue_rank" in queue.columns:
+            queue = queue.sort_values("queue_rank", kind="stable")
+        queue = queue.drop_duplicates("image_id")
+        self.items: list[dict[str, Any]] = [self._item(rec) for rec in queue.to_dict("records")]
+        self.by_id = {item["image_id"]: item for item in self.items}
+        self.skipped: set[int] = set()
+        self.focus: list[int] = []  # images brought back by an undo, shown first
+        self.labels: dict[int, str | None] = {}
+        self._seen_id = 0
+        self.lock = threading.Lock()
+        self.sync()
+
+    @staticmethod
+    def _item(rec: dict[str, Any]) -> dict[str, Any]:
+        item: dict[str, Any] = {"image_id": int(rec["image_id"]), "rel_path": str(rec["rel_path"])}
+        item["portrait_score"] = _finite(rec.get("portrait_score"))
+        pc = rec.get("predicted_class")
+        item["predicted_class"] = pc if isinstance(pc, str) and pc in LABEL_CLASSES else None
+        probs = {c: _finite(rec.get(f"p_{c}")) for c in LABEL_CLASSES}
+        item["probs"] = probs if any(v is not None for v in probs.values()) else None
+        item["uncertainty"] = _finite(rec.get("uncertainty"))
+        item["width"] = _finite(rec.get("width"))
+        item["height"] = _finite(rec.get("height"))
+        if all(c in rec for c in KEYPOINT_COLUMNS):
+            kp = [[_finite(rec[c]) for c in KEYPOINT_COLUMNS[3 * i:3 * i + 3]] for i in range(NUM_KEYPOINTS)]
+            item["keypoints"] = kp if any(p[0] is not None and p[1] is not None for p in kp) else None
+        else:
+            item["keypoints"] = None
+        return item
+
+    def sync(self) -> None:
+        """Apply store rows written since the last sync (by us or another labeler)."""
+        for row_id, image_id, label in self.store.rows_since(self._seen_id):
+            if image_id in self.by_id:
+                self.labels[image_id] = label
+            self._seen_id = row_id
+
+    def parse_id(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit():
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"image_id must be a non-negative integer, got {value!r}")
+        image_id = int(value)
+        if image_id not in self.by_id:
+            raise RequestError(HTTPStatus.NOT_FOUND, f"unknown image id {image_id}: not in this labeling queue")
+        return image_id
+
+    def next_item(self) -> dict[str, Any] | None:
+        for image_id in self.focus:
+            if self.labels.get(image_id) is None:
+                return self.by_id[image_id]
+        for item in self.items:
+            if self.labels.get(item["image_id"]) is None and item["image_id"] not in self.skipped:
+                return item
+        return None
+
+    def state(self) -> dict[str, Any]:
+        self.sync()
+        item = self.next_item()
+        labeled = sum(1 for i in self.items if self.labels.get(i["image_id"]) is not None)
+        counts = {c: sum(1 for i in self.items if self.labels.get(i["image_id"]) == c) for c in LABEL_CLASSES}
+        payload = None
+        if item is not None:
+            payload = dict(item, image_url=f"/images/{item['image_id']}",
+                           current_label=self.labels.get(item["image_id"]))
+        return {
+            "round": self.round, "labeler": self.labeler, "total": len(self.items), "labeled": labeled,
+            "skipped": len(self.skipped), "counts": counts, "done": item is None, "item": payload,
+        }
+
+    def image_path(self, image_id: int) -> Path:
+        rel = self.by_id[image_id]["rel_path"]
+        path = (self.root / rel).resolve()
+        # resolve() follows symlinks too, so a link pointing out of the root is refused
+        if not path.is_relative_to(self.root):
+            raise RequestError(HTTPStatus.FORBIDDEN, f"path of image {image_id} is outside the dataset root")
+        if path.suffix.lower() not in IMAGE_TYPES:
+            raise RequestError(HTTPStatus.FORBIDDEN, f"image {image_id} is not an image file type")
+        if not path.is_file():
+            raise RequestError(HTTPStatus.NOT_FOUND, f"image file for {image_id} is missing")
+        return path
+
+    # ---- actions (called under the lock) -----------------------------------------
+    def label(self, body: dict[str, Any]) -> dict[str, Any]:
+        image_id = self.parse_id(body.get("image_id"))
+        label = body.get("label")
+        if not isinstance(label, str) or label not in LABEL_CLASSES:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"unknown class {label!r}; expected one of {list(LABEL_CLASSES)}")
+        self.store.add(image_id, label, self.labeler, self.round, source="page")
+        self.skipped.discard(image_id)
+        if image_id in self.focus:
+            self.focus.remove(image_id)
+        return self.state()
+
+    def skip(self, body: dict[str, Any]) -> dict[str, Any]:
+        image_id = self.parse_id(body.get("image_id"))
+        self.skipped.add(image_id)
+        if image_id in self.focus:
+            self.focus.remove(image_id)
+        return self.state()
+
+    def unskip(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.skipped.clear()
+        return self.state()
+
+    def undo(self, body: dict[str, Any]) -> dict[str, Any]:
+        retracted = self.store.undo(self.labeler)
+        if retracted is None:
+            raise RequestError(HTTPStatus.CONFLICT, f"nothing to undo for labeler {self.labeler!r}")
+        image_id = int(retracted["image_id"])
+        if image_id in self.by_id:
+            self.skipped.discard(image_id)
+            self.focus = [image_id] + [i for i in self.focus if i != image_id]
+        state = self.state()
+        state["retracted"] = {"image_id": image_id, "label": retracted["label"], "id": retracted["id"]}
+        return state
+
+
+class LabelingServer(ThreadingHTTPServer):
+    """The page's HTTP server; ``start()`` serves in a background thread, ``stop()`` ends it."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], session: LabelingSession) -> None:
+        self.session = session
+        self._thread: threading.Thread | None = None
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+    def start(self) -> "LabelingServer":
+        self._thread = threading.Thread(target=self.serve_forever, name="labeling-page", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(timeout=10)
+            self._thread = None
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: LabelingServer
+    server_version = "danbooru-labels/1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass  # quiet: the terminal shows the URL and errors only
+
+    # ---- responses ------------------------------------------------------------------
+    def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj).encode("utf-8"), "application/json", {"Cache-Control": "no-store"})
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        self._json(status, {"error": message, "status": int(status)})
+
+    # ---- routing --------------------------------------------------------------------
+    def do_GET(self) -> None:
+        session = self.server.session
+        path = urlsplit(self.path).path
+        try:
+            if path in ("/", "/index.html"):
+                self._send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                           {"Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
+                                                       "script-src 'unsafe-inline'; img-src 'self'"})
+            elif path == "/api/config":
+                self._json(200, {
+                    "classes": list(LABEL_CLASSES), "keypoint_names": list(KEYPOINT_NAMES),
+                    "skeleton": [list(p) for p in SKELETON], "colors": [list(c) for c in SKELETON_COLORS],
+                    "round": session.round, "labeler": session.labeler,
+                })
+            elif path == "/api/state":
+                with session.lock:
+                    self._json(200, session.state())
+            elif path.startswith("/images/"):
+                with session.lock:
+                    file_path = session.image_path(session.parse_id(path[len("/images/"):]))
+                self._send(200, file_path.read_bytes(), IMAGE_TYPES[file_path.suffix.lower()],
+                           {"Cache-Control": "private, max-age=3600"})
+            else:
+                raise RequestError(HTTPStatus.NOT_FOUND, f"no such page: {path}")
+        except RequestError as exc:
+            self._error(exc.status, exc.message)
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        session = self.server.session
+        path = urlsplit(self.path).path
+        actions = {"/api/label": session.label, "/api/skip": session.skip,
+                   "/api/undo": session.undo, "/api/unskip": session.unskip}
+        try:
+            action = actions.get(path)
+            if action is None:
+                raise RequestError(HTTPStatus.NOT_FOUND, f"no such action: {path}")
+            body = self._read_json()
+            with session.lock:
+                self._json(200, action(body))
+        except RequestError as exc:
+            self._error(exc.status, exc.message)
+
+    def _read_json(self) -> dict[str, Any]:
+        ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "POST bodies must be application/json")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "invalid Content-Length") from None
+        if length < 0 or length > MAX_BODY:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {MAX_BODY} bytes")
+        raw = self.rfile.read(length) if length else b"{}"
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+        return body
+
+
+def make_app(store: LabelStore, dataset_root: Path | str, queue: pd.DataFrame, round: int, labeler: str,
+             host: str = "127.0.0.1", port: int = 0) -> LabelingServer:
+    """A bound (not yet serving) labeling server; ``port=0`` picks a free port.
+
+    Call ``.start()`` to serve in a background thread (tests) or ``.serve_forever()``;
+    ``.url`` is the page's address and ``.stop()`` shuts it down.
+    """
+    session = LabelingSession(store, Path(dataset_root), queue, round, labeler)
+    return LabelingServer((host, port), session)
+
+
+def load_queue(path: Path | str) -> pd.DataFrame:
+    """Read a ``labeling_queue`` Parquet file (or a folder of them) and check its columns."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"queue {path} does not exist; materialize the labeling_queue asset first")
+    queue = pd.read_parquet(path)
+    missing = {"image_id", "rel_path"} - set(queue.columns)
+    if missing:
+        raise ValueError(f"queue {path} lacks column(s) {sorted(missing)}")
+    return queue
+
+
+def add_label_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``danbooru-assets label``."""
+    parser.add_argument("--queue", type=Path, default=None, help="labeling_queue Parquet file (the asset's output)")
+    parser.add_argument("--root", type=Path, default=None,
+                        help="dataset root the queue's rel_path values are relative to (default: $DANBOORU_ROOT "
+                             "or the sample data)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="label store, a SQLite file (default: $DANBOORU_LABELS or data/labels.sqlite)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    parser.add_argument("--port", type=int, default=8765, help="port (0 = any free port)")
+    parser.add_argument("--labeler", default=None, help="your name in the label history (default: OS user)")
+    parser.add_argument("--round", type=int, default=None,
+                        help="labeling round (default: the queue's 'round' column, else 1)")
+    return parser
+
+
+def run_label(args: argparse.Namespace) -> int:
+    """Serve the labeling page until Ctrl-C; returns a process exit code."""
+    from danbooru_assets import environment
+
+    if args.queue is None:
+        print("error: --queue is required (the labeling_queue asset's Parquet file)", file=sys.stderr)
+        return 2
+    root = Path(args.root) if args.root is not None else environment.dataset_root()
+    store_path = Path(args.store) if args.store is not None else environment.labels_path()
+    try:
+        queue = load_queue(args.queue)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not root.is_dir():
+        print(f"error: dataset root {root} is not a directory", file=sys.stderr)
+        return 2
+    round_ = args.round
+    if round_ is None:
+        rounds = queue["round"].dropna().unique() if "round" in queue.columns else np.array([])
+        round_ = int(rounds.max()) if len(rounds) else 1
+    labeler = args.labeler or getpass.getuser()
+    server = make_app(LabelStore(store_path), root, queue, round_, labeler, host=args.host, port=args.port)
+    print(f"labeling round {round_} as {labeler!r}: {len(server.session.items)} images in the queue; "
+          f"labels go to {store_path}")
+    print(f"open {server.url}  (keys: 1 good, 2 questionable, 3 bad, z undo, s skip, k skeleton; Ctrl-C stops)",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m danbooru_assets.labels.app`` — the same as ``danbooru-assets label``."""
+    parser = add_label_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    return run_label(parser.parse_args(argv))
+
+
+PAGE_HTML = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Label images</title>
+<style>
+ body{margin:0;font:14px system-ui,sans-serif;background:#1d1f21;color:#ddd;display:flex;flex-direction:column;height:100vh}
+ header{padding:6px 12px;background:#111;display:flex;gap:16px;align-items:center}
+ header progress{width:240px}
+ main{flex:1;display:flex;min-height:0}
+ #stage{flex:1;position:relative;display:flex;align-items:center;justify-content:center;min-width:0}
+ #wrap{position:relative;max-width:100%;max-height:100%}
+ #img{display:block}
+ #overlay{position:absolute;left:0;top:0;pointer-events:none}
+ aside{width:280px;padding:12px;background:#26282b;overflow:auto}
+ .cls{display:flex;justify-content:space-between}.bar{height:6px;background:#4a90d9;margin-bottom:6px}
+ button{margin:2px 0;width:100%;padding:6px;background:#3a3d41;color:#eee;border:1px solid #555;cursor:pointer}
+ #msg{color:#f88;min-height:2em;white-space:pre-wrap}
+ #done{display:none;font-size:18px;padding:40px}
+ kbd{background:#444;padding:0 4px;border-radius:3px}
+</style></head>
+<body data-skeleton="on">
+<header><b id="title">Round ?</b><progress id="prog" value="0" max="1"></progress><span id="progress"></span></header>
+<main>
+ <div id="stage"><div id="wrap"><img id="img" alt=""><canvas id="overlay"></canvas></div>
+  <div id="done">Queue done. <button id="unskip" style="width:auto">show skipped again</button></div></div>
+ <aside>
+  <div>image <b id="image-id">–</b></div><div id="relpath" style="font-size:11px;color:#999;word-break:break-all"></div>
+  <div>portrait score: <b id="score">–</b></div>
+  <div>predicted: <b id="pred">–</b></div><div id="probs"></div>
+  <hr>
+  <button data-label="good"><kbd>1</kbd> good</button>
+  <button data-label="questionable"><kbd>2</kbd> questionable</button>
+  <button data-label="bad"><kbd>3</kbd> bad</button>
+  <button id="undo"><kbd>z</kbd> undo</button>
+  <button id="skip"><kbd>s</kbd> skip</button>
+  <button id="toggle"><kbd>k</kbd> skeleton on/off</button>
+  <div id="last"></div><div id="msg"></div>
+ </aside>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const ui = {config: null, state: null, item: null, skeleton: true, pending: 0, actions: 0};
+window.labeling = ui;  // for tests and the curious: current item, pending requests, skeleton flag
+let chain = Promise.resolve();
+
+async function api(method, url, body) {
+  const opts = {method, headers: {}};
+  if (body !== undefined) { opts.headers["Content-Type"] = "application/json"; opts.body = JSON.stringify(body); }
+  const r = await fetch(url, opts);
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || ("HTTP " + r.status));
+  return data;
+}
+
+// Key presses are queued and run one after another, so fast typing labels the image
+// that was on screen when the previous action finished, never the same image twice.
+function enqueue(fn) {
+  ui.pending++;
+  chain = chain.then(fn).catch((e) => { $("msg").textContent = e.message; })
+    .finally(() => { ui.pending--; ui.actions++; });
+}
+
+function show(state) {
+  ui.state = state; ui.item = state.item;
+  $("title").textContent = "Round " + state.round + " · " + state.labeler;
+  $("prog").max = Math.max(1, state.total); $("prog").value = state.labeled;
+  $("progress").textContent = state.labeled + " / " + state.total + " labeled · " + state.skipped + " skipped · " +
+    Object.entries(state.counts).map(([k, v]) => k + " " + v).join(", ");
+  const it = state.item;
+  document.body.dataset.imageId = it ? String(it.image_id) : "";
+  $("done").style.display = it ? "none" : "block";
+  $("wrap").style.display = it ? "block" : "none";
+  if (!it) { $("image-id").textContent = "–"; return; }
+  $("image-id").textContent = it.image_id;
+  $("relpath").textContent = it.rel_path;
+  $("score").textContent = it.portrait_score === null ? "–" : it.portrait_score.toFixed(3);
+  $("pred").textContent = it.predicted_class || "–";
+  const probs = $("probs"); probs.replaceChildren();
+  if (it.probs) for (const c of ui.config.classes) {
+    const p = it.probs[c] || 0, row = document.createElement("div"), bar = document.createElement("div");
+    row.className = "cls"; row.textContent = c + " " + p.toFixed(2);
+    bar.className = "bar"; bar.style.width = Math.round(p * 100) + "%";
+    probs.append(row, bar);
+  }
+  const img = $("img");
+  if (img.dataset.src !== it.image_url) { img.dataset.src = it.image_url; img.src = it.image_url; }
+  else drawSkeleton();
+}
+
+// Show the image as large as the stage allows (small images are scaled up too).
+function fit() {
+  const img = $("img"), stage = $("stage");
+  if (!img.naturalWidth) return;
+  const s = Math.min((stage.clientWidth - 16) / img.naturalWidth, (stage.clientHeight - 16) / img.naturalHeight);
+  img.style.width = Math.max(1, Math.floor(img.naturalWidth * s)) + "px";
+  img.style.height = Math.max(1, Math.floor(img.naturalHeight * s)) + "px";
+}
+
+function drawSkeleton() {
+  const img = $("img"), cv = $("overlay"), it = ui.item;
+  fit();
+  cv.width = img.clientWidth; cv.height = img.clientHeight;
+  const ctx = cv.getContext("2d");
+  ctx.clearRect(0, 0, cv.width, cv.height);
+  cv.style.display = ui.skeleton ? "block" : "none";
+  document.body.dataset.skeleton = ui.skeleton ? "on" : "off";
+  if (!ui.skeleton || !it || !it.keypoints || !img.naturalWidth) return;
+  // keypoints are pixels of the image whose size the queue gives (else the served file)
+  const sx = cv.width / (it.width || img.naturalWidth), sy = cv.height / (it.height || img.naturalHeight);
+  const ok = (p) => p && p[0] !== null && p[1] !== null && (p[2] === null || p[2] > 0);
+  ctx.lineWidth = 3;
+  ui.config.skeleton.forEach(([a, b], i) => {
+    const p = it.keypoints[a], q = it.keypoints[b];
+    if (!ok(p) || !ok(q)) return;
+    const c = ui.config.colors[i % ui.config.colors.length];
+    ctx.strokeStyle = "rgb(" + c.join(",") + ")";
+    ctx.beginPath(); ctx.moveTo(p[0] * sx, p[1] * sy); ctx.lineTo(q[0] * sx, q[1] * sy); ctx.stroke();
+  });
+  ctx.fillStyle = "#fff";
+  for (const p of it.keypoints) if (ok(p)) { ctx.beginPath(); ctx.arc(p[0] * sx, p[1] * sy, 3, 0, 7); ctx.fill(); }
+}
+
+function label(cls) {
+  enqueue(async () => {
+    if (!ui.item) return;
+    const id = ui.item.image_id;
+    show(await api("POST", "/api/label", {image_id: id, label: cls}));
+    $("last").textContent = "labeled " + id + " " + cls; $("msg").textContent = "";
+  });
+}
+function skip() {
+  enqueue(async () => {
+    if (!ui.item) return;
+    const id = ui.item.image_id;
+    show(await api("POST", "/api/skip", {image_id: id}));
+    $("last").textContent = "skipped " + id; $("msg").textContent = "";
+  });
+}
+function undo() {
+  enqueue(async () => {
+    const s = await api("POST", "/api/undo", {});
+    show(s); $("last").textContent = "undid " + s.retracted.label + " on " + s.retracted.image_id; $("msg").textContent = "";
+  });
+}
+function toggle() { ui.skeleton = !ui.skeleton; drawSkeleton(); }
+
+document.addEventListener("keydown", (e) => {
+  if (e.ctrlKey || e.metaKey || e.altKey) return;
+  const k = e.key.toLowerCase();
+  const i = ["1", "2", "3"].indexOf(k);
+  if (i >= 0) label(ui.config.classes[i]);
+  else if (k === "z") undo();
+  else if (k === "s") skip();
+  else if (k === "k") toggle();
+  else return;
+  e.preventDefault();
+});
+document.querySelectorAll("button[data-label]").forEach((b) => b.onclick = () => label(b.dataset.label));
+$("undo").onclick = undo; $("skip").onclick = skip; $("toggle").onclick = toggle;
+$("unskip").onclick = () => enqueue(async () => show(await api("POST", "/api/unskip", {})));
+$("img").addEventListener("load", drawSkeleton);
+window.addEventListener("resize", drawSkeleton);
+
+enqueue(async () => { ui.config = await api("GET", "/api/config"); show(await api("GET", "/api/state")); });
+</script></body></html>
+"""
+
+if __name__ == "__main__":
+    sys.exit(main())
