@@ -3,6 +3,9 @@
 - ``danbooru-assets sample-data DIR``: generate the bundled sample dataset.
 - ``danbooru-assets run``: the main job — materialize the whole graph for every shard
   that has data, stage by stage, recorded in the Dagster instance (``$DAGSTER_HOME``).
+- ``danbooru-assets label``: the labeling page for the current ``labeling_queue``.
+- ``danbooru-assets export DIR``: the curated dataset as a manifest, keypoint JSON and
+  WebDataset shards.
 - ``danbooru-assets settings show|set``: the durable curation settings.
 """
 
@@ -96,13 +99,49 @@ def settings_command(args: argparse.Namespace) -> int:
             if not sep:
                 print(f"error: expected KEY=VALUE, got {assignment!r}", file=sys.stderr)
                 return 2
-            settings = set_setting(settings, key, value)
+            try:
+                settings = set_setting(settings, key, value)
+            except ValueError as exc:
+                print(f"error: {assignment}: {exc}", file=sys.stderr)
+                return 2
         save_settings(path, settings)
         print(f"saved {path}; reload the code location so the UI marks changed assets stale")
     import yaml
 
     print(f"# {path}{'' if path.exists() else ' (not written yet: defaults)'}")
     print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    """The curated dataset as a manifest, keypoint JSON files (+ tarball) and WebDataset shards."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from danbooru_assets.definitions import defs
+    from danbooru_assets.exports import write_manifest, write_webdataset_shards
+    from danbooru_assets.io_manager import read_partitions
+    from danbooru_assets.pose import write_keypoint_files
+
+    storage = defs.resources["storage"]
+    dataset = defs.resources["dataset"]
+    curated = read_partitions(storage, "curated_dataset")
+    if not curated:
+        print("error: curated_dataset is not materialized yet: run `danbooru-assets run` first", file=sys.stderr)
+        return 2
+    manifest = pd.concat(list(curated.values()), ignore_index=True).sort_values("image_id").reset_index(drop=True)
+    keypoints = pd.concat(list(read_partitions(storage, "pose_keypoints").values()), ignore_index=True)
+    keypoints = keypoints.loc[keypoints["image_id"].isin(manifest["image_id"]) & (keypoints["status"] == "ok")]
+    out = Path(args.out)
+    write_manifest(manifest, out / "manifest.parquet")
+    n_json = write_keypoint_files(keypoints, out_dir=out / "keypoints", tarball=out / "keypoints.tar.gz")
+    shards = write_webdataset_shards(
+        manifest, dataset.root_path, keypoints, out / "webdataset", samples_per_shard=args.samples_per_shard
+    )
+    print(f"{len(manifest)} images → {out / 'manifest.parquet'}")
+    print(f"{n_json} keypoint files → {out / 'keypoints'}/ and {out / 'keypoints.tar.gz'} (seed format, [y, x])")
+    print(f"{len(shards)} WebDataset shards → {out / 'webdataset'}/")
     return 0
 
 
@@ -125,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arguments(p)
     p.set_defaults(func=run_main_job)
+
+    from danbooru_assets.labels.app import add_label_arguments, run_label
+
+    p = sub.add_parser(
+        "label",
+        help="serve the labeling page for the current labeling_queue",
+        description="Serve the labeling page (localhost by default): keys 1 good, 2 questionable, "
+        "3 bad, z undo, s skip, k skeleton. Labels go to the SQLite label store.",
+    )
+    add_label_arguments(p)
+    p.set_defaults(func=run_label)
+
+    p = sub.add_parser("export", help="export the curated dataset for training")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--samples-per-shard", type=int, default=1000, help="WebDataset samples per tar (default 1000)")
+    p.set_defaults(func=export_command)
 
     p = sub.add_parser("settings", help="show or change the durable curation settings")
     settings_sub = p.add_subparsers(dest="settings_action", required=True)

@@ -45,24 +45,42 @@ def read_parquet(path: UPath, columns: list[str] | None = None) -> pd.DataFrame:
     return read_arrow(path, columns).to_pandas()
 
 
-def write_arrow(path: UPath, table: pa.Table) -> None:
-    """Write an Arrow table to ``path`` atomically (temp sibling, then rename)."""
+def _atomic_write(path: UPath, write_local, data_for_remote) -> None:
     path = UPath(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if _is_local(path):
-            pq.write_table(table, str(tmp.path))
+            write_local(str(tmp.path))
             os.replace(tmp.path, path.path)
         else:
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
             with tmp.open("wb") as f:
-                f.write(buf.getvalue())
+                f.write(data_for_remote())
             tmp.fs.mv(tmp.path, path.path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_arrow(path: UPath, table: pa.Table) -> None:
+    """Write an Arrow table to ``path`` atomically (temp sibling, then rename)."""
+
+    def encoded() -> bytes:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        return buf.getvalue()
+
+    _atomic_write(path, lambda local: pq.write_table(table, local), encoded)
+
+
+def write_bytes(path: UPath, data: bytes) -> None:
+    """Write ``data`` to ``path`` (local or fsspec URL) atomically."""
+
+    def write_local(local: str) -> None:
+        with open(local, "wb") as f:
+            f.write(data)
+
+    _atomic_write(path, write_local, lambda: data)
 
 
 def concat_partitions(tables: dict[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +119,9 @@ class ParquetIOManager(dg.UPathIOManager):
             return {"dagster/row_count": len(obj)}
         return {}
 
-    def load_partitions(self, context: dg.InputContext) -> dict[str, pd.DataFrame]:
+    def load_partitions(self, context: dg.InputContext) -> pd.DataFrame | dict[str, pd.DataFrame]:
+        if len(context.asset_partition_keys) == 1:  # a per-shard consumer: that shard's table
+            return super().load_partitions(context)
         # An unpartitioned consumer asks for all 1,000 shards while a dataset may use a
         # few: list the folder once instead of probing (and warning about) every key.
         asset_dir = self.root.joinpath(*context.asset_key.path)

@@ -27,6 +27,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from danbooru_assets.embeddings import embedding_matrix  # noqa: F401 (part of this module's API)
 from danbooru_assets.labels.store import LABEL_CLASSES
 
 CLASSES: tuple[str, ...] = LABEL_CLASSES
@@ -34,18 +35,6 @@ PROBA_COLUMNS: tuple[str, ...] = tuple(f"p_{c}" for c in CLASSES)
 
 
 # ---- features ---------------------------------------------------------------------
-def embedding_matrix(frame: pd.DataFrame, column: str = "embedding") -> np.ndarray:
-    """An [N, D] float32 matrix from a list column ``column`` or columns ``emb_0..``."""
-    if column in frame.columns:
-        return np.stack([np.asarray(v, dtype=np.float32) for v in frame[column]]) if len(frame) else (
-            np.zeros((0, 0), np.float32))
-    cols = sorted((c for c in frame.columns if c.startswith("emb_") and c[4:].isdigit()),
-                  key=lambda c: int(c[4:]))
-    if not cols:
-        raise ValueError(f"no {column!r} list column and no emb_<i> columns in the frame")
-    return frame[cols].to_numpy(dtype=np.float32)
-
-
 def build_features(embeddings: np.ndarray | None, pose: pd.DataFrame | None = None) -> tuple[np.ndarray, list[str]]:
     """Concatenate embeddings [N, D] and numeric pose columns into X with feature names.
 

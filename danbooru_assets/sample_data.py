@@ -158,8 +158,8 @@ def generate_sample_dataset(
     n_images: int = 300,
     n_shards: int = 10,
     seed: int = 0,
-    min_side: int = 192,
-    max_side: int = 512,
+    min_side: int = 256,
+    max_side: int = 640,
     broken_files: bool = True,
     overwrite: bool = False,
     workers: int | None = None,
@@ -210,8 +210,8 @@ def add_sample_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     parser.add_argument("--images", type=int, default=300, help="image files to write (default 300)")
     parser.add_argument("--shards", type=int, default=10, help="bucket folders to spread them over (default 10)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-side", type=int, default=192, help="smallest image side in px (default 192)")
-    parser.add_argument("--max-side", type=int, default=512, help="largest image side in px (default 512)")
+    parser.add_argument("--min-side", type=int, default=256, help="smallest image side in px (default 256)")
+    parser.add_argument("--max-side", type=int, default=640, help="largest image side in px (default 640)")
     parser.add_argument("--no-broken-files", action="store_true", help="skip truncated/empty/odd files")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: automatic)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate even if the folder is up to date")

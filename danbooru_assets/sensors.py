@@ -6,6 +6,8 @@ import json
 import dagster as dg
 
 from danbooru_assets.dataset import DanbooruDatasetResource
+from danbooru_assets.labels.store import LabelStoreResource
+from danbooru_assets.settings import SettingsResource
 
 NEW_DATA_SENSOR_INTERVAL_S = 300
 METADATA_ASSET = dg.AssetKey("danbooru_metadata")
@@ -20,10 +22,17 @@ def converted_metadata_fingerprint(instance: dg.DagsterInstance) -> str | None:
     return getattr(value, "value", None)
 
 
-def build_new_data_sensor(shard_job, metadata_job) -> dg.SensorDefinition:
+def build_new_data_sensor(
+    shard_job, metadata_job, first_stage_job=None, required_global: list[str] = ()
+) -> dg.SensorDefinition:
+    """``shard_job`` runs for each changed shard; while any of the ``required_global``
+    assets (a threshold, a statistic) has never been materialized, ``first_stage_job``
+    runs instead, so a fresh deployment ingests without failing downstream."""
+    jobs = [shard_job, metadata_job] + ([first_stage_job] if first_stage_job is not None else [])
+
     @dg.sensor(
         name="new_data_sensor",
-        jobs=[shard_job, metadata_job],
+        jobs=jobs,
         minimum_interval_seconds=NEW_DATA_SENSOR_INTERVAL_S,
         default_status=dg.DefaultSensorStatus.STOPPED,
         description="Fingerprints every shard folder (file count, newest mtime) and the metadata "
@@ -57,11 +66,16 @@ def build_new_data_sensor(shard_job, metadata_job) -> dg.SensorDefinition:
         )
         if not changed:
             return dg.SkipReason(f"no change in {len(current)} shards")
-        context.log.info(f"{len(changed)} changed shards: {changed[:20]}")
+        job_name = shard_job.name
+        if first_stage_job is not None and any(
+            context.instance.get_latest_materialization_event(dg.AssetKey(key)) is None for key in required_global
+        ):
+            job_name = first_stage_job.name
+        context.log.info(f"{len(changed)} changed shards ({job_name}): {changed[:20]}")
         return [
             dg.RunRequest(
                 run_key=f"{shard}-{current[shard]['files']}-{current[shard]['newest_mtime']}-{metadata_fp}",
-                job_name=shard_job.name,
+                job_name=job_name,
                 partition_key=shard,
                 tags={"danbooru/trigger": "new_data"},
             )
@@ -69,3 +83,31 @@ def build_new_data_sensor(shard_job, metadata_job) -> dg.SensorDefinition:
         ]
 
     return new_data_sensor
+
+
+RETRAIN_SENSOR_INTERVAL_S = 120
+
+
+def build_retrain_sensor(quality_model_job) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="retrain_sensor",
+        job=quality_model_job,
+        minimum_interval_seconds=RETRAIN_SENSOR_INTERVAL_S,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="Requests a new quality_model when enough new labels arrived since the last "
+        "request (settings: quality.retrain_min_new_labels). Predictions, the next queue and the "
+        "curated dataset follow by eager automation.",
+    )
+    def retrain_sensor(
+        context: dg.SensorEvaluationContext, label_store: LabelStoreResource, settings: SettingsResource
+    ):
+        store = label_store.store()
+        since = int(context.cursor) if context.cursor else 0
+        new = store.count_since(since)
+        needed = settings.load().quality.retrain_min_new_labels
+        if new < needed:
+            return dg.SkipReason(f"{new} new labels since the last retrain; waiting for {needed}")
+        context.update_cursor(str(store.max_id()))
+        return dg.RunRequest(run_key=f"retrain-{store.version()}", tags={"danbooru/trigger": "new_labels"})
+
+    return retrain_sensor

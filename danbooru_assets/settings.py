@@ -22,6 +22,7 @@ import dagster as dg
 import yaml
 from pydantic import BaseModel, Field
 
+from danbooru_assets.pose.geometry import PoseRules
 from danbooru_assets.storage import atomic_write_text
 
 
@@ -52,10 +53,28 @@ class ClipSettings(BaseModel):
     image_rules: ImageRules = Field(default_factory=ImageRules)
 
 
+class QualitySettings(BaseModel):
+    """The active-learning loop: label 1%, train, predict, label 5%, retrain, 25%, …"""
+
+    round_fractions: list[float] = Field(
+        [0.01, 0.05, 0.25], description="Cumulative share of pose_subset labeled by the end of each round."
+    )
+    min_round_size: int = Field(
+        20, description="A round asks for at least this many labels (a classifier needs a few per class)."
+    )
+    classifier: str = Field("logreg", description="'logreg' (default) or 'mlp' (scikit-learn).")
+    retrain_min_new_labels: int = Field(
+        20, description="The retrain sensor requests a new quality_model after this many new labels."
+    )
+    keep_classes: list[str] = Field(
+        ["good", "questionable"], description="Classes curated_dataset keeps (the seed's best + sort-of-complex)."
+    )
+
+
 class CurationSettings(BaseModel):
     clip: ClipSettings = Field(default_factory=ClipSettings)
-    pose: dict[str, Any] = Field(default_factory=dict, description="Overrides of the pose rules' defaults.")
-    quality: dict[str, Any] = Field(default_factory=dict, description="Active-learning settings.")
+    pose: PoseRules = Field(default_factory=PoseRules, description="Geometric rules of pose_subset.")
+    quality: QualitySettings = Field(default_factory=QualitySettings)
 
 
 def settings_hash(section: BaseModel | dict) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from danbooru_assets.labels.store import LABEL_CLASSES, UNLABELED, LabelStore, normalize_label
+from danbooru_assets.labels.store import LABEL_CLASSES, UNLABELED, LabelStore, LabelStoreResource, normalize_label
 
 _APP_NAMES = frozenset({"add_label_arguments", "load_queue", "make_app", "run_label"})
 
@@ -22,6 +22,7 @@ __all__ = [
     "LABEL_CLASSES",
     "UNLABELED",
     "LabelStore",
+    "LabelStoreResource",
     "add_label_arguments",
     "load_queue",
     "make_app",

@@ -325,7 +325,9 @@ def load_queue(path: Path | str) -> pd.DataFrame:
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``danbooru-assets label``."""
-    parser.add_argument("--queue", type=Path, default=None, help="labeling_queue Parquet file (the asset's output)")
+    parser.add_argument("--queue", type=Path, default=None,
+                        help="labeling_queue Parquet file (default: the asset's table under $DANBOORU_STORAGE "
+                             "or data/storage)")
     parser.add_argument("--root", type=Path, default=None,
                         help="dataset root the queue's rel_path values are relative to (default: $DANBOORU_ROOT "
                              "or the sample data)")
@@ -344,8 +346,8 @@ def run_label(args: argparse.Namespace) -> int:
     from danbooru_assets import environment
 
     if args.queue is None:
-        print("error: --queue is required (the labeling_queue asset's Parquet file)", file=sys.stderr)
-        return 2
+        # The labeling_queue asset's table, where the Parquet IO manager keeps it.
+        args.queue = Path(environment.storage_base()) / "labeling_queue.parquet"
     root = Path(args.root) if args.root is not None else environment.dataset_root()
     store_path = Path(args.store) if args.store is not None else environment.labels_path()
     try:

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+import dagster as dg
 import numpy as np
 import pandas as pd
 
@@ -349,3 +350,12 @@ class LabelStore:
                 if old_id is not None and not pd.isna(old_id):
                     id_map[int(old_id)] = new_id
         return len(rows)
+
+
+class LabelStoreResource(dg.ConfigurableResource):
+    """The label database (``$DANBOORU_LABELS``, default ``data/labels.sqlite``)."""
+
+    path: str
+
+    def store(self) -> LabelStore:
+        return LabelStore(self.path)

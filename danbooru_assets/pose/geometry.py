@@ -183,7 +183,7 @@ def pose_features(
     features = pd.concat(
         [
             pd.DataFrame({"width": w, "height": h}, index=keypoints.index),
-            pd.DataFrame(block.reshape(len(kp), -1), columns=list(KEYPOINT_FEATURES), index=keypoints.index, copy=False),
+            pd.DataFrame(block.reshape(len(kp), len(KEYPOINT_FEATURES)), columns=list(KEYPOINT_FEATURES), index=keypoints.index, copy=False),
             pd.DataFrame(summary, columns=list(SUMMARY_FEATURES), index=keypoints.index, copy=False),
         ],
         axis=1,

@@ -1,0 +1,311 @@
+"""Pose stage: COCO-17 keypoints for the CLIP subset, their statistics, and the geometric
+filter (the seed's 600k → 363k).
+
+Coordinates are stored in one convention everywhere: x to the right, y down, in
+original-image pixels.
+"""
+
+import json
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from danbooru_assets import environment
+from danbooru_assets.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
+from danbooru_assets.dataset import DanbooruDatasetResource
+from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
+from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions, write_parquet
+from danbooru_assets.partitions import NUM_SHARDS, shard_partitions
+from danbooru_assets.pose import (
+    REASONS,
+    PoseRules,
+    apply_pose_rules,
+    feature_histograms,
+    hip_midpoint_scatter,
+    keypoint_array,
+    keypoint_frame,
+    pose_features,
+    read_keypoint_files,
+    reason_counts,
+    robust_statistics,
+    run_estimator,
+    select_examples,
+    skeleton_sheet,
+)
+from danbooru_assets.pose.resource import PoseEstimatorResource
+from danbooru_assets.settings import SettingsResource, load_settings, settings_hash
+from danbooru_assets.visuals import image_markdown
+
+GROUP = "pose"
+PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
+# Pose models see the image at this short side at most (Keypoint R-CNN resizes to 800).
+POSE_DECODE_SHORT_SIDE = 800
+NO_POSE = "no_pose"
+
+_pose_rules_at_load = load_settings(environment.settings_path()).pose
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Published keypoint JSON files (one per image id, a folder or a tarball, as the "
+    "seed's author published hers) imported once and split by shard. Empty unless the pose "
+    "backend is `keypoint_files`.",
+)
+def published_keypoints(
+    context: dg.AssetExecutionContext, pose_estimator: PoseEstimatorResource, storage: StorageResource
+) -> pd.DataFrame:
+    out_dir = storage.path(PUBLISHED_SHARDS_DIR)
+    if not pose_estimator.uses_files():
+        context.add_output_metadata({"note": f"backend is {pose_estimator.backend}: no keypoint files to import"})
+        return pd.DataFrame({"shard": pd.Series(dtype=str), "rows": pd.Series(dtype="int64")})
+    pose_estimator.check()
+    started = time.perf_counter()
+    keypoints, report = read_keypoint_files(pose_estimator.keypoint_files, axis_order=pose_estimator.axis_order)
+    for name, reason in report.malformed[:50]:
+        context.log.warning(f"{pose_estimator.keypoint_files}: {name}: {reason}")
+    shard_of = keypoints["image_id"] % NUM_SHARDS
+    summary = []
+    for bucket, part in keypoints.groupby(shard_of):
+        shard = f"{int(bucket):04d}"
+        write_parquet(out_dir / f"{shard}.parquet", part.reset_index(drop=True))
+        summary.append((shard, len(part)))
+    written = {s for s, _ in summary}
+    if out_dir.exists():
+        for old in out_dir.iterdir():
+            if old.name.endswith(".parquet") and old.name[:-8] not in written:
+                old.unlink()
+    context.add_output_metadata(
+        {
+            "source": pose_estimator.keypoint_files,
+            "files_seen": report.files_seen,
+            "files_read": report.files_read,
+            "malformed": len(report.malformed),
+            "malformed_examples": dg.MetadataValue.md(
+                "\n".join(f"- `{n}`: {r}" for n, r in report.malformed[:20]) or "none"
+            ),
+            "axis_order": report.axis_order,
+            "axis_evidence": dg.MetadataValue.json(report.axis_evidence),
+            "files_per_s": round(report.files_seen / max(time.perf_counter() - started, 1e-9)),
+        }
+    )
+    return pd.DataFrame(summary, columns=["shard", "rows"])
+
+
+def _keypoints_from_files(
+    storage: StorageResource, shard: str, ids: np.ndarray, fingerprint: str
+) -> pd.DataFrame:
+    path = storage.path(PUBLISHED_SHARDS_DIR, f"{shard}.parquet")
+    published = read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", *KEYPOINT_COLUMNS])
+    rows = pd.DataFrame({"image_id": ids}).merge(published, on="image_id", how="left")
+    kps = keypoint_array(rows)
+    found = np.isfinite(kps[:, :, 0]).any(axis=1)
+    status = np.where(found, "ok", "no_keypoint_file")
+    return keypoint_frame(ids, kps, None, backend="keypoint_files", backend_fingerprint=fingerprint, status=list(status))
+
+
+def _keypoints_from_model(
+    context, pose_estimator: PoseEstimatorResource, dataset: DanbooruDatasetResource, todo: pd.DataFrame
+) -> pd.DataFrame:
+    estimator = pose_estimator.estimator()
+    frames = []
+    started = time.perf_counter()
+    for start in range(0, len(todo), pose_estimator.batch_size):
+        batch = todo.iloc[start : start + pose_estimator.batch_size]
+        images, scales = [], []
+        for row in batch.itertuples():
+            try:
+                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), POSE_DECODE_SHORT_SIDE)
+                images.append(image)
+                scales.append((w / image.width, h / image.height))
+            except ImageDecodeError as exc:
+                context.log.warning(str(exc))
+                images.append(None)
+                scales.append((1.0, 1.0))
+        frame = run_estimator(estimator, batch["image_id"].tolist(), images)
+        # Back to original-image pixels (the decode may have been reduced).
+        sx = np.array([s[0] for s in scales])
+        sy = np.array([s[1] for s in scales])
+        for name_x in [c for c in KEYPOINT_COLUMNS if c.endswith("_x")] + ["box_x0", "box_x1"]:
+            frame[name_x] = frame[name_x].to_numpy() * sx
+        for name_y in [c for c in KEYPOINT_COLUMNS if c.endswith("_y")] + ["box_y0", "box_y1"]:
+            frame[name_y] = frame[name_y].to_numpy() * sy
+        frames.append(frame)
+        done = start + len(batch)
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        context.log.info(f"pose: {done}/{len(todo)} images, {rate:.1f} img/s, ETA {(len(todo) - done) / rate:.0f}s")
+    return pd.concat(frames, ignore_index=True)
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    deps=[published_keypoints],
+    pool="gpu",
+    group_name=GROUP,
+    kinds={"pytorch", "parquet"},
+    description="17 COCO keypoints (x right, y down, original-image pixels, confidence) and the "
+    "person box for each image of clip_subset, from the configured backend. Incremental: rows "
+    "with the same backend fingerprint are reused.",
+)
+def pose_keypoints(
+    context: dg.AssetExecutionContext,
+    clip_subset: pd.DataFrame,
+    pose_estimator: PoseEstimatorResource,
+    dataset: DanbooruDatasetResource,
+    storage: StorageResource,
+) -> dg.Output[pd.DataFrame]:
+    shard = context.partition_key
+    fingerprint = pose_estimator.fingerprint()
+    wanted = clip_subset.loc[clip_subset["kept"], ["image_id", "rel_path", "width", "height"]]
+    previous_path = storage.asset_path("pose_keypoints", shard)
+    reused = pd.DataFrame()
+    if previous_path.exists():
+        previous = read_parquet(previous_path)
+        reused = previous.loc[
+            (previous["backend_fingerprint"] == fingerprint) & previous["image_id"].isin(wanted["image_id"])
+        ]
+    todo = wanted.loc[~wanted["image_id"].isin(reused["image_id"] if len(reused) else [])]
+    started = time.perf_counter()
+    if todo.empty:
+        fresh = pd.DataFrame()
+    elif pose_estimator.uses_files():
+        fresh = _keypoints_from_files(storage, shard, todo["image_id"].to_numpy(), fingerprint)
+    else:
+        fresh = _keypoints_from_model(context, pose_estimator, dataset, todo)
+    seconds = time.perf_counter() - started
+    if len(fresh):
+        fresh = fresh.merge(todo[["image_id", "width", "height"]], on="image_id")
+    table = pd.concat([f for f in (reused, fresh) if len(f)], ignore_index=True) if len(reused) or len(fresh) else None
+    if table is None:
+        table = keypoint_frame(np.zeros(0, dtype=np.int64), np.zeros((0, NUM_KEYPOINTS, 3)), None,
+                               backend=pose_estimator.backend, backend_fingerprint=fingerprint, status=[])
+        table["width"] = pd.Series(dtype="int64")
+        table["height"] = pd.Series(dtype="int64")
+    table = table.sort_values("image_id").reset_index(drop=True)
+    counts = table["status"].value_counts().to_dict()
+    return dg.Output(
+        table,
+        metadata={
+            "images": len(table),
+            "estimated": len(todo),
+            "reused": len(reused),
+            "backend": pose_estimator.backend,
+            "backend_fingerprint": fingerprint,
+            "images_per_s": round(len(todo) / seconds, 1) if len(todo) and seconds > 0 else 0.0,
+            **{f"status_{k}": int(v) for k, v in counts.items()},
+        },
+    )
+
+
+def _ok_features(keypoints: pd.DataFrame) -> pd.DataFrame:
+    ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
+    return pose_features(ok, ok["width"].to_numpy(), ok["height"].to_numpy())
+
+
+@dg.asset(
+    deps=[pose_keypoints],
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Distributions of keypoints normalised by image size and torso length over all "
+    "shards: the hip-midpoint scatter the seed shows, limb-ratio histograms, and the robust "
+    "statistics (median, MAD, density regions) that pose_subset's rules use.",
+)
+def pose_statistics(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.Output[pd.DataFrame]:
+    parts = read_partitions(storage, "pose_keypoints")
+    keypoints = pd.concat(list(parts.values()), ignore_index=True) if parts else pd.DataFrame()
+    if keypoints.empty or not (keypoints["status"] == "ok").any():
+        raise ValueError("no keypoints with status ok: materialize pose_keypoints for some shards first")
+    features = _ok_features(keypoints)
+    stats = robust_statistics(features)
+    medians = {k: v.get("median") for k, v in stats.get("features", {}).items() if isinstance(v, dict)}
+    table = pd.DataFrame(
+        [{"images": len(features), "shards": len(parts), "statistics_json": json.dumps(stats)}]
+    )
+    return dg.Output(
+        table,
+        metadata={
+            "images": len(features),
+            "shards": len(parts),
+            "hip_midpoint_scatter": image_markdown(
+                hip_midpoint_scatter(features, stats, dbscan=True), "hip midpoint (normalised), DBSCAN colours"
+            ),
+            "feature_histograms": image_markdown(feature_histograms(features, stats), "normalised pose features"),
+            "medians": dg.MetadataValue.json({k: v for k, v in medians.items() if v is not None}),
+        },
+    )
+
+
+class PoseSubsetConfig(dg.Config):
+    """Override the settings file's pose rules for one run (all fields, as in settings)."""
+
+    rules: PoseRules | None = None
+
+
+EXAMPLES_PER_SHEET = 10
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    group_name=GROUP,
+    kinds={"parquet"},
+    code_version=settings_hash(_pose_rules_at_load),
+    description="Images whose keypoints pass the geometric rules (the seed's 363k). Every "
+    "dropped row keeps every reason; kept and dropped examples are drawn with skeletons.",
+)
+def pose_subset(
+    context: dg.AssetExecutionContext,
+    config: PoseSubsetConfig,
+    pose_keypoints: pd.DataFrame,
+    pose_statistics: pd.DataFrame,
+    clip_subset: pd.DataFrame,
+    settings: SettingsResource,
+    dataset: DanbooruDatasetResource,
+) -> dg.Output[pd.DataFrame]:
+    rules = config.rules or settings.load().pose
+    stats = json.loads(pose_statistics["statistics_json"].iloc[0])
+    ok = pose_keypoints.loc[pose_keypoints["status"] == "ok"].reset_index(drop=True)
+    decisions = apply_pose_rules(_ok_features(pose_keypoints), rules, stats)
+    not_ok = pose_keypoints.loc[pose_keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
+    subset = (
+        pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
+        .merge(clip_subset[["image_id", "rel_path", "width", "height", "portrait_score"]], on="image_id", how="left")
+        .sort_values("image_id")
+        .reset_index(drop=True)
+    )
+    counts = reason_counts(decisions)
+    counts[NO_POSE] = len(not_ok)
+    metadata = {
+        "rows": len(subset),
+        "kept": int(subset["keep"].sum()),
+        "kept_fraction": float(subset["keep"].mean()) if len(subset) else 0.0,
+        "rules": dg.MetadataValue.json(rules.model_dump()),
+        "settings_source": "run config" if config.rules else "settings file",
+        **{f"dropped_{name}": int(counts.get(name, 0)) for name in (*REASONS, NO_POSE)},
+    }
+    if len(decisions):
+        kept_rows, dropped_rows = select_examples(decisions, n=EXAMPLES_PER_SHEET)
+        for label, rows in (("kept", kept_rows), ("dropped", dropped_rows)):
+            if len(rows):
+                metadata[f"{label}_examples"] = image_markdown(
+                    _sheet(dataset, ok.iloc[rows], decisions.iloc[rows], clip_subset, label), f"{label} examples"
+                )
+    return dg.Output(subset, metadata=metadata)
+
+
+def _sheet(dataset, keypoints: pd.DataFrame, decisions: pd.DataFrame, clip_subset: pd.DataFrame, label: str):
+    paths = clip_subset.set_index("image_id")["rel_path"]
+    images, sizes = [], []
+    for row in keypoints.itertuples():
+        try:
+            image, size = open_image_rgb(dataset.image_path(paths[row.image_id]), 160)
+            # Skeletons are in original pixels; draw on an image of that size.
+            images.append(image.resize(size) if image.size != size else image)
+        except (ImageDecodeError, KeyError):
+            images.append(None)
+        sizes.append((int(row.width), int(row.height)))
+    captions = [
+        f"{i} {r or 'kept'}"[:40] for i, r in zip(decisions["image_id"], decisions["drop_reasons"])
+    ]
+    return skeleton_sheet(images, keypoint_array(keypoints), captions, sizes=sizes, columns=5, title=f"{label} examples")

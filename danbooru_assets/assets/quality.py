@@ -1,0 +1,307 @@
+"""Active-learning loop: human labels, the quality classifier, its predictions, the next
+labeling round's queue, and the curated dataset (the seed's ~70k best + ~80k
+sort-of-complex images).
+
+The loop: ``labeling_queue`` picks images → a person labels them on the labeling page
+(``danbooru-assets label``) → ``labels`` changes → the retrain sensor requests
+``quality_model`` → ``quality_predictions``, ``labeling_queue`` and ``curated_dataset``
+follow (eager automation, or ``danbooru-assets run``).
+"""
+
+import json
+import pickle
+import warnings
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from danbooru_assets.coco import KEYPOINT_COLUMNS
+from danbooru_assets.dataset import DanbooruDatasetResource
+from danbooru_assets.embeddings import embedding_matrix
+from danbooru_assets.exports import build_manifest
+from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions, write_bytes
+from danbooru_assets.labels.store import LabelStoreResource
+from danbooru_assets.partitions import NUM_SHARDS, shard_partitions
+from danbooru_assets.pose import pose_features
+from danbooru_assets.quality import (
+    CLASSES,
+    PROBA_COLUMNS,
+    build_features,
+    confusion_matrix_image,
+    current_round,
+    labels_needed,
+    model_fingerprint,
+    predict_proba_frame,
+    round_plan,
+    select_labeling_queue,
+    train_quality_model,
+)
+from danbooru_assets.settings import SettingsResource
+from danbooru_assets.visuals import contact_sheet, image_markdown
+
+GROUP = "quality"
+MODEL_DIR = "quality_model_files"
+# Pose features the classifier sees (besides the CLIP embedding): normalised geometry.
+NON_FEATURE_COLUMNS = {"image_id", "width", "height"}
+
+
+def _observe_labels(label_store: LabelStoreResource) -> dg.DataVersion:
+    return dg.DataVersion(label_store.store().version())
+
+
+with warnings.catch_warnings():  # observable source assets are marked beta; this use is plain
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    labels = dg.observable_source_asset(
+        name="labels",
+        group_name=GROUP,
+        description="Human labels (good / questionable / bad) in the SQLite label store, written by "
+        "the labeling page or a CSV import. Its data version changes whenever the store does.",
+    )(_observe_labels)
+
+
+def classifier_features(embeddings: pd.DataFrame, keypoints: pd.DataFrame, image_ids) -> tuple[np.ndarray, list[str]]:
+    """CLIP embedding + normalised pose features for ``image_ids`` (rows in that order)."""
+    rows = pd.DataFrame({"image_id": np.asarray(image_ids, dtype=np.int64)})
+    emb = embedding_matrix(rows.merge(embeddings[["image_id", "embedding"]], on="image_id", how="left"))
+    kp = rows.merge(keypoints[["image_id", "width", "height", *KEYPOINT_COLUMNS]], on="image_id", how="left")
+    pose = pose_features(kp, kp["width"].to_numpy(dtype=float), kp["height"].to_numpy(dtype=float))
+    return build_features(emb, pose.drop(columns=[c for c in NON_FEATURE_COLUMNS if c in pose.columns]))
+
+
+def _features_for_ids(storage: StorageResource, image_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Features of ids spread over shards, reading only the shards they live in."""
+    ids = pd.Series(np.asarray(image_ids, dtype=np.int64))
+    emb_parts, kp_parts = [], []
+    for bucket in sorted(set(ids % NUM_SHARDS)):
+        shard = f"{bucket:04d}"
+        emb_parts.append(read_parquet(storage.asset_path("clip_embeddings", shard), ["image_id", "embedding"]))
+        kp_parts.append(read_parquet(storage.asset_path("pose_keypoints", shard)))
+    return classifier_features(pd.concat(emb_parts), pd.concat(kp_parts), ids)
+
+
+@dg.asset(
+    deps=[labels, "pose_subset"],
+    group_name=GROUP,
+    kinds={"scikitlearn", "parquet"},
+    description="A classifier over CLIP embeddings + pose features, trained on the human labels, "
+    "with cross-validated precision/recall per class and a confusion matrix. Before any "
+    "labels exist it records that it is untrained, and the first queue is chosen for diversity.",
+)
+def quality_model(
+    context: dg.AssetExecutionContext,
+    label_store: LabelStoreResource,
+    settings: SettingsResource,
+    storage: StorageResource,
+) -> dg.Output[pd.DataFrame]:
+    quality = settings.load().quality
+    store = label_store.store()
+    latest = store.latest()
+    labeled = latest.loc[latest["label"].isin(CLASSES)]
+    version = store.version()
+    base = {"label_version": version, "labels": len(labeled), "classifier": quality.classifier}
+    if labeled["label"].nunique() < 2:
+        context.log.info("fewer than two classes labeled: no model yet (the queue starts from diversity)")
+        table = pd.DataFrame([{**base, "trained": False, "fingerprint": "", "model_path": "", "metrics_json": "{}"}])
+        return dg.Output(table, metadata={**base, "trained": False, "note": "label the first round to train a model"})
+    X, names = _features_for_ids(storage, labeled["image_id"].to_numpy())
+    pipeline, metrics = train_quality_model(X, labeled["label"].to_numpy(), kind=quality.classifier)
+    fingerprint = model_fingerprint(pipeline, names)
+    path = storage.path(MODEL_DIR, f"{fingerprint}.pkl")
+    write_bytes(path, pickle.dumps({"pipeline": pipeline, "feature_names": names}))
+    per_class = metrics.get("per_class", {})
+    md = "| class | precision | recall | f1 | support |\n|---|---|---|---|---|\n" + "\n".join(
+        f"| {c} | {_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} | {_fmt(m.get('f1'))} | {m.get('support')} |"
+        for c, m in per_class.items()
+    )
+    table = pd.DataFrame(
+        [{**base, "trained": True, "fingerprint": fingerprint, "model_path": str(path),
+          "metrics_json": json.dumps(metrics, default=_json_default)}]
+    )
+    return dg.Output(
+        table,
+        metadata={
+            **base,
+            "trained": True,
+            "fingerprint": fingerprint,
+            "accuracy_cv": _fmt(metrics.get("accuracy")),
+            "macro_f1_cv": _fmt(metrics.get("macro_f1")),
+            "cv_folds": metrics.get("n_splits"),
+            "per_class_cv": dg.MetadataValue.md(md),
+            "confusion_matrix": image_markdown(confusion_matrix_image(metrics), "cross-validated confusion matrix"),
+            "class_counts": dg.MetadataValue.json(labeled["label"].value_counts().to_dict()),
+        },
+    )
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def _json_default(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def load_model(quality_model_table: pd.DataFrame, storage: StorageResource):
+    row = quality_model_table.iloc[0]
+    if not bool(row["trained"]):
+        return None
+    from upath import UPath
+
+    with UPath(row["model_path"]).open("rb") as f:
+        return pickle.load(f)["pipeline"]
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    group_name=GROUP,
+    kinds={"parquet"},
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Class probabilities (good / questionable / bad), the predicted class and the "
+    "uncertainty for every image of pose_subset.",
+)
+def quality_predictions(
+    pose_subset: pd.DataFrame,
+    clip_embeddings: pd.DataFrame,
+    pose_keypoints: pd.DataFrame,
+    quality_model: pd.DataFrame,
+    storage: StorageResource,
+) -> dg.Output[pd.DataFrame]:
+    kept = pose_subset.loc[pose_subset["keep"], ["image_id", "rel_path", "width", "height", "portrait_score"]]
+    kept = kept.reset_index(drop=True)
+    pipeline = load_model(quality_model, storage)
+    if pipeline is None or kept.empty:
+        probs = pd.DataFrame({c: np.full(len(kept), np.nan, dtype=np.float32) for c in PROBA_COLUMNS})
+        probs["predicted_class"] = pd.Series([pd.NA] * len(kept), dtype="string")
+        probs["uncertainty"] = np.full(len(kept), np.nan, dtype=np.float32)
+    else:
+        X, _ = classifier_features(clip_embeddings, pose_keypoints, kept["image_id"])
+        probs = predict_proba_frame(pipeline, X)
+    table = pd.concat([kept, probs.reset_index(drop=True)], axis=1)
+    table["model_fingerprint"] = quality_model["fingerprint"].iloc[0]
+    counts = table["predicted_class"].value_counts().to_dict()
+    return dg.Output(
+        table,
+        metadata={
+            "images": len(table),
+            "model_trained": pipeline is not None,
+            "model_fingerprint": str(quality_model["fingerprint"].iloc[0]),
+            **{f"predicted_{c}": int(counts.get(c, 0)) for c in CLASSES},
+            "mean_uncertainty": float(table["uncertainty"].mean()) if table["uncertainty"].notna().any() else 0.0,
+        },
+    )
+
+
+QUEUE_SHEET_SIZE = 25
+
+
+@dg.asset(
+    deps=[quality_predictions, labels],
+    group_name=GROUP,
+    kinds={"parquet"},
+    automation_condition=dg.AutomationCondition.eager(),
+    description="The next labeling round's images: sized by the round plan (1% → 5% → 25% of "
+    "pose_subset by default), the most uncertain predictions spread over k-means clusters of "
+    "their embeddings, never an image already labeled. Served by `danbooru-assets label`.",
+)
+def labeling_queue(
+    context: dg.AssetExecutionContext,
+    label_store: LabelStoreResource,
+    settings: SettingsResource,
+    storage: StorageResource,
+    dataset: DanbooruDatasetResource,
+) -> dg.Output[pd.DataFrame]:
+    quality = settings.load().quality
+    parts = read_partitions(storage, "quality_predictions")
+    candidates = pd.concat(list(parts.values()), ignore_index=True) if parts else pd.DataFrame()
+    labeled = set(label_store.store().labeled_ids())
+    plan = [
+        min(len(candidates), max(target, quality.min_round_size * (i + 1)))
+        for i, target in enumerate(round_plan(len(candidates), quality.round_fractions))
+    ]
+    n_labeled = len(labeled & set(candidates.get("image_id", pd.Series(dtype="int64"))))
+    round_ = current_round(n_labeled, plan)
+    size = labels_needed(n_labeled, plan) if len(candidates) else 0
+    if size and len(candidates):
+        pool = candidates.loc[~candidates["image_id"].isin(labeled)].reset_index(drop=True)
+        emb_parts = [
+            read_parquet(storage.asset_path("clip_embeddings", shard), ["image_id", "embedding"]) for shard in parts
+        ]
+        embeddings = embedding_matrix(pool[["image_id"]].merge(pd.concat(emb_parts), on="image_id", how="left"))
+        queue = select_labeling_queue(pool, embeddings, size=min(size, len(pool)), already_labeled=labeled)
+    else:
+        queue = candidates.head(0).assign(queue_rank=pd.Series(dtype="int64"))
+    # The page draws the skeleton: carry the keypoints along.
+    kp_parts = [
+        read_parquet(storage.asset_path("pose_keypoints", f"{b:04d}"))
+        for b in sorted(set(queue["image_id"] % NUM_SHARDS))
+    ]
+    if kp_parts:
+        queue = queue.merge(pd.concat(kp_parts)[["image_id", *KEYPOINT_COLUMNS]], on="image_id", how="left")
+    queue["round"] = round_
+    queue = queue.sort_values("queue_rank").reset_index(drop=True)
+    metadata = {
+        "round": round_,
+        "queue_size": len(queue),
+        "labeled": n_labeled,
+        "pool": len(candidates),
+        "round_plan_cumulative": dg.MetadataValue.json(plan),
+        "next_step": f"danbooru-assets label  (serves these {len(queue)} images)"
+        if len(queue)
+        else "all planned rounds are labeled",
+    }
+    if len(queue):
+        from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
+
+        head = queue.head(QUEUE_SHEET_SIZE)
+        images = []
+        for rel_path in head["rel_path"]:
+            try:
+                images.append(open_image_rgb(dataset.image_path(rel_path), 160)[0])
+            except ImageDecodeError:
+                images.append(None)
+        captions = [
+            f"{i} u={u:.2f}" if pd.notna(u) else str(i) for i, u in zip(head["image_id"], head["uncertainty"])
+        ]
+        metadata["queue_head"] = image_markdown(contact_sheet(images, captions, title=f"round {round_}"), "queue")
+    return dg.Output(queue, metadata=metadata)
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    deps=[labels],
+    group_name=GROUP,
+    kinds={"parquet"},
+    automation_condition=dg.AutomationCondition.eager(),
+    description="The final subset with its class: human labels override predictions; the "
+    "classes kept are a setting (default good + questionable). Export it with "
+    "`danbooru-assets export`.",
+)
+def curated_dataset(
+    quality_predictions: pd.DataFrame,
+    shard_index: pd.DataFrame,
+    label_store: LabelStoreResource,
+    settings: SettingsResource,
+) -> dg.Output[pd.DataFrame]:
+    keep_classes = settings.load().quality.keep_classes
+    images = quality_predictions[["image_id", "rel_path"]].merge(
+        shard_index[["image_id", "md5", "tags_general"]].rename(columns={"tags_general": "tags"}),
+        on="image_id",
+        how="left",
+    )
+    all_rows = build_manifest(images, label_store.store().latest(), quality_predictions)
+    curated = all_rows.loc[all_rows["class"].isin(keep_classes).fillna(False)].reset_index(drop=True)
+    by_class = all_rows.groupby(["class", "source"], dropna=False).size()
+    return dg.Output(
+        curated,
+        metadata={
+            "images": len(curated),
+            "candidates": len(all_rows),
+            "keep_classes": dg.MetadataValue.json(keep_classes),
+            "unlabeled_and_unpredicted": int((all_rows["source"] == "unlabeled").sum()),
+            "by_class_and_source": dg.MetadataValue.md(
+                "| class | source | images |\n|---|---|---|\n"
+                + "\n".join(f"| {c} | {s} | {n} |" for (c, s), n in by_class.items())
+            ),
+        },
+    )

@@ -1,0 +1,67 @@
+"""The pose estimator as a Dagster resource: which backend, which weights, which device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from danbooru_assets.pose.backends import (
+    BACKENDS,
+    PoseEstimator,
+    fingerprint_string,
+    keypoint_files_fingerprint,
+    make_estimator,
+)
+
+KEYPOINT_FILES = "keypoint_files"
+
+
+class PoseEstimatorResource(dg.ConfigurableResource):
+    """``backend``: ``keypoint_files`` (import published JSON keypoints, no model),
+    ``keypoint_rcnn`` (torchvision), ``bizarre_pose`` (the seed's estimator, from a
+    user-supplied checkout) or ``mediapipe`` (BlazePose, the ``mediapipe`` extra)."""
+
+    backend: str = Field(KEYPOINT_FILES, description=f"One of {', '.join(BACKENDS)}.")
+    keypoint_files: str = Field(
+        "", description="keypoint_files: a folder or .tar/.tar.gz of <image id>.json files."
+    )
+    axis_order: str = Field("auto", description="keypoint_files: 'yx' (bizarre-pose output), 'xy' or 'auto'.")
+    checkpoint: str = Field("", description="Local weights file (keypoint_rcnn); empty: the hub.")
+    bizarre_pose_repo: str = Field("", description="bizarre_pose: path of the repository checkout.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cuda' or 'cpu'.")
+    batch_size: int = 8
+    allow_random_weights: bool = Field(False, description="Tests only: random-initialised weights.")
+
+    def uses_files(self) -> bool:
+        return self.backend == KEYPOINT_FILES
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"unknown pose backend {self.backend!r}: set `pose_estimator.backend` "
+                f"(or DANBOORU_POSE_BACKEND) to one of {', '.join(BACKENDS)}"
+            )
+        if self.uses_files() and not Path(self.keypoint_files).exists():
+            raise FileNotFoundError(
+                f"keypoint files {self.keypoint_files!r} not found: set `pose_estimator.keypoint_files` "
+                "(or DANBOORU_KEYPOINTS) to a folder or tarball of <image id>.json files"
+            )
+
+    def estimator(self) -> PoseEstimator:
+        self.check()
+        return make_estimator(
+            self.backend,
+            checkpoint=self.checkpoint,
+            device=self.device,
+            allow_random_weights=self.allow_random_weights,
+            bizarre_pose_repo=self.bizarre_pose_repo,
+            batch_size=self.batch_size,
+        )
+
+    def fingerprint(self) -> str:
+        if self.uses_files():
+            self.check()
+            return fingerprint_string(keypoint_files_fingerprint(self.keypoint_files))
+        return fingerprint_string(self.estimator().fingerprint())

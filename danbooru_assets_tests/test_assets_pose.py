@@ -1,0 +1,89 @@
+"""The pose stage's assets end to end on generated sample data, on the CPU."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from danbooru_assets.coco import KEYPOINT_COLUMNS
+from danbooru_assets.sample_data import read_ground_truth
+
+KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
+
+
+@pytest.fixture(scope="module")
+def posed(pipeline):
+    # Keep every image at the CLIP stage (the demo model's scores carry no meaning), so
+    # every drawn figure reaches the pose stage.
+    pipeline.run_through("ingest")
+    pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
+    for shard in pipeline.shards:
+        pipeline.materialize(["clip_subset"], shard)
+        pipeline.materialize(["pose_keypoints"], shard)
+    pipeline.materialize(["pose_statistics"])
+    for shard in pipeline.shards:
+        pipeline.materialize(["pose_subset"], shard)
+    return pipeline
+
+
+def _all(pipeline, asset):
+    return pd.concat([pipeline.table(asset, s) for s in pipeline.shards], ignore_index=True)
+
+
+def test_imported_keypoints_are_stored_x_right_y_down_in_original_pixels(posed):
+    keypoints = _all(posed, "pose_keypoints")
+    truth = read_ground_truth(posed.root).set_index("image_id")
+    ok = keypoints.loc[keypoints["status"] == "ok"].set_index("image_id")
+    assert len(ok) >= 10
+    common = ok.index.intersection(truth.index[truth["has_published_keypoints"]])
+    # The tarball is (row, col) like bizarre-pose-estimator; the table is (x, y) = truth ± jitter.
+    for name in ("nose", "hip_left", "ankle_right"):
+        for axis in ("x", "y"):
+            col = f"kp_{name}_{axis}"
+            diff = (ok.loc[common, col] - truth.loc[common, col]).abs()
+            assert diff.max() <= 5.0, (col, diff.max())
+    assert (ok["backend"] == "keypoint_files").all()
+
+
+def test_malformed_keypoint_files_are_reported_not_fatal(posed):
+    result = posed.materialize(["published_keypoints"])
+    meta = posed.metadata(result, "published_keypoints")
+    assert meta["malformed"] == 2
+    assert meta["axis_order"] == "yx"
+    missing = _all(posed, "pose_keypoints")
+    assert (missing["status"] == "no_keypoint_file").any()
+
+
+def test_pose_keypoints_are_reused_incrementally(posed):
+    shard = posed.shards[0]
+    result = posed.materialize(["pose_keypoints"], shard)
+    meta = posed.metadata(result, "pose_keypoints")
+    assert meta["estimated"] == 0 and meta["reused"] == meta["images"]
+
+
+def test_statistics_and_subset_carry_plots_reasons_and_skeleton_sheets(posed):
+    result = posed.materialize(["pose_statistics"])
+    meta = posed.metadata(result, "pose_statistics")
+    assert "data:image/png;base64," in meta["hip_midpoint_scatter"]
+    shard = max(posed.shards, key=lambda s: len(posed.table("pose_keypoints", s)))
+    result = posed.materialize(["pose_subset"], shard)
+    meta = posed.metadata(result, "pose_subset")
+    subset = posed.table("pose_subset", shard)
+    assert meta["rows"] == len(subset) and meta["kept"] == int(subset["keep"].sum())
+    assert set(subset.loc[subset["keep"], "drop_reasons"]) == {""}
+    assert any(k.endswith("_examples") for k in meta)
+
+
+def test_pose_rule_change_from_run_config_touches_no_image(posed, monkeypatch):
+    shard = posed.shards[0]
+    before = posed.table("pose_subset", shard)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    strict = {"ops": {"pose_subset": {"config": {"rules": {"min_confidence": 1.5}}}}}
+    result = posed.materialize(["pose_subset"], shard, strict)
+    after = posed.table("pose_subset", shard)
+    assert len(after) == len(before)
+    assert not after["keep"].any()  # no imported keypoint has confidence above 1.5
+    assert posed.metadata(result, "pose_subset")["settings_source"] == "run config"

@@ -1,0 +1,119 @@
+"""The active-learning loop's assets on generated sample data, with the generator's ground
+truth as the simulated labeler."""
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from danbooru_assets.labels.store import LabelStore
+from danbooru_assets.quality import round_plan
+from danbooru_assets.sample_data import read_ground_truth
+from danbooru_assets.sensors import build_retrain_sensor
+from danbooru_assets.settings import CurationSettings, save_settings, set_setting
+
+KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
+QUALITY_PER_SHARD = ["quality_predictions"]
+
+
+@pytest.fixture(scope="module")
+def loop(pipeline):
+    settings = CurationSettings()
+    for key, value in {
+        "quality.round_fractions": "[0.25, 0.5, 0.75]",
+        "quality.min_round_size": "4",
+        "pose.check_midpoint_density": "false",
+        "pose.ratio_mad_k": "8",
+    }.items():
+        settings = set_setting(settings, key, value)
+    save_settings(pipeline.settings_path, settings)
+    pipeline.run_through("ingest")
+    pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
+    for shard in pipeline.shards:
+        pipeline.materialize(["clip_subset", "pose_keypoints"], shard)
+    pipeline.materialize(["pose_statistics"])
+    for shard in pipeline.shards:
+        pipeline.materialize(["pose_subset"], shard)
+    return pipeline
+
+
+def _refresh(pipeline):
+    """What the retrain sensor and eager automation do after labels change."""
+    result = pipeline.materialize(["quality_model"])
+    for shard in pipeline.shards:
+        pipeline.materialize(QUALITY_PER_SHARD, shard)
+    pipeline.materialize(["labeling_queue"])
+    return pipeline.metadata(result, "quality_model")
+
+
+def _label_queue(pipeline, store: LabelStore, round_: int) -> pd.DataFrame:
+    queue = pipeline.table("labeling_queue")
+    truth = read_ground_truth(pipeline.root).set_index("image_id")["quality"]
+    for image_id in queue["image_id"]:
+        store.add(int(image_id), truth[image_id], labeler="simulated", round=round_)
+    return queue
+
+
+def test_rounds_queue_label_retrain(loop):
+    store = LabelStore(loop.resources["label_store"].path)
+    # Round 1: no labels yet → no model, a diversity queue.
+    meta = _refresh(loop)
+    assert meta["trained"] is False
+    predictions = pd.concat([loop.table("quality_predictions", s) for s in loop.shards])
+    pool = len(predictions)
+    assert pool >= 12 and predictions["p_good"].isna().all()
+    first = _label_queue(loop, store, 1)
+    assert len(first) == min(pool, max(4, round_plan(pool, [0.25, 0.5, 0.75])[0]))
+    assert first["image_id"].is_unique
+
+    # Round 2: a model trained on round 1's labels, a queue of new images only.
+    meta = _refresh(loop)
+    assert meta["trained"] is True and meta["labels"] == len(first)
+    assert "data:image/png;base64," in meta["confusion_matrix"]
+    predictions = pd.concat([loop.table("quality_predictions", s) for s in loop.shards])
+    probs = predictions[["p_good", "p_questionable", "p_bad"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    second = _label_queue(loop, store, 2)
+    assert second["round"].iloc[0] == 2
+    assert not set(second["image_id"]) & set(first["image_id"])  # never an image already labeled
+    assert len(set(first["image_id"]) | set(second["image_id"])) <= pool
+
+    # Human labels override predictions in the curated dataset.
+    _refresh(loop)
+    for shard in loop.shards:
+        loop.materialize(["curated_dataset"], shard)
+    curated = pd.concat([loop.table("curated_dataset", s) for s in loop.shards])
+    truth = read_ground_truth(loop.root).set_index("image_id")["quality"]
+    human = curated.loc[curated["source"] == "human"]
+    assert len(human) and (human["class"].to_numpy() == truth[human["image_id"]].to_numpy()).all()
+    assert set(curated["class"]) <= {"good", "questionable"}
+
+
+def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
+    from danbooru_assets.labels.store import LabelStoreResource
+    from danbooru_assets.settings import SettingsResource
+
+    job = dg.define_asset_job("quality_model_job", selection=["quality_model"])
+    sensor = build_retrain_sensor(job)
+    settings_path = tmp_path / "s.yaml"
+    save_settings(settings_path, set_setting(CurationSettings(), "quality.retrain_min_new_labels", "3"))
+    resources = {
+        "label_store": LabelStoreResource(path=str(tmp_path / "labels.sqlite")),
+        "settings": SettingsResource(path=str(settings_path)),
+    }
+    store = resources["label_store"].store()
+
+    def tick(cursor):
+        ctx = dg.build_sensor_context(cursor=cursor, resources=resources)
+        result = sensor.evaluate_tick(ctx)
+        return result.run_requests or [], result.cursor, result.skip_message
+
+    store.add(1, "good", "a")
+    store.add(2, "bad", "a")
+    requests, cursor, skip = tick(None)
+    assert requests == [] and "2 new labels" in skip
+    store.add(3, "questionable", "a")
+    requests, cursor, _ = tick(cursor)
+    assert len(requests) == 1
+    requests, cursor, skip = tick(cursor)
+    assert requests == [] and "0 new labels" in skip
