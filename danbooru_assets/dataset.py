@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+
+import numpy as np
 from pathlib import Path
 
 import dagster as dg
@@ -24,13 +26,19 @@ class DatasetRootError(FileNotFoundError):
     pass
 
 
-@dataclass(frozen=True)
-class ImageFile:
-    image_id: int | None  # None when the file name is not an integer id
-    rel_path: str
-    ext: str
-    file_bytes: int
-    mtime: float
+@dataclass
+class ShardFiles:
+    """The files of one bucket folder as parallel arrays, sorted by image id (files whose
+    name is not an id come last, with id -1)."""
+
+    image_id: np.ndarray  # int64, -1 when the file name is not an integer id
+    name: list[str]
+    ext: list[str]
+    file_bytes: np.ndarray  # int64
+    mtime: np.ndarray  # float64
+
+    def __len__(self) -> int:
+        return len(self.name)
 
 
 class DanbooruDatasetResource(dg.ConfigurableResource):
@@ -64,29 +72,34 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
     def image_path(self, rel_path: str) -> Path:
         return self.root_path / rel_path
 
-    def list_shard_files(self, shard: str) -> list[ImageFile]:
-        """Every regular file in the shard's bucket folder, one ``scandir`` pass."""
+    def scan_shard(self, shard: str) -> ShardFiles:
+        """Every regular file in the shard's bucket folder: one ``scandir`` pass, one
+        ``stat`` per file (size, mtime), nothing opened."""
         folder = self.image_dir(shard)
-        if not folder.is_dir():
-            return []
-        files: list[ImageFile] = []
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if not entry.is_file() or entry.name.startswith("."):
-                    continue
-                stem, _, ext = entry.name.partition(".")
-                st = entry.stat()
-                files.append(
-                    ImageFile(
-                        image_id=int(stem) if stem.isdigit() else None,
-                        rel_path=f"{self.image_folder}/{shard}/{entry.name}",
-                        ext=ext.lower(),
-                        file_bytes=st.st_size,
-                        mtime=st.st_mtime,
-                    )
-                )
-        files.sort(key=lambda f: (f.image_id is None, f.image_id or 0, f.rel_path))
-        return files
+        names: list[str] = []
+        sizes: list[int] = []
+        mtimes: list[float] = []
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or not entry.is_file():
+                        continue
+                    st = entry.stat()
+                    names.append(entry.name)
+                    sizes.append(st.st_size)
+                    mtimes.append(st.st_mtime)
+        stems = [n.partition(".")[0] for n in names]
+        ids = np.array([int(s) if s.isdigit() else -1 for s in stems], dtype=np.int64)
+        # By id, then name (123.jpg before 123.png); files without an id last.
+        name_rank = np.argsort(np.argsort(np.array(names, dtype=object))) if names else ids
+        order = np.lexsort((name_rank, ids, ids < 0))
+        return ShardFiles(
+            image_id=ids[order],
+            name=[names[i] for i in order],
+            ext=[names[i].partition(".")[2].lower() for i in order],
+            file_bytes=np.array(sizes, dtype=np.int64)[order] if names else np.zeros(0, dtype=np.int64),
+            mtime=np.array(mtimes, dtype=np.float64)[order] if names else np.zeros(0, dtype=np.float64),
+        )
 
     def shards_with_images(self) -> list[str]:
         base = self.root_path / self.image_folder

@@ -231,7 +231,7 @@ def convert_metadata_to_shards(
         # Parquet encoding and file I/O release the GIL: threads overlap them.
         with ThreadPoolExecutor(write_threads) as pool:
             summary = list(pool.map(finish_shard, present))
-        del mapped
+        mapped.clear()  # release the memory maps before the scratch folder goes
         written = {s for s, _ in summary}
         if out_dir.exists():
             for old in out_dir.iterdir():

@@ -73,15 +73,16 @@ def build_shard_index(
         metadata = metadata.take(pa.array(last_row_per_id(meta_ids)))
         meta_ids = metadata["image_id"].to_numpy()
 
-    files = dataset.list_shard_files(shard)
+    files = dataset.scan_shard(shard)
     report.files = len(files)
-    kept = [f for f in files if f.image_id is not None]
-    report.bad_names = [f.rel_path for f in files if f.image_id is None]
-    ids = np.fromiter((f.image_id for f in kept), dtype=np.int64, count=len(kept))
-    rel_path = np.array([f.rel_path for f in kept], dtype=object)
-    ext = np.array([f.ext for f in kept], dtype=object)
-    file_bytes = np.fromiter((f.file_bytes for f in kept), dtype=np.int64, count=len(kept))
-    mtime = np.fromiter((f.mtime for f in kept), dtype=np.float64, count=len(kept))
+    named = files.image_id >= 0
+    prefix = f"{dataset.image_folder}/{shard}/"
+    report.bad_names = [prefix + n for n, ok in zip(files.name, named) if not ok]
+    ids = files.image_id[named]
+    rel_path = np.array([prefix + n for n, ok in zip(files.name, named) if ok], dtype=object)
+    ext = np.array([e for e, ok in zip(files.ext, named) if ok], dtype=object)
+    file_bytes = files.file_bytes[named]
+    mtime = files.mtime[named]
 
     # Join by id: metadata is sorted by id, so a binary search finds each file's row.
     if len(meta_ids):

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from danbooru_assets.sandbox import Sandbox
+
 
 def jpeg_bytes(size=(40, 30), color=(200, 60, 60)) -> bytes:
     buf = io.BytesIO()
@@ -82,68 +84,22 @@ def mini_dataset(tmp_path: Path) -> Path:
     return build_mini_dataset(tmp_path / "danbooru")
 
 
-class Pipeline:
-    """The code location's assets over a small generated sample dataset, run in process
-    with the demo CLIP model (tiny architecture, random weights) on the CPU."""
+class Pipeline(Sandbox):
+    """The sandbox over a small generated sample dataset, with the demo CLIP model
+    (tiny architecture, random weights) on the CPU, in-process data loading."""
 
     def __init__(self, base: Path, n_images: int = 90, n_shards: int = 8):
-        import dagster as dg
-
         from danbooru_assets.clip_model import ClipModelResource
-        from danbooru_assets.dataset import DanbooruDatasetResource
-        from danbooru_assets.definitions import defs
-        from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource
-        from danbooru_assets.labels.store import LabelStoreResource
-        from danbooru_assets.pose.resource import PoseEstimatorResource
-        from danbooru_assets.sample_data import KEYPOINTS_TARBALL, generate_sample_dataset
-        from danbooru_assets.settings import SettingsResource
+        from danbooru_assets.sample_data import generate_sample_dataset
 
-        self.root = base / "sample"
-        self.summary = generate_sample_dataset(self.root, n_images=n_images, n_shards=n_shards, max_side=400)
-        self.settings_path = base / "settings.yaml"
-        self.storage = StorageResource(base_path=str(base / "storage"))
-        self.instance = dg.DagsterInstance.ephemeral()
-        self.assets = list(defs.assets)
-        self.resources = {
-            "dataset": DanbooruDatasetResource(root=str(self.root)),
-            "storage": self.storage,
-            "io_manager": ParquetIOManagerFactory(storage=self.storage),
-            "settings": SettingsResource(path=str(self.settings_path)),
-            "clip_model": ClipModelResource.demo().model_copy(update={"num_workers": 0, "batch_size": 16}),
-            "pose_estimator": PoseEstimatorResource(keypoint_files=str(self.root / KEYPOINTS_TARBALL)),
-            "label_store": LabelStoreResource(path=str(base / "labels.sqlite")),
-        }
+        root = base / "sample"
+        self.summary = generate_sample_dataset(root, n_images=n_images, n_shards=n_shards, max_side=400)
+        clip = ClipModelResource.demo().model_copy(update={"num_workers": 0, "batch_size": 16})
+        super().__init__(root, base, clip_model=clip)
 
     @property
     def shards(self) -> list[str]:
         return self.summary.shards
-
-    def materialize(self, selection: list[str], partition: str | None = None, run_config: dict | None = None):
-        import dagster as dg
-
-        result = dg.materialize(
-            self.assets,
-            selection=selection,
-            partition_key=partition,
-            resources=self.resources,
-            instance=self.instance,
-            run_config=run_config,
-        )
-        assert result.success
-        return result
-
-    def metadata(self, result, asset: str) -> dict:
-        """The metadata of ``asset``'s materialization in ``result``, as plain values."""
-        for event in result.get_asset_materialization_events():
-            mat = event.step_materialization_data.materialization
-            if mat.asset_key.to_user_string() == asset:
-                return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
-        raise KeyError(f"{asset} was not materialized in this run")
-
-    def table(self, asset: str, partition: str | None = None):
-        from danbooru_assets.io_manager import read_parquet
-
-        return read_parquet(self.storage.asset_path(asset, partition))
 
     def run_through(self, last_stage: str) -> None:
         """Materialize every stage up to ``last_stage`` ('ingest', 'clip', 'pose') for every shard."""

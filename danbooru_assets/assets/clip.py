@@ -24,6 +24,7 @@ from danbooru_assets.clip_scoring import (
 )
 from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.embeddings import embedding_column, embedding_matrix
+from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, open_image_rgb
 from danbooru_assets.image_stats import STATS_COLUMNS
 from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions
 from danbooru_assets.partitions import shard_partitions
@@ -99,15 +100,8 @@ def clip_embeddings_and_image_stats(
         f"{0 if reused_emb is None else len(reused_emb)} reused, {len(todo)} to encode"
     )
     started = time.perf_counter()
-    progress_every = max(1, len(todo) // 10)
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % progress_every < clip_model.batch_size:
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            eta = (total - done) / rate if rate else float("inf")
-            context.log.info(f"shard {shard}: {done}/{total} images, {rate:.1f} img/s, ETA {eta:.0f}s")
-
     paths = [dataset.image_path(p) for p in todo["rel_path"]]
+    progress = ThroughputLogger(context.log.info, label=f"images of shard {shard}")
     embeddings, stats = clip_model.embed_images(paths, todo["image_id"].tolist(), progress=progress)
     seconds = time.perf_counter() - started
     stats = stats.merge(todo[REUSE_KEY], on="image_id", how="left")
@@ -217,8 +211,6 @@ REVIEW_SHEET_SIZE = 25
 
 def _review_sheet(dataset, storage, rows: pd.DataFrame, title: str):
     """Thumbnails of ``rows`` (image_id, shard, portrait_score) with their scores."""
-    from danbooru_assets.image_loader import open_image_rgb
-
     paths = {}
     for shard, group in rows.groupby("shard"):
         index = read_parquet(storage.asset_path("shard_index", shard), ["image_id", "rel_path"])
@@ -227,7 +219,7 @@ def _review_sheet(dataset, storage, rows: pd.DataFrame, title: str):
     for row in rows.itertuples():
         try:
             image, _ = open_image_rgb(dataset.image_path(paths[row.image_id]), 160)
-        except Exception:  # a review sheet shows what it can; the cell says it failed
+        except (ImageDecodeError, KeyError):  # the sheet shows what it can; the cell is grey
             image = None
         images.append(image)
         captions.append(f"{row.image_id} {row.portrait_score:.3f}")

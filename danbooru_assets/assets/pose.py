@@ -15,7 +15,7 @@ import pandas as pd
 from danbooru_assets import environment
 from danbooru_assets.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
 from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
+from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, open_image_rgb
 from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions, write_parquet
 from danbooru_assets.partitions import NUM_SHARDS, shard_partitions
 from danbooru_assets.pose import (
@@ -111,7 +111,7 @@ def _keypoints_from_model(
 ) -> pd.DataFrame:
     estimator = pose_estimator.estimator()
     frames = []
-    started = time.perf_counter()
+    progress = ThroughputLogger(context.log.info, label="images (pose)")
     for start in range(0, len(todo), pose_estimator.batch_size):
         batch = todo.iloc[start : start + pose_estimator.batch_size]
         images, scales = [], []
@@ -133,9 +133,7 @@ def _keypoints_from_model(
         for name_y in [c for c in KEYPOINT_COLUMNS if c.endswith("_y")] + ["box_y0", "box_y1"]:
             frame[name_y] = frame[name_y].to_numpy() * sy
         frames.append(frame)
-        done = start + len(batch)
-        rate = done / max(time.perf_counter() - started, 1e-9)
-        context.log.info(f"pose: {done}/{len(todo)} images, {rate:.1f} img/s, ETA {(len(todo) - done) / rate:.0f}s")
+        progress(start + len(batch), len(todo))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -20,6 +20,7 @@ from danbooru_assets.coco import KEYPOINT_COLUMNS
 from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.embeddings import embedding_matrix
 from danbooru_assets.exports import build_manifest
+from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
 from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions, write_bytes
 from danbooru_assets.labels.store import LabelStoreResource
 from danbooru_assets.partitions import NUM_SHARDS, shard_partitions
@@ -251,8 +252,6 @@ def labeling_queue(
         else "all planned rounds are labeled",
     }
     if len(queue):
-        from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
-
         head = queue.head(QUEUE_SHEET_SIZE)
         images = []
         for rel_path in head["rel_path"]:
