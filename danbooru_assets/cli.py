@@ -117,31 +117,20 @@ def export_command(args: argparse.Namespace) -> int:
     """The curated dataset as a manifest, keypoint JSON files (+ tarball) and WebDataset shards."""
     from pathlib import Path
 
-    import pandas as pd
-
     from danbooru_assets.definitions import defs
-    from danbooru_assets.exports import write_manifest, write_webdataset_shards
-    from danbooru_assets.io_manager import read_partitions
-    from danbooru_assets.pose import write_keypoint_files
+    from danbooru_assets.exports import export_curated
 
-    storage = defs.resources["storage"]
-    dataset = defs.resources["dataset"]
-    curated = read_partitions(storage, "curated_dataset")
-    if not curated:
-        print("error: curated_dataset is not materialized yet: run `danbooru-assets run` first", file=sys.stderr)
+    try:
+        counts = export_curated(
+            defs.resources["storage"], defs.resources["dataset"].root_path, Path(args.out), args.samples_per_shard
+        )
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    manifest = pd.concat(list(curated.values()), ignore_index=True).sort_values("image_id").reset_index(drop=True)
-    keypoints = pd.concat(list(read_partitions(storage, "pose_keypoints").values()), ignore_index=True)
-    keypoints = keypoints.loc[keypoints["image_id"].isin(manifest["image_id"]) & (keypoints["status"] == "ok")]
     out = Path(args.out)
-    write_manifest(manifest, out / "manifest.parquet")
-    n_json = write_keypoint_files(keypoints, out_dir=out / "keypoints", tarball=out / "keypoints.tar.gz")
-    shards = write_webdataset_shards(
-        manifest, dataset.root_path, keypoints, out / "webdataset", samples_per_shard=args.samples_per_shard
-    )
-    print(f"{len(manifest)} images → {out / 'manifest.parquet'}")
-    print(f"{n_json} keypoint files → {out / 'keypoints'}/ and {out / 'keypoints.tar.gz'} (seed format, [y, x])")
-    print(f"{len(shards)} WebDataset shards → {out / 'webdataset'}/")
+    print(f"{counts['images']} images → {out / 'manifest.parquet'}")
+    print(f"{counts['keypoint_files']} keypoint files → {out / 'keypoints'}/ and {out / 'keypoints.tar.gz'} (seed format, [y, x])")
+    print(f"{counts['shards']} WebDataset shards → {out / 'webdataset'}/")
     return 0
 
 

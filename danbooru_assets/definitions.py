@@ -22,7 +22,6 @@ from danbooru_assets.clip_model import ClipModelResource
 from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource
 from danbooru_assets.labels.store import LabelStoreResource
-from danbooru_assets.partitions import shard_partitions
 from danbooru_assets.pose.resource import KEYPOINT_FILES, PoseEstimatorResource
 from danbooru_assets.sample_data import KEYPOINTS_TARBALL
 from danbooru_assets.sensors import build_new_data_sensor, build_retrain_sensor
@@ -30,7 +29,8 @@ from danbooru_assets.settings import SettingsResource
 
 
 def _per_shard_job(name: str, assets: list, description: str):
-    return dg.define_asset_job(name, selection=assets, partitions_def=shard_partitions, description=description)
+    # Partitioned by the shard partitions, inferred from the assets.
+    return dg.define_asset_job(name, selection=assets, description=description)
 
 
 # The main job runs in stages: a per-shard stage for every shard, then the global asset

@@ -6,7 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from danbooru_assets.exports import export_curated, read_webdataset_samples
 from danbooru_assets.labels.store import LabelStore
+from danbooru_assets.pose import read_keypoint_files
 from danbooru_assets.quality import round_plan
 from danbooru_assets.sample_data import read_ground_truth
 from danbooru_assets.sensors import build_retrain_sensor
@@ -87,6 +89,21 @@ def test_rounds_queue_label_retrain(loop):
     human = curated.loc[curated["source"] == "human"]
     assert len(human) and (human["class"].to_numpy() == truth[human["image_id"]].to_numpy()).all()
     assert set(curated["class"]) <= {"good", "questionable"}
+
+    # The export re-imports exactly: keypoint JSON (seed format) and WebDataset samples.
+    out = loop.root.parent / "export"
+    counts = export_curated(loop.storage, loop.root, out, samples_per_shard=5)
+    assert counts["images"] == len(curated) and counts["shards"] == -(-len(curated) // 5)
+    keypoints = pd.concat([loop.table("pose_keypoints", s) for s in loop.shards])
+    exported = keypoints.loc[keypoints["image_id"].isin(curated["image_id"]) & (keypoints["status"] == "ok")]
+    for source in (out / "keypoints", out / "keypoints.tar.gz"):
+        reimported, report = read_keypoint_files(source, axis_order="yx")
+        assert report.malformed == []
+        expected = exported.set_index("image_id").sort_index()[reimported.columns[1:]]
+        pd.testing.assert_frame_equal(reimported.set_index("image_id").sort_index(), expected, check_dtype=False)
+    samples = read_webdataset_samples(sorted((out / "webdataset").glob("shard-*.tar")))
+    assert sorted(int(s["__key__"]) for s in samples) == sorted(curated["image_id"])
+    assert all(len(s) == 3 for s in samples)  # key, image bytes, json
 
 
 def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):

@@ -10,15 +10,16 @@ from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource
 from danbooru_assets.sensors import build_new_data_sensor
 from danbooru_assets_tests.conftest import jpeg_bytes
 
-shard_job = dg.define_asset_job("shard_job", selection=[shard_index], partitions_def=shard_index.partitions_def)
+shard_job = dg.define_asset_job("shard_job", selection=[shard_index])
 metadata_job = dg.define_asset_job("metadata_job", selection=[danbooru_metadata])
-sensor = build_new_data_sensor(shard_job, metadata_job)
+ingest_job = dg.define_asset_job("ingest_job", selection=[shard_index])
+sensor = build_new_data_sensor(shard_job, metadata_job, ingest_job, required_global=["clip_threshold"])
 
 
 def _definitions(dataset, storage) -> dg.Definitions:
     return dg.Definitions(
         assets=[danbooru_metadata, shard_index],
-        jobs=[shard_job, metadata_job],
+        jobs=[shard_job, metadata_job, ingest_job],
         sensors=[sensor],
         resources={"dataset": dataset, "storage": storage, "io_manager": ParquetIOManagerFactory(storage=storage)},
     )
@@ -51,7 +52,9 @@ def test_sensor_converts_metadata_first_then_requests_each_changed_shard(mini_da
     )
     requests, cursor, _ = _tick(instance, dataset, cursor)
     assert sorted(r.partition_key for r in requests) == ["0001", "0002"]
-    assert {r.job_name for r in requests} == {"shard_job"}
+    # No global threshold yet: only the first (ingest) stage can run for a shard.
+    assert {r.job_name for r in requests} == {"ingest_job"}
+    instance.report_runless_asset_event(dg.AssetMaterialization("clip_threshold"))
 
     requests, cursor, skip = _tick(instance, dataset, cursor)
     assert requests == [] and "no change" in skip
@@ -63,6 +66,7 @@ def test_sensor_converts_metadata_first_then_requests_each_changed_shard(mini_da
     os.utime(new_file.parent, ns=(time.time_ns(), time.time_ns() + 10_000_000))
     requests, cursor, _ = _tick(instance, dataset, cursor)
     assert [r.partition_key for r in requests] == ["0002"]
+    assert requests[0].job_name == "shard_job"  # the global assets exist now: every stage
     # A brand-new shard folder is picked up too.
     (mini_dataset / "original" / "0777").mkdir()
     (mini_dataset / "original" / "0777" / "1777.jpg").write_bytes(jpeg_bytes())
