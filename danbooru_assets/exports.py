@@ -9,7 +9,6 @@ fixed member metadata) and every file is written atomically.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ import pandas as pd
 from danbooru_assets.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
 from danbooru_assets.labels.store import LABEL_CLASSES
 from danbooru_assets.pose.keypoint_files import keypoint_json
-from danbooru_assets.storage import atomic_path, atomic_write_parquet
+from danbooru_assets.storage import add_tar_member, atomic_path, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +96,6 @@ def keypoints_dict(row: np.ndarray, min_confidence: float | None = None) -> dict
     if min_confidence is not None and arr.shape[1] > 2:
         arr[~(arr[:, 2] >= min_confidence), :2] = np.nan
     return json.loads(keypoint_json(arr, axis_order="yx"))
-
-
-def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # fixed metadata so the same inputs give byte-identical shards
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _resolve_inside(root: Path, rel_path: str) -> Path:
@@ -195,8 +183,8 @@ def write_webdataset_shards(manifest: pd.DataFrame, dataset_root: Path | str,
         with atomic_path(shard_path) as tmp:
             with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for key, ext, path, meta in samples[start:start + samples_per_shard]:
-                    _tar_add(tar, f"{key}.{ext}", path.read_bytes())
-                    _tar_add(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+                    add_tar_member(tar, f"{key}.{ext}", path.read_bytes())
+                    add_tar_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
         written.append(shard_path)
     # a previous export with more samples left higher-numbered shards: they are stale now
     for stale in out.iterdir():

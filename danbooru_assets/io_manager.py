@@ -180,3 +180,13 @@ def read_partitions(
         for p in sorted(folder.iterdir(), key=lambda p: p.name)
         if p.name.endswith(PARQUET_SUFFIX) and not p.name.startswith(".")
     }
+
+
+def prune_shard_files(folder: UPath, keep: set[str]) -> None:
+    """Remove ``<shard>.parquet`` files of a split-by-shard side table (metadata,
+    published keypoints) whose shard no longer has rows after a re-conversion."""
+    folder = UPath(folder)
+    if folder.exists():
+        for old in folder.iterdir():
+            if old.name.endswith(PARQUET_SUFFIX) and old.name[: -len(PARQUET_SUFFIX)] not in keep:
+                old.unlink()

@@ -186,7 +186,7 @@ def convert_metadata_to_shards(
     import pyarrow as pa
     from upath import UPath
 
-    from danbooru_assets.io_manager import write_arrow
+    from danbooru_assets.io_manager import prune_shard_files, write_arrow
     from danbooru_assets.partitions import NUM_SHARDS
 
     out_dir = UPath(out_dir)
@@ -232,11 +232,7 @@ def convert_metadata_to_shards(
         with ThreadPoolExecutor(write_threads) as pool:
             summary = list(pool.map(finish_shard, present))
         mapped.clear()  # release the memory maps before the scratch folder goes
-        written = {s for s, _ in summary}
-        if out_dir.exists():
-            for old in out_dir.iterdir():
-                if old.name.endswith(".parquet") and old.name[:-8] not in written:
-                    old.unlink()
+        prune_shard_files(out_dir, {s for s, _ in summary})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return pd.DataFrame(summary, columns=["shard", "rows"]), report

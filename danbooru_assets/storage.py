@@ -7,7 +7,9 @@ generator) goes through these helpers: write to a temporary sibling, then rename
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import tarfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -55,3 +57,15 @@ def dataframe_to_table(df: pd.DataFrame) -> pa.Table:
 def atomic_write_parquet(path: Path | str, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(dataframe_to_table(df), tmp)
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add ``data`` as ``name`` with fixed metadata, so the same inputs give
+    byte-identical archives (exports, keypoint tarballs)."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))

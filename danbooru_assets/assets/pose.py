@@ -16,7 +16,13 @@ from danbooru_assets import environment
 from danbooru_assets.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
 from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, open_image_rgb
-from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions, write_parquet
+from danbooru_assets.io_manager import (
+    StorageResource,
+    prune_shard_files,
+    read_parquet,
+    read_partitions,
+    write_parquet,
+)
 from danbooru_assets.partitions import NUM_SHARDS, shard_partitions
 from danbooru_assets.pose import (
     REASONS,
@@ -72,11 +78,7 @@ def published_keypoints(
         shard = f"{int(bucket):04d}"
         write_parquet(out_dir / f"{shard}.parquet", part.reset_index(drop=True))
         summary.append((shard, len(part)))
-    written = {s for s, _ in summary}
-    if out_dir.exists():
-        for old in out_dir.iterdir():
-            if old.name.endswith(".parquet") and old.name[:-8] not in written:
-                old.unlink()
+    prune_shard_files(out_dir, {s for s, _ in summary})
     context.add_output_metadata(
         {
             "source": pose_estimator.keypoint_files,

@@ -12,7 +12,6 @@ Files live in a directory or in a ``.tar`` / ``.tar.gz`` that is streamed in one
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
@@ -26,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from danbooru_assets.coco import KEYPOINT_COLUMNS, KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS
-from danbooru_assets.storage import atomic_path, atomic_write_text
+from danbooru_assets.storage import add_tar_member, atomic_path, atomic_write_text
 
 AXIS_ORDERS = ("auto", "yx", "xy")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -350,14 +349,7 @@ def write_keypoint_files(
             try:
                 with tarfile.open(fileobj=fh, mode="w", format=tarfile.PAX_FORMAT) as tar:
                     for image_id, text in texts:
-                        data = text.encode("utf-8")
-                        info = tarfile.TarInfo(f"{image_id}.json")
-                        info.size = len(data)
-                        info.mtime = 0
-                        info.mode = 0o644
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
+                        add_tar_member(tar, f"{image_id}.json", text.encode("utf-8"))
             finally:
                 if compress:
                     fh.close()
