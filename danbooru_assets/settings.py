@@ -13,6 +13,7 @@ clip.keep_fraction=0.3`` changes one value.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -92,6 +93,15 @@ def load_settings(path: Path | str) -> CurationSettings:
         return CurationSettings.model_validate(raw)
     except (yaml.YAMLError, ValueError) as exc:
         raise ValueError(f"settings file {path} is invalid: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def settings_at_definition_load() -> CurationSettings:
+    """The settings file as it was when the code location loaded: what each asset's
+    ``code_version`` derives from (a reload picks up an edit)."""
+    from danbooru_assets import environment
+
+    return load_settings(environment.settings_path())
 
 
 def save_settings(path: Path | str, settings: CurationSettings) -> None:

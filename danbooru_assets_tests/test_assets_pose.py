@@ -80,3 +80,32 @@ def test_pose_rule_change_from_run_config(posed):
     assert len(after) == len(before)
     assert not after["keep"].any()  # no imported keypoint has confidence above 1.5
     assert posed.metadata(result, "pose_subset")["settings_source"] == "run config"
+
+
+def test_model_backend_runs_batched_on_cpu_and_stores_original_pixels(posed):
+    """keypoint_rcnn with random weights (no download): the real model path, end to end."""
+    from danbooru_assets.pose.resource import PoseEstimatorResource
+
+    subset_sizes = {s: int(posed.table("clip_subset", s)["kept"].sum()) for s in posed.shards}
+    shard = min((s for s in posed.shards if subset_sizes[s]), key=subset_sizes.get)
+    files_backend = posed.resources["pose_estimator"]
+    posed.resources["pose_estimator"] = PoseEstimatorResource(
+        backend="keypoint_rcnn", allow_random_weights=True, input_size=128, batch_size=4, device="cpu"
+    )
+    try:
+        result = posed.materialize(["pose_keypoints"], shard)
+        meta = posed.metadata(result, "pose_keypoints")
+        # another backend fingerprint: nothing is reused, every kept image is estimated
+        assert meta["backend"] == "keypoint_rcnn" and meta["estimated"] == subset_sizes[shard] and meta["reused"] == 0
+        table = posed.table("pose_keypoints", shard)
+        assert set(table["status"]) <= {"ok", "no_person", "unreadable"}
+        ok = table.loc[table["status"] == "ok"]
+        # boxes come back scaled to original pixels (decoded near 128 px, originals >= 256 px)
+        assert (ok["box_x1"] <= ok["width"] + 1).all() and (ok["box_y1"] <= ok["height"] + 1).all()
+        if len(ok):
+            assert (ok[["box_x1", "box_y1"]].max(axis=1) > 128).any()
+        result = posed.materialize(["pose_keypoints"], shard)
+        assert posed.metadata(result, "pose_keypoints")["estimated"] == 0
+    finally:
+        posed.resources["pose_estimator"] = files_backend
+        posed.materialize(["pose_keypoints"], shard)

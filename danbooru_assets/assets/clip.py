@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from danbooru_assets import environment
 from danbooru_assets.clip_model import DEMO_WARNING, ClipModelResource
 from danbooru_assets.clip_scoring import (
     DEFAULT_NEGATIVE_PROMPTS,
@@ -28,7 +27,7 @@ from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, ope
 from danbooru_assets.image_stats import STATS_COLUMNS
 from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions
 from danbooru_assets.partitions import shard_partitions
-from danbooru_assets.settings import ClipSettings, ImageRules, SettingsResource, load_settings, settings_hash
+from danbooru_assets.settings import ClipSettings, ImageRules, SettingsResource, settings_at_definition_load, settings_hash
 from danbooru_assets.shard_index import USABLE_STATUSES
 from danbooru_assets.visuals import contact_sheet, figure_to_image, image_markdown
 
@@ -38,7 +37,7 @@ REUSE_KEY = ["image_id", "file_bytes", "mtime"]
 
 # Code versions follow the durable settings, so an edit (then a code-location reload)
 # marks exactly the affected assets stale in the UI.
-_settings_at_load = load_settings(environment.settings_path()).clip
+_settings_at_load = settings_at_definition_load().clip
 
 
 def prompt_settings(clip: ClipSettings) -> tuple[list[str], list[str]]:

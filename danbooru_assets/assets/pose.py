@@ -12,7 +12,6 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from danbooru_assets import environment
 from danbooru_assets.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
 from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, open_image_rgb
@@ -41,16 +40,14 @@ from danbooru_assets.pose import (
     skeleton_sheet,
 )
 from danbooru_assets.pose.resource import PoseEstimatorResource
-from danbooru_assets.settings import SettingsResource, load_settings, settings_hash
+from danbooru_assets.settings import SettingsResource, settings_at_definition_load, settings_hash
 from danbooru_assets.visuals import image_markdown
 
 GROUP = "pose"
 PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
-# Pose models see the image at this short side at most (Keypoint R-CNN resizes to 800).
-POSE_DECODE_SHORT_SIDE = 800
 NO_POSE = "no_pose"
 
-_pose_rules_at_load = load_settings(environment.settings_path()).pose
+_pose_rules_at_load = settings_at_definition_load().pose
 
 
 @dg.asset(
@@ -119,7 +116,7 @@ def _keypoints_from_model(
         images, scales = [], []
         for row in batch.itertuples():
             try:
-                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), POSE_DECODE_SHORT_SIDE)
+                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), pose_estimator.input_size)
                 images.append(image)
                 scales.append((w / image.width, h / image.height))
             except ImageDecodeError as exc:

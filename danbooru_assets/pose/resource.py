@@ -32,6 +32,9 @@ class PoseEstimatorResource(dg.ConfigurableResource):
     bizarre_pose_repo: str = Field("", description="bizarre_pose: path of the repository checkout.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cuda' or 'cpu'.")
     batch_size: int = 8
+    input_size: int = Field(
+        800, description="Short side the model sees (keypoint_rcnn's min_size; images are decoded near it)."
+    )
     allow_random_weights: bool = Field(False, description="Tests only: random-initialised weights.")
 
     def uses_files(self) -> bool:
@@ -58,6 +61,7 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             allow_random_weights=self.allow_random_weights,
             bizarre_pose_repo=self.bizarre_pose_repo,
             batch_size=self.batch_size,
+            **({"min_size": self.input_size} if self.backend == "keypoint_rcnn" else {}),
         )
 
     def fingerprint(self) -> str:
