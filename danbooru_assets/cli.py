@@ -66,9 +66,9 @@ def run_main_job(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     log_level = "DEBUG" if args.verbose else "WARNING"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    for job, per_shard in RUN_STAGES:
+    for job in RUN_STAGES:
         job_def = defs.resolve_job_def(job.name)
-        keys: list[str | None] = list(shards) if per_shard else [None]
+        keys: list[str | None] = list(shards) if job_def.partitions_def is not None else [None]
         print(f"== {job.name} ({len(keys)} run{'s' if len(keys) > 1 else ''})")
         for i, key in enumerate(keys, start=1):
             t0 = time.perf_counter()

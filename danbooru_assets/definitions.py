@@ -28,37 +28,37 @@ from danbooru_assets.sensors import build_new_data_sensor, build_retrain_sensor
 from danbooru_assets.settings import SettingsResource
 
 
-def _per_shard_job(name: str, assets: list, description: str):
-    # Partitioned by the shard partitions, inferred from the assets.
+# The main job runs in stages: a per-shard stage for every shard, then the global asset
+# that needs all shards (a threshold or a statistic calibrated over the whole dataset).
+def stage_job(name: str, assets: list, description: str = ""):
+    # A per-shard job is partitioned by the shard partitions, inferred from its assets.
     return dg.define_asset_job(name, selection=assets, description=description)
 
 
-# The main job runs in stages: a per-shard stage for every shard, then the global asset
-# that needs all shards (a threshold or a statistic calibrated over the whole dataset).
-prepare_job = dg.define_asset_job(
+prepare_job = stage_job(
     "prepare_job",
-    selection=[danbooru_metadata, published_keypoints],
-    description="Convert the metadata dump (and published keypoint files) once, split by shard.",
+    [danbooru_metadata, published_keypoints],
+    "Convert the metadata dump (and published keypoint files) once, split by shard.",
 )
-ingest_job = _per_shard_job(
+ingest_job = stage_job(
     "ingest_job",
     [shard_index, clip_embeddings_and_image_stats, clip_scores],
     "Index a shard, decode and encode its new images once, score them with the prompts.",
 )
-clip_threshold_job = dg.define_asset_job("clip_threshold_job", selection=[clip_threshold])
-pose_job = _per_shard_job("pose_job", [clip_subset, pose_keypoints], "The CLIP subset and its keypoints.")
-pose_statistics_job = dg.define_asset_job("pose_statistics_job", selection=[pose_statistics])
-pose_subset_job = _per_shard_job("pose_subset_job", [pose_subset], "The geometric pose filter.")
-quality_model_job = dg.define_asset_job("quality_model_job", selection=[quality_model])
-quality_predictions_job = _per_shard_job(
+clip_threshold_job = stage_job("clip_threshold_job", [clip_threshold])
+pose_job = stage_job("pose_job", [clip_subset, pose_keypoints], "The CLIP subset and its keypoints.")
+pose_statistics_job = stage_job("pose_statistics_job", [pose_statistics])
+pose_subset_job = stage_job("pose_subset_job", [pose_subset], "The geometric pose filter.")
+quality_model_job = stage_job("quality_model_job", [quality_model])
+quality_predictions_job = stage_job(
     "quality_predictions_job", [quality_predictions], "Class probabilities from the current model."
 )
-labeling_queue_job = dg.define_asset_job("labeling_queue_job", selection=[labeling_queue])
-curated_dataset_job = _per_shard_job("curated_dataset_job", [curated_dataset], "The final subset with classes.")
+labeling_queue_job = stage_job("labeling_queue_job", [labeling_queue])
+curated_dataset_job = stage_job("curated_dataset_job", [curated_dataset], "The final subset with classes.")
 
 # Every per-shard asset: what the new-data sensor runs for a changed shard once the
 # global assets exist (before that, only the ingest stage).
-shard_job = _per_shard_job(
+shard_job = stage_job(
     "shard_job",
     [
         shard_index,
@@ -73,17 +73,18 @@ shard_job = _per_shard_job(
     "Every per-shard asset of one shard, with the current global threshold and statistics.",
 )
 
-RUN_STAGES: list[tuple] = [
-    (prepare_job, False),
-    (ingest_job, True),
-    (clip_threshold_job, False),
-    (pose_job, True),
-    (pose_statistics_job, False),
-    (pose_subset_job, True),
-    (quality_model_job, False),
-    (quality_predictions_job, True),
-    (labeling_queue_job, False),
-    (curated_dataset_job, True),
+# `danbooru-assets run` runs these in order; a partitioned stage once per shard.
+RUN_STAGES = [
+    prepare_job,
+    ingest_job,
+    clip_threshold_job,
+    pose_job,
+    pose_statistics_job,
+    pose_subset_job,
+    quality_model_job,
+    quality_predictions_job,
+    labeling_queue_job,
+    curated_dataset_job,
 ]
 
 
@@ -123,7 +124,7 @@ defs = dg.Definitions(
         labeling_queue,
         curated_dataset,
     ],
-    jobs=[job for job, _ in RUN_STAGES] + [shard_job],
+    jobs=[*RUN_STAGES, shard_job],
     sensors=[
         build_new_data_sensor(
             shard_job, prepare_job, ingest_job, required_global=["clip_threshold", "pose_statistics", "quality_model"]
