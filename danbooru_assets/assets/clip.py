@@ -180,7 +180,8 @@ def clip_scores(
             f"than the configured one ({clip_model.model_name}); rematerialize clip_embeddings first"
         )
     # The prompts' text embeddings are computed once for the run, inside score_with_model.
-    scores = score_with_model(clip_model, embedding_matrix(ok), positive, negative)
+    matrix = embedding_matrix(ok, dim=clip_model.fingerprint()["embed_dim"])  # (0, D) for an empty shard
+    scores = score_with_model(clip_model, matrix, positive, negative)
     scores.insert(0, "image_id", ok["image_id"].to_numpy())
     columns = {prompt_column(p): p for p in positive + negative}
     return dg.Output(
@@ -259,7 +260,10 @@ def clip_threshold(
         ignore_index=True,
     )
     if scores.empty:
-        raise ValueError("no clip_scores partitions are materialized: materialize clip_scores for some shards first")
+        raise ValueError(
+            f"no scored images in the {len(parts)} materialized clip_scores partitions: "
+            "materialize clip_scores for shards that have images first"
+        )
     values = scores["portrait_score"].to_numpy()
     if wanted["fixed_threshold"] is not None:
         threshold, mode = float(wanted["fixed_threshold"]), "fixed"
