@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 from upath import UPath
 
@@ -190,3 +191,22 @@ def prune_shard_files(folder: UPath, keep: set[str]) -> None:
         for old in folder.iterdir():
             if old.name.endswith(PARQUET_SUFFIX) and old.name[: -len(PARQUET_SUFFIX)] not in keep:
                 old.unlink()
+
+
+def read_rows(storage: StorageResource, asset_name: str, image_ids, columns: list[str] | None = None) -> pd.DataFrame:
+    """The rows of a per-shard asset for ``image_ids``, reading only the shards they live
+    in and keeping only those rows of each shard as it is read (memory follows the ids,
+    not the dataset)."""
+    from danbooru_assets.partitions import shard_key
+
+    wanted = pd.Series(pd.unique(pd.Series(image_ids, dtype="int64")))
+    frames = []
+    for shard, ids in wanted.groupby(wanted.map(shard_key)):
+        path = storage.asset_path(asset_name, shard)
+        if path.exists():
+            table = read_arrow(path, columns)
+            keep = pa.compute.is_in(table["image_id"], value_set=pa.array(ids.to_numpy()))
+            frames.append(table.filter(keep).to_pandas())
+    if not frames:
+        return pd.DataFrame(columns=columns or ["image_id"])
+    return pd.concat(frames, ignore_index=True)

@@ -65,3 +65,19 @@ def test_non_dataframe_output_is_a_clear_error(tmp_path: Path):
 
     with pytest.raises(Exception, match="stores pandas DataFrames"):
         dg.materialize([not_a_frame], resources=_resources(str(tmp_path)))
+
+
+@pytest.mark.parametrize("base", ["local", "memory://danbooru-rows"])
+def test_read_rows_reads_only_the_wanted_rows_of_their_shards(base, tmp_path: Path):
+    from danbooru_assets.io_manager import read_rows
+
+    storage = StorageResource(base_path=str(tmp_path / "s") if base == "local" else base)
+    for shard in ("0001", "0002"):
+        k = int(shard)
+        write_parquet(
+            storage.asset_path("t", shard),
+            pd.DataFrame({"image_id": [1000 + k, 2000 + k, 3000 + k], "v": [k, k * 10, k * 100]}),
+        )
+    rows = read_rows(storage, "t", [2001, 3002, 3002, 9009], ["image_id", "v"])  # 9009: no such shard file
+    assert sorted(zip(rows["image_id"], rows["v"])) == [(2001, 10), (3002, 200)]
+    assert read_rows(storage, "t", []).empty

@@ -21,9 +21,9 @@ from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.embeddings import embedding_matrix
 from danbooru_assets.exports import build_manifest
 from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
-from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions, write_bytes
+from danbooru_assets.io_manager import StorageResource, read_partitions, read_rows, write_bytes
 from danbooru_assets.labels.store import LabelStoreResource
-from danbooru_assets.partitions import NUM_SHARDS, shard_partitions
+from danbooru_assets.partitions import shard_partitions
 from danbooru_assets.pose import pose_features
 from danbooru_assets.quality import (
     CLASSES,
@@ -71,14 +71,10 @@ def classifier_features(embeddings: pd.DataFrame, keypoints: pd.DataFrame, image
 
 
 def _features_for_ids(storage: StorageResource, image_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
-    """Features of ids spread over shards, reading only the shards they live in."""
-    ids = pd.Series(np.asarray(image_ids, dtype=np.int64))
-    emb_parts, kp_parts = [], []
-    for bucket in sorted(set(ids % NUM_SHARDS)):
-        shard = f"{bucket:04d}"
-        emb_parts.append(read_parquet(storage.asset_path("clip_embeddings", shard), ["image_id", "embedding"]))
-        kp_parts.append(read_parquet(storage.asset_path("pose_keypoints", shard)))
-    return classifier_features(pd.concat(emb_parts), pd.concat(kp_parts), ids)
+    """Features of ids spread over shards, reading only their rows."""
+    embeddings = read_rows(storage, "clip_embeddings", image_ids, ["image_id", "embedding"])
+    keypoints = read_rows(storage, "pose_keypoints", image_ids, ["image_id", "width", "height", *KEYPOINT_COLUMNS])
+    return classifier_features(embeddings, keypoints, image_ids)
 
 
 @dg.asset(
@@ -225,20 +221,15 @@ def labeling_queue(
     size = labels_needed(n_labeled, plan) if len(candidates) else 0
     if size and len(candidates):
         pool = candidates.loc[~candidates["image_id"].isin(labeled)].reset_index(drop=True)
-        emb_parts = [
-            read_parquet(storage.asset_path("clip_embeddings", shard), ["image_id", "embedding"]) for shard in parts
-        ]
-        embeddings = embedding_matrix(pool[["image_id"]].merge(pd.concat(emb_parts), on="image_id", how="left"))
+        pool_embeddings = read_rows(storage, "clip_embeddings", pool["image_id"], ["image_id", "embedding"])
+        embeddings = embedding_matrix(pool[["image_id"]].merge(pool_embeddings, on="image_id", how="left"))
         queue = select_labeling_queue(pool, embeddings, size=min(size, len(pool)), already_labeled=labeled)
     else:
         queue = candidates.head(0).assign(queue_rank=pd.Series(dtype="int64"))
     # The page draws the skeleton: carry the keypoints along.
-    kp_parts = [
-        read_parquet(storage.asset_path("pose_keypoints", f"{b:04d}"))
-        for b in sorted(set(queue["image_id"] % NUM_SHARDS))
-    ]
-    if kp_parts:
-        queue = queue.merge(pd.concat(kp_parts)[["image_id", *KEYPOINT_COLUMNS]], on="image_id", how="left")
+    if len(queue):
+        keypoints = read_rows(storage, "pose_keypoints", queue["image_id"], ["image_id", *KEYPOINT_COLUMNS])
+        queue = queue.merge(keypoints, on="image_id", how="left")
     queue["round"] = round_
     queue = queue.sort_values("queue_rank").reset_index(drop=True)
     metadata = {
