@@ -9,8 +9,6 @@ never leaves a half-written Parquet file where a reader would find it.
 from __future__ import annotations
 
 import io
-import os
-import uuid
 from typing import Any
 
 import dagster as dg
@@ -20,7 +18,7 @@ import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.parquet as pq
 from upath import UPath
 
-from danbooru_assets.storage import dataframe_to_table
+from danbooru_assets.storage import atomic_path, dataframe_to_table, temp_sibling
 
 PARQUET_SUFFIX = ".parquet"
 
@@ -50,16 +48,17 @@ def read_parquet(path: UPath, columns: list[str] | None = None) -> pd.DataFrame:
 
 def _atomic_write(path: UPath, write_local, data_for_remote) -> None:
     path = UPath(path)
+    if _is_local(path):
+        with atomic_path(path.path) as tmp:  # the project's one local temp-then-rename
+            write_local(str(tmp))
+        return
+    # Object stores: write a temporary sibling, then move it over the target.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(temp_sibling(path.name).name)
     try:
-        if _is_local(path):
-            write_local(str(tmp.path))
-            os.replace(tmp.path, path.path)
-        else:
-            with tmp.open("wb") as f:
-                f.write(data_for_remote())
-            tmp.fs.mv(tmp.path, path.path)
+        with tmp.open("wb") as f:
+            f.write(data_for_remote())
+        tmp.fs.mv(tmp.path, path.path)
     finally:
         if tmp.exists():
             tmp.unlink()
