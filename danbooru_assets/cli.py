@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 
@@ -25,13 +26,42 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _materialized_summary(result) -> str:
-    parts = []
+    """``asset=rows`` once per asset (a range run records one materialization per shard)."""
+    rows: dict[str, object] = {}
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
-        rows = mat.metadata.get("dagster/row_count")
-        label = mat.asset_key.to_user_string()
-        parts.append(f"{label}={rows.value}" if rows is not None else label)
-    return ", ".join(parts)
+        value = mat.metadata.get("dagster/row_count")
+        rows.setdefault(mat.asset_key.to_user_string(), value.value if value is not None else None)
+    return ", ".join(f"{k}={v}" if v is not None else k for k, v in rows.items())
+
+
+class ProgressBar(logging.Handler):
+    """Draws the shard loop's progress records (``danbooru_assets.progress``) as one line
+    that updates in place on a terminal, and as a line every few seconds elsewhere."""
+
+    def __init__(self, stream=None, width: int = 30):
+        super().__init__(logging.INFO)
+        self.stream = stream or sys.stdout
+        self.width = width
+        self.tty = self.stream.isatty()
+        self.last_print = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        done, total = getattr(record, "done", 0), getattr(record, "total", 0)
+        seconds, images = getattr(record, "seconds", 0.0), getattr(record, "images", 0)
+        finished = done == total
+        if not self.tty and not finished and time.monotonic() - self.last_print < 5:
+            return
+        self.last_print = time.monotonic()
+        filled = int(self.width * done / total) if total else self.width
+        rate = images / seconds if seconds > 0 else 0.0
+        eta = seconds / done * (total - done) if done else 0.0
+        line = (
+            f"    {getattr(record, 'stage', '')} [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{done}/{total} shards, {rate:,.0f}/s, ETA {eta:.0f}s"
+        )
+        self.stream.write(("\r" + line + ("\n" if finished else "")) if self.tty else line + "\n")
+        self.stream.flush()
 
 
 def run_main_job(args: argparse.Namespace) -> int:
@@ -50,6 +80,9 @@ def run_main_job(args: argparse.Namespace) -> int:
 
     from danbooru_assets.dataset import DatasetRootError
     from danbooru_assets.definitions import RUN_STAGES, defs
+    from danbooru_assets.partitions import range_tags, shard_ranges
+    from danbooru_assets.settings import section_observations
+    from danbooru_assets.shard_runs import progress_logger
 
     dataset = defs.resources["dataset"]
     try:
@@ -61,28 +94,43 @@ def run_main_job(args: argparse.Namespace) -> int:
     if not shards:
         print(f"error: no shard folders with images under {dataset.root_path / dataset.image_folder}", file=sys.stderr)
         return 2
-    print(f"dataset {dataset.root_path}: {len(shards)} shards; Dagster instance in {home}")
+    ranges = shard_ranges(shards)
+    print(
+        f"dataset {dataset.root_path}: {len(shards)} shards in {len(ranges)} range{'s' if len(ranges) > 1 else ''}; "
+        f"Dagster instance in {home}"
+    )
     instance = dg.DagsterInstance.get()
+    # The settings sections' data versions, so the UI can tell when a later edit makes
+    # these materializations stale.
+    for observation in section_observations(defs.resources["settings"].load(), "danbooru-assets run"):
+        instance.report_runless_asset_event(observation)
+    progress_logger.setLevel(logging.INFO)
+    progress_logger.propagate = False
+    bar = ProgressBar()
+    progress_logger.addHandler(bar)
     started = time.perf_counter()
     log_level = "DEBUG" if args.verbose else "WARNING"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    for job in RUN_STAGES:
-        job_def = defs.resolve_job_def(job.name)
-        keys: list[str | None] = list(shards) if job_def.partitions_def is not None else [None]
-        print(f"== {job.name} ({len(keys)} run{'s' if len(keys) > 1 else ''})")
-        for i, key in enumerate(keys, start=1):
-            t0 = time.perf_counter()
-            result = job_def.execute_in_process(
-                run_config=run_config, instance=instance, partition_key=key, raise_on_error=False
-            )
-            label = f"shard {key}" if key else job.name
-            took = time.perf_counter() - t0
-            if not result.success:
-                failure = next((e for e in result.all_events if e.is_step_failure), None)
-                reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the UI"
-                print(f"  [{i}/{len(keys)}] {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
-                return 1
-            print(f"  [{i}/{len(keys)}] {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
+    try:
+        for job in RUN_STAGES:
+            job_def = defs.resolve_job_def(job.name)
+            runs: list[dict[str, str]] = [range_tags(a, b) for a, b in ranges] if job_def.partitions_def else [{}]
+            print(f"== {job.name} ({len(runs)} run{'s' if len(runs) > 1 else ''})", flush=True)
+            for tags in runs:
+                t0 = time.perf_counter()
+                result = job_def.execute_in_process(
+                    run_config=run_config, instance=instance, tags=tags, raise_on_error=False
+                )
+                label = f"shards {tags['dagster/asset_partition_range_start']}..{tags['dagster/asset_partition_range_end']}" if tags else job.name
+                took = time.perf_counter() - t0
+                if not result.success:
+                    failure = next((e for e in result.all_events if e.is_step_failure), None)
+                    reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the UI"
+                    print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
+                    return 1
+                print(f"  {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
+    finally:
+        progress_logger.removeHandler(bar)
     print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dagster dev` (DAGSTER_HOME={home})")
     return 0
 
@@ -92,7 +140,7 @@ def settings_command(args: argparse.Namespace) -> int:
     from danbooru_assets.settings import load_settings, save_settings, set_setting
 
     path = environment.settings_path()
-    settings = load_settings(path)
+    settings = before = load_settings(path)
     if args.settings_action == "set":
         for assignment in args.assignments:
             key, sep, value = assignment.partition("=")
@@ -105,12 +153,34 @@ def settings_command(args: argparse.Namespace) -> int:
                 print(f"error: {assignment}: {exc}", file=sys.stderr)
                 return 2
         save_settings(path, settings)
-        print(f"saved {path}; reload the code location so the UI marks changed assets stale")
+        changed = report_settings_change(before, settings)
+        print(f"saved {path}; changed sections: {', '.join(changed) or 'none'}"
+              + (" (observed: the UI marks the assets that read them stale)" if changed else ""))
     import yaml
 
     print(f"# {path}{'' if path.exists() else ' (not written yet: defaults)'}")
     print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
     return 0
+
+
+def report_settings_change(before, after) -> list[str]:
+    """Record the new data version of each changed settings section in the Dagster
+    instance (``$DAGSTER_HOME``, default ``.dagster_home``), so staleness shows at once."""
+    from danbooru_assets import environment
+    from danbooru_assets.settings import section_asset_name, section_hashes, section_observations
+
+    old, new = section_hashes(before), section_hashes(after)
+    changed = [name for name in new if old[name] != new[name]]
+    if changed:
+        import dagster as dg
+
+        environment.ensure_dagster_home()
+        names = {section_asset_name(n) for n in changed}
+        with dg.DagsterInstance.get() as instance:
+            for observation in section_observations(after, "danbooru-assets settings set"):
+                if observation.asset_key.to_user_string() in names:
+                    instance.report_runless_asset_event(observation)
+    return changed
 
 
 def export_command(args: argparse.Namespace) -> int:

@@ -30,18 +30,15 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
-
-import numpy as np
-import pandas as pd
-import torch
-import torch.nn.functional as F
 
 import dagster as dg
 
-from danbooru_assets.image_loader import default_num_workers, make_loader, split_preprocess
-from danbooru_assets.image_stats import STATS_COLUMNS
+if TYPE_CHECKING:  # torch, numpy and pandas load when the model does, not with the code location
+    import numpy as np
+    import pandas as pd
+    import torch
 
 DEMO_MODEL_NAME = "danbooru-demo-tiny"
 DEMO_WARNING = "demo model, random weights: scores carry no meaning"
@@ -61,7 +58,6 @@ DEMO_MODEL_CONFIG: dict[str, Any] = {
 # stored under one fingerprint must come from one set of weights.
 RANDOM_INIT_SEED = 0
 CHECKPOINT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz"}
-FRAME_COLUMNS = ["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS]
 
 _register_lock = threading.Lock()
 _demo_registered = False
@@ -194,6 +190,8 @@ class LoadedClip:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to :attr:`dtype` when it is a reduced precision, else a no-op."""
+        import torch
+
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
@@ -290,6 +288,8 @@ class ClipModelResource(dg.ConfigurableResource):
         )
 
     def _resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
@@ -298,6 +298,8 @@ class ClipModelResource(dg.ConfigurableResource):
         return device
 
     def _resolved_dtype(self, device: torch.device) -> torch.dtype:
+        import torch
+
         precision = self.precision.lower()
         if precision == "auto":
             if device.type != "cuda":
@@ -371,6 +373,8 @@ class ClipModelResource(dg.ConfigurableResource):
             return _LOADED[key]
 
     def _create(self, name: str, kind: str, device: torch.device, dtype: torch.dtype) -> LoadedClip:
+        import torch
+
         import open_clip
 
         pretrained: str | None = None
@@ -438,6 +442,10 @@ class ClipModelResource(dg.ConfigurableResource):
     # -------------------------------------------------------------------- encode
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 text embeddings ``[len(prompts), D]``."""
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
         loaded = self.load()
         if not prompts:
             return np.zeros((0, loaded.embed_dim), dtype=np.float32)
@@ -463,6 +471,12 @@ class ClipModelResource(dg.ConfigurableResource):
         ``orig_width``, ``orig_height`` and :data:`STATS_COLUMNS`, rows in input order.
         ``progress(done, total)`` is called after every batch (see ``ThroughputLogger``).
         """
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        from danbooru_assets.image_loader import default_num_workers, make_loader, split_preprocess
+
         ids = [int(i) for i in image_ids]
         if len(paths) != len(ids):
             raise ValueError(f"{len(paths)} paths but {len(ids)} image ids")
@@ -508,6 +522,10 @@ def _stats_frame(
     ids: list[int], status: list[str], stats: list[dict[str, Any] | None]
 ) -> pd.DataFrame:
     """The per-image frame; unreadable rows hold nulls (nullable dtypes keep Parquet types)."""
+    import pandas as pd
+
+    from danbooru_assets.image_stats import STATS_COLUMNS
+
     columns: dict[str, Any] = {
         "image_id": pd.Series(ids, dtype="int64"),
         "status": pd.Series(status, dtype="object"),
@@ -520,7 +538,7 @@ def _stats_frame(
             columns[col] = pd.array(values, dtype="boolean")
         else:
             columns[col] = pd.array(values, dtype="Float32")
-    return pd.DataFrame(columns, columns=FRAME_COLUMNS)
+    return pd.DataFrame(columns, columns=["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS])
 
 
 __all__ = [
@@ -529,7 +547,6 @@ __all__ = [
     "DEMO_WARNING",
     "ENV_MODEL",
     "ENV_PRETRAINED",
-    "FRAME_COLUMNS",
     "ClipModelResource",
     "LoadedClip",
     "checkpoint_sha256",

@@ -20,23 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-# "A single illustrated character in a clear full/upper body pose" — what the pose model
-# needs — against the seed's list of what a 10x10 Danbooru sample grid is mostly made of.
-DEFAULT_POSITIVE_PROMPTS: list[str] = [
-    "an anime illustration of a single character standing in a clear full body pose",
-    "an anime illustration of one character, upper body portrait, facing the viewer",
-    "a full body drawing of one anime girl with arms and legs clearly visible",
-]
-DEFAULT_NEGATIVE_PROMPTS: list[str] = [
-    "a manga page with several panels",
-    "a monochrome pencil sketch",
-    "an illustration of several people in a group",
-    "a landscape or a photograph",
-    "a calendar or a book cover",
-    "a character seen from behind",
-    "dolls and toys",
-    "an image made mostly of text",
-]
+from danbooru_assets.settings import DEFAULT_NEGATIVE_PROMPTS, DEFAULT_POSITIVE_PROMPTS
+
 PORTRAIT_SCORE = "portrait_score"
 SLUG_MAX = 32
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-
-import numpy as np
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
-from danbooru_assets.metadata import METADATA_SUFFIXES
 from danbooru_assets.partitions import SHARD_KEYS
 
+if TYPE_CHECKING:
+    import numpy as np
+
+METADATA_SUFFIXES = (".json", ".jsonl")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp"})
 
 
@@ -75,6 +77,8 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
     def scan_shard(self, shard: str) -> ShardFiles:
         """Every regular file in the shard's bucket folder: one ``scandir`` pass, one
         ``stat`` per file (size, mtime), nothing opened."""
+        import numpy as np
+
         folder = self.image_dir(shard)
         names: list[str] = []
         sizes: list[int] = []

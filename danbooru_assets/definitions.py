@@ -1,14 +1,29 @@
 """The code location: assets, resources, jobs and sensors, configured from the environment.
 
-``dagster dev`` (workspace.yaml) and ``danbooru-assets run`` both load ``defs`` from here.
+``dagster dev`` (workspace.yaml), ``dagster dev -m danbooru_assets``, ``dg dev`` and
+``danbooru-assets run`` all load ``defs`` from here.
+
+Loading it is light (dagster, pydantic and the project's own modules: no torch,
+open_clip, pandas, scikit-learn or matplotlib; those load inside the functions that use
+them), because every run the daemon launches is a new process that loads it. Runs use
+the in-process executor: a run covers a range of shards, its steps run one after
+another in that process, and no step pays for a subprocess and a second import.
 """
+
+from __future__ import annotations
 
 import os
 
 import dagster as dg
 
 from danbooru_assets import environment
-from danbooru_assets.assets.clip import clip_embeddings_and_image_stats, clip_scores, clip_subset, clip_threshold
+from danbooru_assets.assets.clip import (
+    clip_embeddings_and_image_stats,
+    clip_scores,
+    clip_subset,
+    clip_threshold,
+    prompt_embeddings,
+)
 from danbooru_assets.assets.index import danbooru_metadata, shard_index
 from danbooru_assets.assets.pose import pose_keypoints, pose_statistics, pose_subset, published_keypoints
 from danbooru_assets.assets.quality import (
@@ -18,32 +33,32 @@ from danbooru_assets.assets.quality import (
     quality_model,
     quality_predictions,
 )
+from danbooru_assets.assets.settings import settings_assets
 from danbooru_assets.clip_model import ClipModelResource
 from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource
-from danbooru_assets.labels.store import LabelStoreResource
+from danbooru_assets.labels.resource import LabelStoreResource
 from danbooru_assets.pose.resource import KEYPOINT_FILES, PoseEstimatorResource
-from danbooru_assets.sample_data import KEYPOINTS_TARBALL
-from danbooru_assets.sensors import build_new_data_sensor, build_retrain_sensor
+from danbooru_assets.sensors import build_new_data_sensor, build_retrain_sensor, settings_sensor
 from danbooru_assets.settings import SettingsResource
 
 
-# The main job runs in stages: a per-shard stage for every shard, then the global asset
-# that needs all shards (a threshold or a statistic calibrated over the whole dataset).
+# The main job runs in stages: a per-shard stage over every shard's range, then the
+# global asset that needs all shards (a threshold or a statistic calibrated over the
+# whole dataset). A per-shard job is partitioned by the shard partitions of its assets.
 def stage_job(name: str, assets: list, description: str = ""):
-    # A per-shard job is partitioned by the shard partitions, inferred from its assets.
     return dg.define_asset_job(name, selection=assets, description=description)
 
 
 prepare_job = stage_job(
     "prepare_job",
-    [danbooru_metadata, published_keypoints],
-    "Convert the metadata dump (and published keypoint files) once, split by shard.",
+    [danbooru_metadata, published_keypoints, prompt_embeddings],
+    "Convert the metadata dump (and published keypoint files) once, split by shard; encode the prompts.",
 )
 ingest_job = stage_job(
     "ingest_job",
     [shard_index, clip_embeddings_and_image_stats, clip_scores],
-    "Index a shard, decode and encode its new images once, score them with the prompts.",
+    "Index shards, decode and encode their new images once, score them with the prompts.",
 )
 clip_threshold_job = stage_job("clip_threshold_job", [clip_threshold])
 pose_job = stage_job("pose_job", [clip_subset, pose_keypoints], "The CLIP subset and its keypoints.")
@@ -56,8 +71,8 @@ quality_predictions_job = stage_job(
 labeling_queue_job = stage_job("labeling_queue_job", [labeling_queue])
 curated_dataset_job = stage_job("curated_dataset_job", [curated_dataset], "The final subset with classes.")
 
-# Every per-shard asset: what the new-data sensor runs for a changed shard once the
-# global assets exist (before that, only the ingest stage).
+# Every per-shard asset: what the new-data sensor runs for a range of changed shards
+# once the global assets exist (before that, only the ingest stage).
 shard_job = stage_job(
     "shard_job",
     [
@@ -70,10 +85,10 @@ shard_job = stage_job(
         quality_predictions,
         curated_dataset,
     ],
-    "Every per-shard asset of one shard, with the current global threshold and statistics.",
+    "Every per-shard asset of a range of shards, with the current global threshold and statistics.",
 )
 
-# `danbooru-assets run` runs these in order; a partitioned stage once per shard.
+# `danbooru-assets run` runs these in order, each as one run over the shards' range(s).
 RUN_STAGES = [
     prepare_job,
     ingest_job,
@@ -93,7 +108,7 @@ def pose_estimator_from_env(dataset_root) -> PoseEstimatorResource:
     (published files) if set, else ``DANBOORU_POSE_BACKEND`` (default keypoint_rcnn)."""
     keypoints = os.environ.get("DANBOORU_KEYPOINTS")
     if environment.using_sample_data() and not keypoints and not os.environ.get("DANBOORU_POSE_BACKEND"):
-        keypoints = str(dataset_root / KEYPOINTS_TARBALL)
+        keypoints = str(dataset_root / environment.KEYPOINTS_TARBALL)
     if keypoints:
         return PoseEstimatorResource(backend=KEYPOINT_FILES, keypoint_files=keypoints)
     return PoseEstimatorResource(
@@ -108,9 +123,11 @@ storage = StorageResource(base_path=environment.storage_base())
 
 defs = dg.Definitions(
     assets=[
+        *settings_assets.values(),
         danbooru_metadata,
         shard_index,
         clip_embeddings_and_image_stats,
+        prompt_embeddings,
         clip_scores,
         clip_threshold,
         clip_subset,
@@ -130,7 +147,9 @@ defs = dg.Definitions(
             shard_job, prepare_job, ingest_job, required_global=["clip_threshold", "pose_statistics", "quality_model"]
         ),
         build_retrain_sensor(quality_model_job),
+        settings_sensor,
     ],
+    executor=dg.in_process_executor,
     resources={
         "dataset": DanbooruDatasetResource(root=str(dataset_root)),
         "storage": storage,

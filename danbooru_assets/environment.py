@@ -19,6 +19,10 @@ import shutil
 from pathlib import Path
 
 
+# Where the sample dataset keeps its published keypoints (the seed's tarball format).
+KEYPOINTS_TARBALL = "keypoints/keypoints.tar.gz"
+
+
 def data_dir() -> Path:
     return Path.cwd() / "data"
 
@@ -30,9 +34,13 @@ def using_sample_data() -> bool:
 def dataset_root() -> Path:
     if not using_sample_data():
         return Path(os.environ["DANBOORU_ROOT"]).expanduser()
-    from danbooru_assets.sample_data import default_sample_root
-
     return default_sample_root()
+
+
+def default_sample_root() -> Path:
+    """Bundled sample location: ``$DANBOORU_SAMPLE_ROOT`` or ``./data/sample``."""
+    env = os.environ.get("DANBOORU_SAMPLE_ROOT")
+    return Path(env) if env else data_dir() / "sample"
 
 
 def storage_base() -> str:

@@ -213,14 +213,15 @@ def export_curated(storage, dataset_root: Path | str, out: Path, samples_per_sha
     """Everything a training run needs from ``curated_dataset``, under ``out``:
     ``manifest.parquet``, ``keypoints/<id>.json`` + ``keypoints.tar.gz`` in the seed's
     format, and ``webdataset/shard-*.tar``. Raises ``LookupError`` before it exists."""
-    from danbooru_assets.io_manager import read_partitions, read_rows
-    from danbooru_assets.pose import write_keypoint_files
+    from danbooru_assets.pose.keypoint_files import write_keypoint_files
 
-    curated = read_partitions(storage, "curated_dataset")
+    curated = storage.shard_tables("curated_dataset")
     if not curated:
         raise LookupError("curated_dataset is not materialized yet: run `danbooru-assets run` first")
-    manifest = pd.concat(list(curated.values()), ignore_index=True).sort_values("image_id").reset_index(drop=True)
-    keypoints = read_rows(storage, "pose_keypoints", manifest["image_id"], ["image_id", "status", *KEYPOINT_COLUMNS])
+    manifest = curated.concat().sort_values("image_id").reset_index(drop=True)
+    keypoints = storage.shard_tables("pose_keypoints").rows(
+        manifest["image_id"], ["image_id", "status", *KEYPOINT_COLUMNS]
+    )
     keypoints = keypoints.loc[keypoints["status"] == "ok"]
     out = Path(out)
     write_manifest(manifest, out / "manifest.parquet")

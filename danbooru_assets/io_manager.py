@@ -1,26 +1,36 @@
-"""Parquet storage for asset tables, on Dagster's ``UPathIOManager``.
+"""Parquet storage for asset tables, on Dagster's ``UPathIOManager``, read and written
+by shard ranges.
 
-One file per asset per partition (``<base>/<asset>/<partition>.parquet``); the base can
-be a local folder or any fsspec URL (``s3://…``, ``gs://…``, ``memory://…``). Writes are
-atomic: the table goes to a temporary sibling that is renamed into place, so a crash
-never leaves a half-written Parquet file where a reader would find it.
+One file per asset per partition (``<base>/<asset>/<partition>.parquet``; unpartitioned:
+``<base>/<asset>.parquet``); the base can be a local folder or any fsspec URL
+(``s3://…``, ``gs://…``, ``memory://…``). Writes are atomic: the table goes to a
+temporary sibling that is renamed into place, so a crash never leaves a half-written
+Parquet file where a reader would find it.
+
+Ranges: a step covering several shards returns ``{shard: DataFrame}`` (one entry per
+shard of its range) and receives every partitioned input as :class:`ShardTables`, a
+lazy mapping that reads a shard only when asked, with the columns the input declares
+(``dg.AssetIn(metadata={"columns": [...]})``). A global asset gets the same mapping over
+every materialized shard, and ``rows(image_ids)`` reads only the shards those ids live in.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import dagster as dg
-import pandas as pd
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401 (pa.compute)
-import pyarrow.parquet as pq
 from upath import UPath
 
 from danbooru_assets.storage import atomic_path, dataframe_to_table, temp_sibling
 
+if TYPE_CHECKING:  # loaded where used: loading the code location imports neither
+    import pandas as pd
+    import pyarrow as pa
+
 PARQUET_SUFFIX = ".parquet"
+# Input metadata key: the columns a consumer reads (Parquet column projection).
+COLUMNS = "columns"
 
 
 def _is_local(path: UPath) -> bool:
@@ -33,6 +43,8 @@ def write_parquet(path: UPath, df: pd.DataFrame) -> None:
 
 
 def read_arrow(path: UPath, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow.parquet as pq
+
     # ParquetFile skips the dataset layer of read_table: ~4x less fixed cost per file,
     # which matters for 1,000 small shard files.
     path = UPath(path)
@@ -66,6 +78,7 @@ def _atomic_write(path: UPath, write_local, data_for_remote) -> None:
 
 def write_arrow(path: UPath, table: pa.Table) -> None:
     """Write an Arrow table to ``path`` atomically (temp sibling, then rename)."""
+    import pyarrow.parquet as pq
 
     def encoded() -> bytes:
         buf = io.BytesIO()
@@ -85,19 +98,86 @@ def write_bytes(path: UPath, data: bytes) -> None:
     _atomic_write(path, write_local, lambda: data)
 
 
-def concat_partitions(tables: dict[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:
-    """One frame from the ``{partition: frame}`` mapping an unpartitioned asset receives."""
-    if isinstance(tables, pd.DataFrame):
-        return tables
-    frames = [df for _, df in sorted(tables.items()) if df is not None and len(df.columns)]
-    if not frames:
-        return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
+class ShardTables(Mapping[str, "pd.DataFrame"]):
+    """The stored shards of one per-shard asset, read lazily.
+
+    Iterating gives the shards that have a table (in key order); ``tables[shard]`` reads
+    one with the projected ``columns``; ``missing`` lists requested shards without one.
+    """
+
+    def __init__(self, asset: str, folder: UPath, keys: list[str], columns: list[str] | None = None):
+        self.asset = asset
+        self.folder = UPath(folder)
+        self.columns = list(columns) if columns else None
+        existing = self._existing_keys()
+        keys = sorted(keys)  # a range arrives as a set; shards are zero-padded keys
+        self.keys_with_data = [k for k in keys if k in existing]
+        self.missing = [k for k in keys if k not in existing]
+
+    def _existing_keys(self) -> set[str]:
+        # One listing instead of probing 1,000 keys one by one.
+        if not self.folder.exists():
+            return set()
+        return {
+            p.name[: -len(PARQUET_SUFFIX)]
+            for p in self.folder.iterdir()
+            if p.name.endswith(PARQUET_SUFFIX) and not p.name.startswith(".")
+        }
+
+    def path(self, shard: str) -> UPath:
+        return self.folder / f"{shard}{PARQUET_SUFFIX}"
+
+    def read(self, shard: str, columns: list[str] | None = None) -> pd.DataFrame:
+        if shard not in self.keys_with_data:
+            raise KeyError(f"{self.asset}: shard {shard} has no stored table (materialize it first)")
+        return read_parquet(self.path(shard), columns or self.columns)
+
+    def __getitem__(self, shard: str) -> pd.DataFrame:
+        return self.read(shard)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_with_data)
+
+    def __len__(self) -> int:
+        return len(self.keys_with_data)
+
+    def concat(self, columns: list[str] | None = None, with_shard: bool = False) -> pd.DataFrame:
+        """Every stored shard in one frame (``shard`` column added on request)."""
+        import pandas as pd
+
+        frames = []
+        for shard in self.keys_with_data:
+            df = self.read(shard, columns)
+            frames.append(df.assign(shard=shard) if with_shard else df)
+        if not frames:
+            return pd.DataFrame(columns=(columns or self.columns or []) + (["shard"] if with_shard else []))
+        return pd.concat(frames, ignore_index=True)
+
+    def rows(self, image_ids, columns: list[str] | None = None) -> pd.DataFrame:
+        """The rows of ``image_ids``, reading only the shards they live in and keeping only
+        those rows of each shard as it is read (memory follows the ids, not the dataset)."""
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from danbooru_assets.partitions import shard_key
+
+        columns = columns or self.columns
+        wanted = pd.Series(pd.unique(pd.Series(image_ids, dtype="int64")))
+        frames = []
+        for shard, ids in wanted.groupby(wanted.map(shard_key)):
+            if shard in self.keys_with_data:
+                table = read_arrow(self.path(shard), columns)
+                keep = pc.is_in(table["image_id"], value_set=pa.array(ids.to_numpy()))
+                frames.append(table.filter(keep).to_pandas())
+        if not frames:
+            return pd.DataFrame(columns=columns or ["image_id"])
+        return pd.concat(frames, ignore_index=True)
 
 
 class ParquetIOManager(dg.UPathIOManager):
-    """Stores pandas DataFrames as Parquet; an unpartitioned consumer of a partitioned
-    asset receives ``{partition_key: DataFrame}`` for the partitions that exist."""
+    """Stores pandas DataFrames as Parquet, one file per partition; a partitioned step
+    stores ``{shard: DataFrame}`` and loads partitioned inputs as :class:`ShardTables`."""
 
     extension: str = PARQUET_SUFFIX
 
@@ -106,6 +186,8 @@ class ParquetIOManager(dg.UPathIOManager):
         self.root = UPath(base_path)
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
+        import pandas as pd
+
         if not isinstance(obj, pd.DataFrame):
             raise TypeError(
                 f"{context.asset_key.to_user_string()}: the Parquet IO manager stores pandas "
@@ -114,37 +196,59 @@ class ParquetIOManager(dg.UPathIOManager):
         write_parquet(path, obj)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
-        return read_parquet(path)
+        return read_parquet(path, _declared_columns(context))
+
+    def _asset_folder(self, asset_key: dg.AssetKey) -> UPath:
+        return self.root.joinpath(*asset_key.path)
+
+    def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
+        if not context.has_asset_partitions:
+            return super().handle_output(context, obj)
+        import pandas as pd
+
+        keys = list(context.asset_partition_keys)
+        name = context.asset_key.to_user_string()
+        if isinstance(obj, pd.DataFrame) and len(keys) == 1:
+            obj = {keys[0]: obj}
+        if not isinstance(obj, Mapping) or set(obj) != set(keys):
+            got = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+            raise TypeError(f"{name}: a step over shards {keys[0]}..{keys[-1]} must return one table per shard, got {got}")
+        folder = self._asset_folder(context.asset_key)
+        for key in keys:
+            self.dump_to_path(context, obj[key], folder / f"{key}{self.extension}")
+        context.add_output_metadata(
+            {
+                "dagster/row_count": int(sum(len(df) for df in obj.values())),
+                "shards": len(keys),
+                "path": dg.MetadataValue.path(str(folder if len(keys) > 1 else folder / f"{keys[0]}{self.extension}")),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        if not context.has_asset_key or not context.has_asset_partitions:
+            return super().load_input(context)
+        return ShardTables(
+            context.asset_key.to_user_string(),
+            self._asset_folder(context.asset_key),
+            list(context.asset_partition_keys),
+            _declared_columns(context),
+        )
 
     def get_metadata(self, context: dg.OutputContext, obj: Any) -> dict[str, Any]:
-        if isinstance(obj, pd.DataFrame):
-            return {"dagster/row_count": len(obj)}
-        return {}
+        return {"dagster/row_count": len(obj)} if hasattr(obj, "columns") else {}
 
-    def load_partitions(self, context: dg.InputContext) -> pd.DataFrame | dict[str, pd.DataFrame]:
-        if len(context.asset_partition_keys) == 1:  # a per-shard consumer: that shard's table
-            return super().load_partitions(context)
-        # An unpartitioned consumer asks for all 1,000 shards while a dataset may use a
-        # few: list the folder once instead of probing (and warning about) every key.
-        asset_dir = self.root.joinpath(*context.asset_key.path)
-        existing = (
-            {p.name[: -len(self.extension)] for p in asset_dir.iterdir() if p.name.endswith(self.extension)}
-            if asset_dir.exists()
-            else set()
-        )
-        wanted = [k for k in context.asset_partition_keys if k in existing]
-        context.log.info(
-            f"loading {len(wanted)} materialized partitions of {context.asset_key.to_user_string()}"
-            f" ({len(context.asset_partition_keys) - len(wanted)} requested partitions have no data)"
-        )
-        return {k: read_parquet(asset_dir / f"{k}{self.extension}") for k in wanted}
+
+def _declared_columns(context: dg.InputContext) -> list[str] | None:
+    columns = (context.definition_metadata or {}).get(COLUMNS)
+    return list(columns) if columns else None
 
 
 class StorageResource(dg.ConfigurableResource):
     """The base of the project's table storage: a local folder or an fsspec URL.
 
     Shared by the Parquet IO manager and by assets that keep side tables of their own
-    (the per-shard metadata slices), so both always point at the same place."""
+    (the per-shard metadata slices, their own previous output for incremental reuse),
+    so both always point at the same place."""
 
     base_path: str
 
@@ -157,6 +261,12 @@ class StorageResource(dg.ConfigurableResource):
             return self.path(asset_name + PARQUET_SUFFIX)
         return self.path(asset_name, partition + PARQUET_SUFFIX)
 
+    def shard_tables(self, asset_name: str, columns: list[str] | None = None) -> ShardTables:
+        """Every stored shard of a per-shard asset, for readers outside a run (CLI, exports)."""
+        from danbooru_assets.partitions import SHARD_KEYS
+
+        return ShardTables(asset_name, self.path(asset_name), SHARD_KEYS, columns)
+
 
 class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
     """Parquet tables under ``storage.base_path``."""
@@ -167,21 +277,6 @@ class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
         return ParquetIOManager(base_path=UPath(self.storage.base_path))
 
 
-def read_partitions(
-    storage: StorageResource, asset_name: str, columns: list[str] | None = None
-) -> dict[str, pd.DataFrame]:
-    """Every materialized partition of an asset, reading only ``columns`` — for global
-    assets that need one or two columns of a large per-shard table."""
-    folder = storage.path(asset_name)
-    if not folder.exists():
-        return {}
-    return {
-        p.name[: -len(PARQUET_SUFFIX)]: read_parquet(p, columns)
-        for p in sorted(folder.iterdir(), key=lambda p: p.name)
-        if p.name.endswith(PARQUET_SUFFIX) and not p.name.startswith(".")
-    }
-
-
 def prune_shard_files(folder: UPath, keep: set[str]) -> None:
     """Remove ``<shard>.parquet`` files of a split-by-shard side table (metadata,
     published keypoints) whose shard no longer has rows after a re-conversion."""
@@ -190,22 +285,3 @@ def prune_shard_files(folder: UPath, keep: set[str]) -> None:
         for old in folder.iterdir():
             if old.name.endswith(PARQUET_SUFFIX) and old.name[: -len(PARQUET_SUFFIX)] not in keep:
                 old.unlink()
-
-
-def read_rows(storage: StorageResource, asset_name: str, image_ids, columns: list[str] | None = None) -> pd.DataFrame:
-    """The rows of a per-shard asset for ``image_ids``, reading only the shards they live
-    in and keeping only those rows of each shard as it is read (memory follows the ids,
-    not the dataset)."""
-    from danbooru_assets.partitions import shard_key
-
-    wanted = pd.Series(pd.unique(pd.Series(image_ids, dtype="int64")))
-    frames = []
-    for shard, ids in wanted.groupby(wanted.map(shard_key)):
-        path = storage.asset_path(asset_name, shard)
-        if path.exists():
-            table = read_arrow(path, columns)
-            keep = pa.compute.is_in(table["image_id"], value_set=pa.array(ids.to_numpy()))
-            frames.append(table.filter(keep).to_pandas())
-    if not frames:
-        return pd.DataFrame(columns=columns or ["image_id"])
-    return pd.concat(frames, ignore_index=True)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+
 # Tag categories of the dump form.
 _CATEGORY_COLUMN = {
     0: "tags_general",
@@ -56,7 +57,6 @@ METADATA_DTYPES = {
     "metadata_format": "object",
 }
 VALID_RATINGS = {"g", "s", "q", "e"}
-METADATA_SUFFIXES = (".json", ".jsonl")
 
 
 @dataclass

@@ -46,6 +46,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from danbooru_assets import coco
+from danbooru_assets.environment import KEYPOINTS_TARBALL, default_sample_root
 from danbooru_assets.storage import atomic_path, atomic_write_bytes, atomic_write_parquet, atomic_write_text
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ ORIGINAL_DIR = "original"
 METADATA_DIR = "metadata"
 POSTS_FILE = "posts000000000000.json"
 DUMP_FILE = "2020000000000000.json"
-KEYPOINTS_TARBALL = "keypoints/keypoints.tar.gz"
 GROUND_TRUTH_FILE = "ground_truth.parquet"
 # Only these paths are ever deleted when a sample folder is regenerated.
 _GENERATED_PATHS = (ORIGINAL_DIR, METADATA_DIR, "keypoints", GROUND_TRUTH_FILE, MARKER_NAME)
@@ -145,12 +145,6 @@ def bucket_key(image_id: int) -> str:
 def image_relpath(image_id: int, ext: str) -> str:
     """``original/<bucket>/<id>.<ext>`` relative to the dataset root."""
     return f"{ORIGINAL_DIR}/{bucket_key(image_id)}/{int(image_id)}.{ext}"
-
-
-def default_sample_root() -> Path:
-    """Bundled sample location: ``$DANBOORU_SAMPLE_ROOT`` or ``./data/sample``."""
-    env = os.environ.get("DANBOORU_SAMPLE_ROOT")
-    return Path(env) if env else Path.cwd() / "data" / "sample"
 
 
 def generate_sample_dataset(
@@ -319,7 +313,9 @@ def _plan(params: dict[str, Any]) -> list[_Item]:
     """Choose ids, kinds, sizes, extensions and the odd cases; sorted by id."""
     seed, n_images, n_shards = params["seed"], params["n_images"], params["n_shards"]
     rng = _rng(seed, 0x91A7)
-    buckets = np.sort(rng.choice(1000, size=n_shards, replace=False))
+    # A contiguous run of buckets, like a real download's 0000-0999: one run covers them.
+    first = int(rng.integers(0, 1000 - n_shards + 1))
+    buckets = np.arange(first, first + n_shards)
     n_meta_only = max(1, round(0.03 * n_images))
     # One file per bucket first, the rest uneven (Danbooru buckets are only roughly equal).
     weights = rng.dirichlet(np.full(n_shards, 4.0))

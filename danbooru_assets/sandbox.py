@@ -19,9 +19,9 @@ class Sandbox:
         from danbooru_assets.dataset import DanbooruDatasetResource
         from danbooru_assets.definitions import defs
         from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource
-        from danbooru_assets.labels.store import LabelStoreResource
+        from danbooru_assets.labels.resource import LabelStoreResource
         from danbooru_assets.pose.resource import PoseEstimatorResource
-        from danbooru_assets.sample_data import KEYPOINTS_TARBALL
+        from danbooru_assets.environment import KEYPOINTS_TARBALL
         from danbooru_assets.settings import SettingsResource
 
         self.root = Path(root)
@@ -41,18 +41,35 @@ class Sandbox:
             "label_store": LabelStoreResource(path=str(Path(base) / "labels.sqlite")),
         }
 
-    def materialize(self, selection: list[str], partition: str | None = None, run_config: dict | None = None):
+    def materialize(
+        self,
+        selection: list[str],
+        partition: str | None = None,
+        run_config: dict | None = None,
+        shards: list[str] | None = None,
+        raise_on_error: bool = True,
+    ):
+        """One run of ``selection``: unpartitioned, for one ``partition``, or over the
+        contiguous range of ``shards`` (as a backfill or the CLI runs it)."""
+        from danbooru_assets.partitions import range_tags, shard_ranges
+
+        tags = {}
+        if shards:
+            ranges = shard_ranges(shards)
+            if len(ranges) != 1:
+                raise ValueError(f"shards {shards} are not one contiguous range")
+            tags = range_tags(*ranges[0])
         run_config = {"loggers": {"console": {"config": {"log_level": self.log_level}}}, **(run_config or {})}
-        result = dg.materialize(
+        return dg.materialize(
             self.assets,
             selection=selection,
             partition_key=partition,
+            tags=tags,
             resources=self.resources,
             instance=self.instance,
             run_config=run_config,
-            raise_on_error=True,
+            raise_on_error=raise_on_error,
         )
-        return result
 
     @staticmethod
     def metadata(result, asset: str) -> dict:

@@ -3,9 +3,12 @@
 A run started later by a sensor or a backfill must use what the user last set, not a
 default, so these live in a file (``$DANBOORU_SETTINGS``, default
 ``data/settings.yaml``) rather than only in launchpad run config. Run config can still
-override a value for one run. Each asset's ``code_version`` is derived from the section
-it uses, so after an edit (and a code-location reload) the UI marks exactly the assets
-whose settings changed as stale.
+override a value for one run (the materialization says so).
+
+The file has :data:`SECTIONS` (prompts, CLIP threshold, image rules, pose rules,
+quality), each an observable source asset whose data version is the section's hash
+(``assets/settings.py``); each asset depends on the sections it reads, so after an edit
+the UI marks exactly the affected assets stale, with no code reload.
 
 ``danbooru-assets settings show`` prints the settings in force; ``settings set
 clip.keep_fraction=0.3`` changes one value.
@@ -13,17 +16,69 @@ clip.keep_fraction=0.3`` changes one value.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from pathlib import Path
+from typing import Any, Callable
 
 import dagster as dg
 import yaml
 from pydantic import BaseModel, Field
 
-from danbooru_assets.pose.geometry import PoseRules
 from danbooru_assets.storage import atomic_write_text
+
+# "A single illustrated character in a clear full/upper body pose" — what the pose model
+# needs — against the seed's list of what a 10x10 Danbooru sample grid is mostly made of.
+DEFAULT_POSITIVE_PROMPTS: list[str] = [
+    "an anime illustration of a single character standing in a clear full body pose",
+    "an anime illustration of one character, upper body portrait, facing the viewer",
+    "a full body drawing of one anime girl with arms and legs clearly visible",
+]
+DEFAULT_NEGATIVE_PROMPTS: list[str] = [
+    "a manga page with several panels",
+    "a monochrome pencil sketch",
+    "an illustration of several people in a group",
+    "a landscape or a photograph",
+    "a calendar or a book cover",
+    "a character seen from behind",
+    "dolls and toys",
+    "an image made mostly of text",
+]
+
+
+class PoseRules(dg.Config):
+    """Geometric rules a pose must pass to enter ``pose_subset`` (all configurable).
+
+    A pydantic model (Dagster ``Config``), so it nests in run config and settings.
+    """
+
+    min_confidence: float = 0.2
+    """Required keypoints need at least this confidence."""
+    margin: float = 0.02
+    """Required keypoints may lie this far (fraction of width/height) outside the frame;
+    negative values demand a distance from the border instead."""
+    required_inside: list[str] = [
+        "nose", "shoulder_left", "shoulder_right", "elbow_left", "elbow_right",
+        "wrist_left", "wrist_right", "hip_left", "hip_right",
+    ]
+    allow_hips_below_frame: bool = True
+    """Upper-body portraits (the seed's y >= 512 hips): hips below the frame pass the
+    inside, confidence and hip-density checks."""
+    density_quantile: float = 0.95
+    """Hip and shoulder midpoints must lie in the densest region holding this share."""
+    check_midpoint_density: bool = True
+    ratio_mad_k: float = 4.0
+    """Limb and shoulder ratios must lie within median +- k * MAD (normal-consistent)."""
+    min_torso_length: float = 0.05
+    """Torso length as a fraction of the image height, below which the pose is unusable."""
+    check_left_right: bool = True
+    max_lr_length_ratio: float = 2.0
+    """Left/right arm or leg length ratio must lie within [1/r, r]."""
+    lr_min_separation: float = 0.15
+    """Shoulders and hips count as facing opposite ways only when both are separated
+    horizontally by more than this (in torso lengths)."""
+
+
 
 
 class ImageRules(BaseModel):
@@ -95,15 +150,6 @@ def load_settings(path: Path | str) -> CurationSettings:
         raise ValueError(f"settings file {path} is invalid: {exc}") from exc
 
 
-@functools.lru_cache(maxsize=1)
-def settings_at_definition_load() -> CurationSettings:
-    """The settings file as it was when the code location loaded: what each asset's
-    ``code_version`` derives from (a reload picks up an edit)."""
-    from danbooru_assets import environment
-
-    return load_settings(environment.settings_path())
-
-
 def save_settings(path: Path | str, settings: CurationSettings) -> None:
     text = "# danbooru_assets curation settings (see README: Settings)\n" + yaml.safe_dump(
         settings.model_dump(mode="json"), sort_keys=False, allow_unicode=True
@@ -120,6 +166,51 @@ def set_setting(settings: CurationSettings, dotted_key: str, value: str) -> Cura
         node = node.setdefault(key, {})
     node[leaf] = yaml.safe_load(value)
     return CurationSettings.model_validate(data)
+
+
+def prompt_lists(clip: ClipSettings) -> tuple[list[str], list[str]]:
+    """The positive and negative prompts in force (the built-in defaults where unset)."""
+    return (
+        list(clip.positive_prompts or DEFAULT_POSITIVE_PROMPTS),
+        list(clip.negative_prompts or DEFAULT_NEGATIVE_PROMPTS),
+    )
+
+
+def threshold_settings(clip: ClipSettings) -> dict:
+    return {"keep_fraction": clip.keep_fraction, "fixed_threshold": clip.fixed_threshold}
+
+
+# The sections of the file that assets depend on, each an observable source asset
+# ``settings_<name>`` whose data version is the hash of what this function returns.
+SECTIONS: dict[str, Callable[[CurationSettings], Any]] = {
+    "prompts": lambda s: dict(zip(("positive", "negative"), prompt_lists(s.clip))),
+    "clip_threshold": lambda s: threshold_settings(s.clip),
+    "image_rules": lambda s: s.clip.image_rules.model_dump(mode="json"),
+    "pose_rules": lambda s: s.pose.model_dump(mode="json"),
+    "quality": lambda s: s.quality.model_dump(mode="json"),
+}
+
+
+def section_asset_name(section: str) -> str:
+    return f"settings_{section}"
+
+
+def section_hashes(settings: CurationSettings) -> dict[str, str]:
+    """``{section: hash}`` for every section: the data versions of the settings assets."""
+    return {name: settings_hash(part(settings)) for name, part in SECTIONS.items()}
+
+
+def section_observations(settings: CurationSettings, source: str) -> list[dg.AssetObservation]:
+    """One observation per section, carrying its hash as the data version (what the
+    settings sensor, ``settings set`` and ``danbooru-assets run`` record)."""
+    return [
+        dg.AssetObservation(
+            asset_key=section_asset_name(name),
+            metadata={"hash": digest, "observed_by": source},
+            tags={"dagster/data_version": digest},
+        )
+        for name, digest in section_hashes(settings).items()
+    ]
 
 
 class SettingsResource(dg.ConfigurableResource):

@@ -12,11 +12,11 @@ import os
 import tarfile
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:  # loaded where used: loading the code location imports neither
+    import pandas as pd
+    import pyarrow as pa
 
 
 def temp_sibling(path: Path | str) -> Path:
@@ -51,10 +51,14 @@ def atomic_write_text(path: Path | str, text: str) -> None:
 
 
 def dataframe_to_table(df: pd.DataFrame) -> pa.Table:
+    import pyarrow as pa
+
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
 def atomic_write_parquet(path: Path | str, df: pd.DataFrame) -> None:
+    import pyarrow.parquet as pq
+
     with atomic_path(path) as tmp:
         pq.write_table(dataframe_to_table(df), tmp)
 

@@ -103,21 +103,17 @@ class Pipeline(Sandbox):
 
     def run_through(self, last_stage: str) -> None:
         """Materialize every stage up to ``last_stage`` ('ingest', 'clip', 'pose') for every shard."""
-        self.materialize(["danbooru_metadata", "published_keypoints"])
-        for shard in self.shards:
-            self.materialize(["shard_index", "clip_embeddings", "image_stats", "clip_scores"], shard)
+        self.materialize(["danbooru_metadata", "published_keypoints", "prompt_embeddings"])
+        self.materialize(["shard_index", "clip_embeddings", "image_stats", "clip_scores"], shards=self.shards)
         if last_stage == "ingest":
             return
         self.materialize(["clip_threshold"])
-        for shard in self.shards:
-            self.materialize(["clip_subset"], shard)
+        self.materialize(["clip_subset"], shards=self.shards)
         if last_stage == "clip":
             return
-        for shard in self.shards:
-            self.materialize(["pose_keypoints"], shard)
+        self.materialize(["pose_keypoints"], shards=self.shards)
         self.materialize(["pose_statistics"])
-        for shard in self.shards:
-            self.materialize(["pose_subset"], shard)
+        self.materialize(["pose_subset"], shards=self.shards)
 
 
 @pytest.fixture(scope="module")

@@ -76,15 +76,19 @@ def test_prompt_change_rescores_without_reading_images(ingested, monkeypatch):
     before = ingested.table("clip_scores", shard)
     _forbid_image_reads(monkeypatch)
     prompts = {"positive_prompts": ["a knight in leather armour"], "negative_prompts": ["a bowl of fruit"]}
-    result = ingested.materialize(["clip_scores"], shard, {"ops": {"clip_scores": {"config": prompts}}})
-    after = ingested.table("clip_scores", shard)
-    assert ingested.metadata(result, "clip_scores")["settings_source"] == "run config"
+    try:
+        result = ingested.materialize(["prompt_embeddings"], run_config={"ops": {"prompt_embeddings": {"config": prompts}}})
+        assert ingested.metadata(result, "prompt_embeddings")["settings_source"] == "run config"
+        ingested.materialize(["clip_scores"], shard)
+        after = ingested.table("clip_scores", shard)
+    finally:  # back to the settings file's prompts for the module's other tests
+        monkeypatch.undo()
+        ingested.materialize(["prompt_embeddings"])
+        ingested.materialize(["clip_scores"], shard)
     assert len(after) == len(before)
     sims = [c for c in after.columns if c.startswith("sim_")]
     assert sims == [prompt_column(p) for p in prompts["positive_prompts"] + prompts["negative_prompts"]]
     assert not np.allclose(after["portrait_score"], before["portrait_score"])
-    monkeypatch.undo()
-    ingested.materialize(["clip_scores"], shard)  # back to the settings file's prompts
 
 
 def test_threshold_keeps_target_fraction_and_settings_file_change_is_used(ingested, monkeypatch):

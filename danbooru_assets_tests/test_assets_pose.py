@@ -14,12 +14,9 @@ def posed(pipeline):
     # every drawn figure reaches the pose stage.
     pipeline.run_through("ingest")
     pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
-    for shard in pipeline.shards:
-        pipeline.materialize(["clip_subset"], shard)
-        pipeline.materialize(["pose_keypoints"], shard)
+    pipeline.materialize(["clip_subset", "pose_keypoints"], shards=pipeline.shards)
     pipeline.materialize(["pose_statistics"])
-    for shard in pipeline.shards:
-        pipeline.materialize(["pose_subset"], shard)
+    pipeline.materialize(["pose_subset"], shards=pipeline.shards)
     return pipeline
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from danbooru_assets.exports import export_curated, read_webdataset_samples
 from danbooru_assets.labels.store import LabelStore
-from danbooru_assets.pose import read_keypoint_files
+from danbooru_assets.pose.keypoint_files import read_keypoint_files
 from danbooru_assets.quality import round_plan
 from danbooru_assets.sample_data import read_ground_truth
 from danbooru_assets.sensors import build_retrain_sensor
@@ -31,19 +31,16 @@ def loop(pipeline):
     save_settings(pipeline.settings_path, settings)
     pipeline.run_through("ingest")
     pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
-    for shard in pipeline.shards:
-        pipeline.materialize(["clip_subset", "pose_keypoints"], shard)
+    pipeline.materialize(["clip_subset", "pose_keypoints"], shards=pipeline.shards)
     pipeline.materialize(["pose_statistics"])
-    for shard in pipeline.shards:
-        pipeline.materialize(["pose_subset"], shard)
+    pipeline.materialize(["pose_subset"], shards=pipeline.shards)
     return pipeline
 
 
 def _refresh(pipeline):
     """What the retrain sensor and eager automation do after labels change."""
     result = pipeline.materialize(["quality_model"])
-    for shard in pipeline.shards:
-        pipeline.materialize(QUALITY_PER_SHARD, shard)
+    pipeline.materialize(QUALITY_PER_SHARD, shards=pipeline.shards)
     pipeline.materialize(["labeling_queue"])
     return pipeline.metadata(result, "quality_model")
 
@@ -82,8 +79,7 @@ def test_rounds_queue_label_retrain(loop):
 
     # Human labels override predictions in the curated dataset.
     _refresh(loop)
-    for shard in loop.shards:
-        loop.materialize(["curated_dataset"], shard)
+    loop.materialize(["curated_dataset"], shards=loop.shards)
     curated = pd.concat([loop.table("curated_dataset", s) for s in loop.shards])
     truth = read_ground_truth(loop.root).set_index("image_id")["quality"]
     human = curated.loc[curated["source"] == "human"]
@@ -107,7 +103,7 @@ def test_rounds_queue_label_retrain(loop):
 
 
 def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
-    from danbooru_assets.labels.store import LabelStoreResource
+    from danbooru_assets.labels.resource import LabelStoreResource
     from danbooru_assets.settings import SettingsResource
 
     job = dg.define_asset_job("quality_model_job", selection=["quality_model"])
@@ -123,14 +119,17 @@ def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
     def tick(cursor):
         ctx = dg.build_sensor_context(cursor=cursor, resources=resources)
         result = sensor.evaluate_tick(ctx)
-        return result.run_requests or [], result.cursor, result.skip_message
+        observed = [e.tags["dagster/data_version"] for e in result.asset_events if e.asset_key.path == ["labels"]]
+        return result.run_requests or [], result.cursor, result.skip_message, observed
 
     store.add(1, "good", "a")
     store.add(2, "bad", "a")
-    requests, cursor, skip = tick(None)
-    assert requests == [] and "2 new labels" in skip
+    requests, cursor, _, observed = tick(None)
+    assert requests == [] and observed == [store.version()]  # labels observed: automation can start
+    requests, cursor, skip, observed = tick(cursor)
+    assert requests == [] and observed == [] and "2 new labels" in skip
     store.add(3, "questionable", "a")
-    requests, cursor, _ = tick(cursor)
-    assert len(requests) == 1
-    requests, cursor, skip = tick(cursor)
+    requests, cursor, _, observed = tick(cursor)
+    assert len(requests) == 1 and observed == [store.version()]
+    requests, cursor, skip, _ = tick(cursor)
     assert requests == [] and "0 new labels" in skip

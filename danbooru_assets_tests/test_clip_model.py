@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 import danbooru_assets.clip_model as clip_model
+from danbooru_assets.image_stats import STATS_COLUMNS
 from danbooru_assets.clip_model import (
     DEMO_MODEL_NAME,
     DEMO_WARNING,
-    FRAME_COLUMNS,
     ClipModelResource,
 )
 
@@ -191,7 +191,7 @@ def test_embeddings_normalised_deterministic_and_aligned(image_dir: Path) -> Non
     emb, frame = _demo().embed_images(paths, ids, progress=lambda d, t: seen.append((d, t)))
     assert emb.dtype == np.float16 and emb.shape == (5, 64)
     np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
-    assert list(frame.columns) == FRAME_COLUMNS
+    assert list(frame.columns) == ["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS]
     assert frame["image_id"].tolist() == ids
     assert (frame["status"] == "ok").all()
     assert frame["orig_width"].tolist() == [250, 290, 330, 370, 410]
@@ -266,7 +266,7 @@ def test_embed_rejects_duplicate_ids(image_dir: Path) -> None:
     with pytest.raises(ValueError):
         _demo().embed_images(paths, [1, 1])
     emb, frame = _demo().embed_images([], [])
-    assert emb.shape == (0, 64) and list(frame.columns) == FRAME_COLUMNS
+    assert emb.shape == (0, 64) and list(frame.columns) == ["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS]
 
 
 def test_device_and_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,20 +6,29 @@ import pyarrow.parquet as pq
 import pytest
 from upath import UPath
 
-from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource, concat_partitions, read_parquet, write_parquet
+from danbooru_assets.io_manager import COLUMNS, ParquetIOManagerFactory, ShardTables, StorageResource, read_parquet, write_parquet
+from danbooru_assets.partitions import CHEAP_BACKFILL, range_tags
 
 parts = dg.StaticPartitionsDefinition(["0001", "0002", "0003"])
 
 
-@dg.asset(partitions_def=parts)
-def per_shard(context: dg.AssetExecutionContext) -> pd.DataFrame:
-    k = int(context.partition_key)
-    return pd.DataFrame({"image_id": [k * 1000 + k, k * 2000 + k], "shard": context.partition_key})
+@dg.asset(partitions_def=parts, backfill_policy=CHEAP_BACKFILL)
+def per_shard(context: dg.AssetExecutionContext):
+    return {
+        key: pd.DataFrame({"image_id": [int(key) * 1000 + int(key), int(key) * 2000 + int(key)], "shard": key})
+        for key in context.partition_keys
+    }
+
+
+@dg.asset(partitions_def=parts, backfill_policy=CHEAP_BACKFILL, ins={"per_shard": dg.AssetIn(metadata={COLUMNS: ["image_id"]})})
+def per_shard_copy(context: dg.AssetExecutionContext, per_shard: ShardTables):
+    assert isinstance(per_shard, ShardTables) and list(per_shard) == sorted(context.partition_keys)
+    return {key: per_shard[key].assign(n_columns=len(per_shard[key].columns)) for key in context.partition_keys}
 
 
 @dg.asset
-def all_shards(per_shard: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    return concat_partitions(per_shard)
+def all_shards(per_shard: ShardTables) -> pd.DataFrame:
+    return per_shard.concat(with_shard=False)
 
 
 def _resources(base: str) -> dict:
@@ -28,18 +37,33 @@ def _resources(base: str) -> dict:
 
 
 @pytest.mark.parametrize("base", ["local", "memory://danbooru-test"])
-def test_partitions_round_trip_and_unpartitioned_loads_existing_partitions(base, tmp_path: Path):
+def test_range_store_load_with_projection_and_unpartitioned_reads_existing_shards(base, tmp_path: Path):
     base = str(tmp_path / "store") if base == "local" else base
     resources = _resources(base)
-    for key in ["0001", "0003"]:  # 0002 never materialized
-        assert dg.materialize([per_shard], partition_key=key, resources=resources).success
+    # One run stores a range: one file per shard; 0002 is never materialized.
+    assert dg.materialize([per_shard], partition_key="0001", resources=resources).success
+    assert dg.materialize([per_shard], partition_key="0003", resources=resources).success
     result = dg.materialize([per_shard, all_shards], selection=[all_shards], resources=resources)
     assert result.success
     combined = read_parquet(UPath(base) / "all_shards.parquet")
     assert sorted(combined["shard"].unique()) == ["0001", "0003"]
     assert len(combined) == 4
-    one = read_parquet(UPath(base) / "per_shard" / "0003.parquet")
-    assert one["image_id"].tolist() == [3003, 6003]
+    # A range run over all three shards, and a consumer over the same range in the same run.
+    result = dg.materialize([per_shard, per_shard_copy], tags=range_tags("0001", "0003"), resources=resources)
+    assert result.success
+    materialized = [e.partition for e in result.get_asset_materialization_events() if e.asset_key.path == ["per_shard"]]
+    assert sorted(materialized) == ["0001", "0002", "0003"]
+    copy = read_parquet(UPath(base) / "per_shard_copy" / "0002.parquet")
+    assert copy["image_id"].tolist() == [2002, 4002] and copy["n_columns"].tolist() == [1, 1]  # projected
+
+
+def test_a_range_step_must_return_one_table_per_shard(tmp_path: Path):
+    @dg.asset(partitions_def=parts, backfill_policy=CHEAP_BACKFILL)
+    def short(context: dg.AssetExecutionContext):
+        return {"0001": pd.DataFrame({"a": [1]})}
+
+    with pytest.raises(Exception, match="one table per shard"):
+        dg.materialize([short], tags=range_tags("0001", "0002"), resources=_resources(str(tmp_path)))
 
 
 def test_write_is_atomic_old_file_survives_a_failed_write(tmp_path: Path, monkeypatch):
@@ -68,9 +92,7 @@ def test_non_dataframe_output_is_a_clear_error(tmp_path: Path):
 
 
 @pytest.mark.parametrize("base", ["local", "memory://danbooru-rows"])
-def test_read_rows_reads_only_the_wanted_rows_of_their_shards(base, tmp_path: Path):
-    from danbooru_assets.io_manager import read_rows
-
+def test_rows_reads_only_the_wanted_rows_of_their_shards(base, tmp_path: Path):
     storage = StorageResource(base_path=str(tmp_path / "s") if base == "local" else base)
     for shard in ("0001", "0002"):
         k = int(shard)
@@ -78,6 +100,10 @@ def test_read_rows_reads_only_the_wanted_rows_of_their_shards(base, tmp_path: Pa
             storage.asset_path("t", shard),
             pd.DataFrame({"image_id": [1000 + k, 2000 + k, 3000 + k], "v": [k, k * 10, k * 100]}),
         )
-    rows = read_rows(storage, "t", [2001, 3002, 3002, 9009], ["image_id", "v"])  # 9009: no such shard file
+    tables = storage.shard_tables("t", ["image_id", "v"])
+    assert list(tables) == ["0001", "0002"] and len(tables.missing) == 998
+    rows = tables.rows([2001, 3002, 3002, 9009])  # 9009: no such shard file
     assert sorted(zip(rows["image_id"], rows["v"])) == [(2001, 10), (3002, 200)]
-    assert read_rows(storage, "t", []).empty
+    assert tables.rows([]).empty
+    with pytest.raises(KeyError, match="no stored table"):
+        tables["0009"]

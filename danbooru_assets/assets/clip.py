@@ -1,54 +1,36 @@
-"""CLIP stage: embeddings and image statistics in one decode pass, prompt scores, a
-calibrated threshold and the intermediate subset (the seed's "600k").
+"""CLIP stage: embeddings and image statistics in one decode pass, the prompts' text
+embeddings, prompt scores, a calibrated threshold and the intermediate subset (the
+seed's "600k").
 
 Two speeds: ``clip_embeddings``/``image_stats`` decode and encode each image once and
-are reused incrementally; everything after reads only stored tables.
+are reused incrementally; ``prompt_embeddings`` encodes the prompt set once; everything
+after is numpy over stored tables.
 """
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 from pydantic import Field
 
+from danbooru_assets.assets.settings import settings_keys
 from danbooru_assets.clip_model import DEMO_WARNING, ClipModelResource
-from danbooru_assets.clip_scoring import (
-    DEFAULT_NEGATIVE_PROMPTS,
-    DEFAULT_POSITIVE_PROMPTS,
-    prompt_column,
-    score_with_model,
-    threshold_for_fraction,
-)
 from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.embeddings import embedding_column, embedding_matrix
-from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, open_image_rgb
-from danbooru_assets.image_stats import STATS_COLUMNS
-from danbooru_assets.io_manager import StorageResource, read_parquet, read_partitions
-from danbooru_assets.partitions import shard_partitions
-from danbooru_assets.settings import ClipSettings, ImageRules, SettingsResource, settings_at_definition_load, settings_hash
-from danbooru_assets.shard_index import USABLE_STATUSES
-from danbooru_assets.visuals import contact_sheet, figure_to_image, image_markdown
+from danbooru_assets.io_manager import COLUMNS, ShardTables, StorageResource, read_parquet, write_parquet
+from danbooru_assets.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
+from danbooru_assets.settings import ImageRules, SettingsResource, prompt_lists, settings_hash, threshold_settings
+from danbooru_assets.shard_runs import ShardLoop
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 GROUP = "clip"
 # Rows of the previous materialization are reused when these match.
 REUSE_KEY = ["image_id", "file_bytes", "mtime"]
-
-# Code versions follow the durable settings, so an edit (then a code-location reload)
-# marks exactly the affected assets stale in the UI.
-_settings_at_load = settings_at_definition_load().clip
-
-
-def prompt_settings(clip: ClipSettings) -> tuple[list[str], list[str]]:
-    return (
-        list(clip.positive_prompts or DEFAULT_POSITIVE_PROMPTS),
-        list(clip.negative_prompts or DEFAULT_NEGATIVE_PROMPTS),
-    )
-
-
-def threshold_settings(clip: ClipSettings) -> dict:
-    return {"keep_fraction": clip.keep_fraction, "fixed_threshold": clip.fixed_threshold}
+# A transient fault (a CUDA hiccup, a network filesystem) gets one more try; stored rows
+# make the retry cost only what was not finished.
+INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)
 
 
 @dg.multi_asset(
@@ -64,90 +46,106 @@ def threshold_settings(clip: ClipSettings) -> dict:
             "area, saturation/greyscale, edge density, original size.",
         ),
     },
-    ins={"shard_index": dg.AssetIn()},
+    ins={"shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path", "status"]})},
     partitions_def=shard_partitions,
+    backfill_policy=INFERENCE_BACKFILL,
+    retry_policy=INFERENCE_RETRY,
     pool="gpu",
     group_name=GROUP,
 )
 def clip_embeddings_and_image_stats(
     context: dg.AssetExecutionContext,
-    shard_index: pd.DataFrame,
+    shard_index: ShardTables,
     clip_model: ClipModelResource,
     dataset: DanbooruDatasetResource,
     storage: StorageResource,
 ):
-    shard = context.partition_key
+    import pandas as pd
+
+    from danbooru_assets.embeddings import embedding_column
+    from danbooru_assets.image_loader import ThroughputLogger
+    from danbooru_assets.shard_index import USABLE_STATUSES
+
     fingerprint_id = clip_model.fingerprint_id()
-    candidates = shard_index.loc[shard_index["status"].isin(USABLE_STATUSES), REUSE_KEY + ["rel_path"]]
+    seconds_encoding = 0.0
+    embedding_dim = 0
 
-    # Incremental: rows of the previous materialization with the same model and the same
-    # file (size, mtime) are kept; only new or changed images are decoded and encoded.
-    emb_path = storage.asset_path("clip_embeddings", shard)
-    stats_path = storage.asset_path("image_stats", shard)
-    reused_emb = reused_stats = None
-    if emb_path.exists() and stats_path.exists():
-        prev_emb = read_parquet(emb_path)
-        prev_stats = read_parquet(stats_path)
-        same_model = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
-        reusable = candidates[REUSE_KEY].merge(same_model[REUSE_KEY], on=REUSE_KEY)["image_id"]
-        reused_emb = same_model.loc[same_model["image_id"].isin(reusable)]
-        reused_stats = prev_stats.loc[prev_stats["image_id"].isin(reusable)]
-    todo = candidates.loc[~candidates["image_id"].isin([] if reused_emb is None else reused_emb["image_id"])]
+    def embed_shard(shard: str):
+        nonlocal seconds_encoding, embedding_dim
+        index = shard_index[shard]
+        candidates = index.loc[index["status"].isin(USABLE_STATUSES), REUSE_KEY + ["rel_path"]]
+        # Incremental: rows of the previous materialization with the same model and the
+        # same file (size, mtime) are kept; only new or changed images are decoded.
+        emb_path = storage.asset_path("clip_embeddings", shard)
+        stats_path = storage.asset_path("image_stats", shard)
+        reused_emb = reused_stats = None
+        if emb_path.exists() and stats_path.exists():
+            prev_emb = read_parquet(emb_path)
+            prev_stats = read_parquet(stats_path)
+            same_model = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
+            reusable = candidates[REUSE_KEY].merge(same_model[REUSE_KEY], on=REUSE_KEY)["image_id"]
+            reused_emb = same_model.loc[same_model["image_id"].isin(reusable)]
+            reused_stats = prev_stats.loc[prev_stats["image_id"].isin(reusable)]
+        todo = candidates.loc[~candidates["image_id"].isin([] if reused_emb is None else reused_emb["image_id"])]
+        context.log.debug(
+            f"shard {shard}: {len(candidates)} readable files, "
+            f"{0 if reused_emb is None else len(reused_emb)} reused, {len(todo)} to encode"
+        )
+        started = time.perf_counter()
+        paths = [dataset.image_path(p) for p in todo["rel_path"]]
+        progress = ThroughputLogger(context.log.debug, label=f"images of shard {shard}")
+        embeddings, stats = clip_model.embed_images(paths, todo["image_id"].tolist(), progress=progress)
+        seconds_encoding += time.perf_counter() - started
+        if embeddings.ndim == 2:
+            embedding_dim = int(embeddings.shape[1])
+        stats = stats.merge(todo[REUSE_KEY], on="image_id", how="left")
+        new_emb = stats[REUSE_KEY + ["status"]].copy()
+        new_emb["embedding"] = [
+            e if status == "ok" else None for e, status in zip(embedding_column(embeddings), stats["status"])
+        ]
+        new_emb["model_fingerprint_id"] = fingerprint_id
+        emb_columns = REUSE_KEY + ["status", "embedding", "model_fingerprint_id"]
+        frames_emb = [new_emb[emb_columns]] + ([reused_emb[emb_columns]] if reused_emb is not None else [])
+        frames_stats = [stats] + ([reused_stats[stats.columns]] if reused_stats is not None else [])
+        embeddings_table = pd.concat(frames_emb, ignore_index=True).sort_values("image_id").reset_index(drop=True)
+        stats_table = pd.concat(frames_stats, ignore_index=True).sort_values("image_id").reset_index(drop=True)
+        failed = new_emb.loc[new_emb["status"] != "ok"]
+        for row in failed.merge(todo[["image_id", "rel_path"]], on="image_id").head(50).itertuples():
+            context.log.warning(f"{row.rel_path}: {row.status}")
+        ok_stats = stats_table.loc[stats_table["status"] == "ok"]
+        counts = {
+            "images": len(embeddings_table),
+            "encoded": len(todo),
+            "reused": 0 if reused_emb is None else len(reused_emb),
+            "unreadable": int((embeddings_table["status"] != "ok").sum()),
+            "greyscale": int(ok_stats["is_greyscale"].sum()),
+        }
+        return (embeddings_table, stats_table), counts
 
-    context.log.info(
-        f"shard {shard}: {len(candidates)} readable files, "
-        f"{0 if reused_emb is None else len(reused_emb)} reused, {len(todo)} to encode"
-    )
-    started = time.perf_counter()
-    paths = [dataset.image_path(p) for p in todo["rel_path"]]
-    progress = ThroughputLogger(context.log.info, label=f"images of shard {shard}")
-    embeddings, stats = clip_model.embed_images(paths, todo["image_id"].tolist(), progress=progress)
-    seconds = time.perf_counter() - started
-    stats = stats.merge(todo[REUSE_KEY], on="image_id", how="left")
-    new_emb = stats[REUSE_KEY + ["status"]].copy()
-    new_emb["embedding"] = [
-        e if status == "ok" else None for e, status in zip(embedding_column(embeddings), stats["status"])
-    ]
-    new_emb["model_fingerprint_id"] = fingerprint_id
-    emb_columns = REUSE_KEY + ["status", "embedding", "model_fingerprint_id"]
-    frames_emb = [new_emb[emb_columns]] + ([reused_emb[emb_columns]] if reused_emb is not None else [])
-    frames_stats = [stats] + ([reused_stats[stats.columns]] if reused_stats is not None else [])
-    clip_embeddings = pd.concat(frames_emb, ignore_index=True).sort_values("image_id").reset_index(drop=True)
-    image_stats = pd.concat(frames_stats, ignore_index=True).sort_values("image_id").reset_index(drop=True)
+    def keep(shard: str, tables) -> None:  # a failed range keeps what it encoded
+        write_parquet(storage.asset_path("clip_embeddings", shard), tables[0])
+        write_parquet(storage.asset_path("image_stats", shard), tables[1])
 
-    failed = new_emb.loc[new_emb["status"] != "ok"]
-    for row in failed.merge(todo[["image_id", "rel_path"]], on="image_id").head(50).itertuples():
-        context.log.warning(f"{row.rel_path}: {row.status}")
+    loop = ShardLoop(context, "clip_embeddings")
+    results = loop.run(embed_shard, keep_on_failure=keep)
     common = {
-        "images": len(clip_embeddings),
-        "encoded": len(todo),
-        "reused": 0 if reused_emb is None else len(reused_emb),
-        "unreadable": int((clip_embeddings["status"] != "ok").sum()),
-        "encode_images_per_s": round(len(todo) / seconds, 1) if len(todo) else 0.0,
+        **loop.metadata(["images", "encoded", "reused", "unreadable"]),
+        "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
     }
     yield dg.Output(
-        clip_embeddings,
+        {shard: tables[0] for shard, tables in results.items()},
         output_name="clip_embeddings",
-        metadata={**common, **clip_model.metadata(), "embedding_dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0},
+        metadata={**common, **clip_model.metadata(), "embedding_dim": embedding_dim},
     )
-    ok_stats = image_stats.loc[image_stats["status"] == "ok"]
+    ok = max(loop.totals.get("images", 0) - loop.totals.get("unreadable", 0), 0)
     yield dg.Output(
-        image_stats,
+        {shard: tables[1] for shard, tables in results.items()},
         output_name="image_stats",
-        metadata={
-            **common,
-            "greyscale_fraction": float(ok_stats["is_greyscale"].mean()) if len(ok_stats) else 0.0,
-            "median_content_area_frac": float(ok_stats["content_area_frac"].median()) if len(ok_stats) else 0.0,
-            "median_dark_border": float(
-                (ok_stats["border_black_rows_frac"] + ok_stats["border_black_cols_frac"]).median()
-            )
-            if len(ok_stats)
-            else 0.0,
-        },
+        metadata={**common, "greyscale_fraction": loop.totals.get("greyscale", 0) / ok if ok else 0.0},
     )
 
 
-class ClipScoresConfig(dg.Config):
+class PromptConfig(dg.Config):
     """Override the settings file's prompts for one run."""
 
     positive_prompts: list[str] | None = Field(None, description="Prompts for wanted images.")
@@ -155,46 +153,97 @@ class ClipScoresConfig(dg.Config):
 
 
 @dg.asset(
-    partitions_def=shard_partitions,
+    deps=settings_keys("prompts"),
     group_name=GROUP,
-    kinds={"parquet"},
-    code_version=settings_hash({"prompts": prompt_settings(_settings_at_load)}),
-    description="Per-prompt cosine similarities and the combined portrait_score, from stored "
-    "embeddings and the prompt set. Changing prompts never re-reads an image.",
+    kinds={"pytorch", "parquet"},
+    description="The prompt set's CLIP text embeddings with the model fingerprint and logit "
+    "scale: encoded once per prompt set, so clip_scores is numpy over stored tables.",
 )
-def clip_scores(
-    context: dg.AssetExecutionContext,
-    config: ClipScoresConfig,
-    clip_embeddings: pd.DataFrame,
-    clip_model: ClipModelResource,
-    settings: SettingsResource,
-) -> dg.Output[pd.DataFrame]:
-    positive, negative = prompt_settings(settings.load().clip)
+def prompt_embeddings(
+    context: dg.AssetExecutionContext, config: PromptConfig, clip_model: ClipModelResource, settings: SettingsResource
+):
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.clip_scoring import prompt_mapping
+
+    positive, negative = prompt_lists(settings.load().clip)
+    overridden = bool(config.positive_prompts or config.negative_prompts)
     positive = config.positive_prompts or positive
     negative = config.negative_prompts or negative
-    ok = clip_embeddings.loc[clip_embeddings["status"] == "ok"].reset_index(drop=True)
-    stale = ok["model_fingerprint_id"] != clip_model.fingerprint_id()
-    if stale.any():
-        raise RuntimeError(
-            f"{int(stale.sum())} embeddings of shard {context.partition_key} come from another model "
-            f"than the configured one ({clip_model.model_name}); rematerialize clip_embeddings first"
-        )
-    # The prompts' text embeddings are computed once for the run, inside score_with_model.
-    matrix = embedding_matrix(ok, dim=clip_model.fingerprint()["embed_dim"])  # (0, D) for an empty shard
-    scores = score_with_model(clip_model, matrix, positive, negative)
-    scores.insert(0, "image_id", ok["image_id"].to_numpy())
-    columns = {prompt_column(p): p for p in positive + negative}
+    table = prompt_mapping(positive, negative)
+    vectors = clip_model.encode_text(table["prompt"].tolist()) if len(table) else np.zeros((0, 0), np.float32)
+    table["embedding"] = list(vectors.astype(np.float32))  # float32: a handful of rows
+    table["model_fingerprint_id"] = clip_model.fingerprint_id()
+    table["logit_scale"] = clip_model.logit_scale()
+    table["demo_model"] = clip_model.is_demo()  # scores from it carry no meaning; clip_scores says so
     return dg.Output(
-        scores,
+        pd.DataFrame(table),
         metadata={
-            "images": len(scores),
-            "mean_portrait_score": float(scores["portrait_score"].mean()) if len(scores) else 0.0,
             "prompts": dg.MetadataValue.md(
-                "| column | prompt |\n|---|---|\n" + "\n".join(f"| `{c}` | {p} |" for c, p in columns.items())
+                "| column | kind | prompt |\n|---|---|---|\n"
+                + "\n".join(f"| `{r.column}` | {r.kind} | {r.prompt} |" for r in table.itertuples())
             ),
             "prompt_set": settings_hash({"positive": positive, "negative": negative}),
-            "settings_source": "run config" if (config.positive_prompts or config.negative_prompts) else "settings file",
+            "settings_source": "run config" if overridden else "settings file",
             **clip_model.metadata(),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    ins={"clip_embeddings": dg.AssetIn(metadata={COLUMNS: ["image_id", "status", "embedding", "model_fingerprint_id"]})},
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Per-prompt cosine similarities and the combined portrait_score, from stored "
+    "image embeddings and prompt_embeddings. Changing prompts never re-reads an image.",
+)
+def clip_scores(context: dg.AssetExecutionContext, clip_embeddings: ShardTables, prompt_embeddings):
+    from danbooru_assets.clip_scoring import score_embeddings
+    from danbooru_assets.embeddings import embedding_matrix
+
+    prompts = prompt_embeddings
+    fingerprint = str(prompts["model_fingerprint_id"].iloc[0])
+    positive = prompts.loc[prompts["kind"] == "positive"]
+    negative = prompts.loc[prompts["kind"] == "negative"]
+    text = embedding_matrix(prompts)
+
+    def score_shard(shard: str):
+        table = clip_embeddings[shard]
+        ok = table.loc[table["status"] == "ok"].reset_index(drop=True)
+        other_model = ok["model_fingerprint_id"] != fingerprint
+        if other_model.any():
+            raise RuntimeError(
+                f"{int(other_model.sum())} embeddings of shard {shard} come from another model than "
+                f"prompt_embeddings ({fingerprint}); rematerialize clip_embeddings (or prompt_embeddings) first"
+            )
+        matrix = embedding_matrix(ok, dim=text.shape[1])  # (0, D) for an empty shard
+        scores = score_embeddings(
+            matrix,
+            text[(prompts["kind"] == "positive").to_numpy()],
+            text[(prompts["kind"] == "negative").to_numpy()],
+            logit_scale=float(prompts["logit_scale"].iloc[0]),
+            positive_prompts=positive["prompt"].tolist(),
+            negative_prompts=negative["prompt"].tolist(),
+        )
+        scores.insert(0, "image_id", ok["image_id"].to_numpy())
+        return scores, {"images": len(scores), "portrait_score_sum": float(scores["portrait_score"].sum())}
+
+    loop = ShardLoop(context, "clip_scores")
+    tables = loop.run(score_shard)
+    images = loop.totals.get("images", 0)
+    return dg.Output(
+        tables,
+        metadata={
+            **loop.metadata(["images"]),
+            "mean_portrait_score": loop.totals.get("portrait_score_sum", 0.0) / images if images else 0.0,
+            "prompt_set": settings_hash(
+                {"positive": positive["prompt"].tolist(), "negative": negative["prompt"].tolist()}
+            ),
+            "model_fingerprint_id": fingerprint,
+            **({"warning": DEMO_WARNING} if bool(prompts["demo_model"].iloc[0]) else {}),
         },
     )
 
@@ -209,12 +258,11 @@ class ClipThresholdConfig(dg.Config):
 REVIEW_SHEET_SIZE = 25
 
 
-def _review_sheet(dataset, storage, rows: pd.DataFrame, title: str):
-    """Thumbnails of ``rows`` (image_id, shard, portrait_score) with their scores."""
-    paths = {}
-    for shard, group in rows.groupby("shard"):
-        index = read_parquet(storage.asset_path("shard_index", shard), ["image_id", "rel_path"])
-        paths.update(index.loc[index["image_id"].isin(group["image_id"])].set_index("image_id")["rel_path"])
+def _review_sheet(dataset, paths: "pd.Series", rows: "pd.DataFrame", title: str):
+    """Thumbnails of ``rows`` (image_id, portrait_score) with their scores."""
+    from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
+    from danbooru_assets.visuals import contact_sheet, image_markdown
+
     images, captions = [], []
     for row in rows.itertuples():
         try:
@@ -227,10 +275,13 @@ def _review_sheet(dataset, storage, rows: pd.DataFrame, title: str):
 
 
 @dg.asset(
-    deps=["clip_scores"],
+    ins={
+        "clip_scores": dg.AssetIn(metadata={COLUMNS: ["image_id", "portrait_score"]}),
+        "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path"]}),
+    },
+    deps=settings_keys("clip_threshold"),
     group_name=GROUP,
     kinds={"parquet"},
-    code_version=settings_hash(threshold_settings(_settings_at_load)),
     description="The portrait_score threshold over all scored shards: fixed, or the one that "
     "keeps the target fraction (the seed kept ~20%). Review sheets of images just above and "
     "just below it let a person judge it.",
@@ -238,15 +289,20 @@ def _review_sheet(dataset, storage, rows: pd.DataFrame, title: str):
 def clip_threshold(
     context: dg.AssetExecutionContext,
     config: ClipThresholdConfig,
+    clip_scores: ShardTables,
+    shard_index: ShardTables,
     settings: SettingsResource,
     dataset: DanbooruDatasetResource,
-    storage: StorageResource,
     clip_model: ClipModelResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from danbooru_assets.clip_scoring import threshold_for_fraction
+    from danbooru_assets.visuals import figure_to_image, image_markdown
 
     wanted = threshold_settings(settings.load().clip)
     overridden = config.keep_fraction is not None or config.fixed_threshold is not None
@@ -254,14 +310,10 @@ def clip_threshold(
         wanted = {"keep_fraction": config.keep_fraction, "fixed_threshold": None}
     if config.fixed_threshold is not None:
         wanted["fixed_threshold"] = config.fixed_threshold
-    parts = read_partitions(storage, "clip_scores", ["image_id", "portrait_score"])
-    scores = pd.concat(
-        [df.assign(shard=shard) for shard, df in parts.items()] or [pd.DataFrame(columns=["image_id", "portrait_score", "shard"])],
-        ignore_index=True,
-    )
+    scores = clip_scores.concat()
     if scores.empty:
         raise ValueError(
-            f"no scored images in the {len(parts)} materialized clip_scores partitions: "
+            f"no scored images in the {len(clip_scores)} materialized clip_scores partitions: "
             "materialize clip_scores for shards that have images first"
         )
     values = scores["portrait_score"].to_numpy()
@@ -280,6 +332,8 @@ def clip_threshold(
     ax.legend()
     above = scores.loc[values >= threshold].nsmallest(REVIEW_SHEET_SIZE, "portrait_score")
     below = scores.loc[values < threshold].nlargest(REVIEW_SHEET_SIZE, "portrait_score")
+    # Only the shards of the ~50 review images are read for their paths.
+    paths = shard_index.rows(pd.concat([above, below])["image_id"]).set_index("image_id")["rel_path"]
     table = pd.DataFrame(
         [{
             "threshold": threshold,
@@ -288,7 +342,7 @@ def clip_threshold(
             "kept": kept,
             "scored": len(values),
             "kept_fraction": kept / len(values),
-            "scored_shards": len(parts),
+            "scored_shards": len(clip_scores),
             "settings": json.dumps(wanted),
         }]
     )
@@ -300,12 +354,12 @@ def clip_threshold(
             "kept": kept,
             "scored": len(values),
             "kept_fraction": kept / len(values),
-            "scored_shards": len(parts),
+            "scored_shards": len(clip_scores),
             "settings": dg.MetadataValue.json(wanted),
             "settings_source": "run config" if overridden else "settings file",
             "histogram": image_markdown(figure_to_image(fig), "portrait_score histogram"),
-            "just_above_threshold": _review_sheet(dataset, storage, above, f"just above {threshold:.4f} (kept)"),
-            "just_below_threshold": _review_sheet(dataset, storage, below, f"just below {threshold:.4f} (dropped)"),
+            "just_above_threshold": _review_sheet(dataset, paths, above, f"just above {threshold:.4f} (kept)"),
+            "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
             **({"warning": DEMO_WARNING} if clip_model.is_demo() else {}),
         },
     )
@@ -324,9 +378,14 @@ SUBSET_REASONS = ("unreadable", "below_threshold", "too_small", "dark_border_lit
 
 
 def apply_clip_rules(
-    index: pd.DataFrame, stats: pd.DataFrame, scores: pd.DataFrame, threshold: float, rules: ImageRules
-) -> pd.DataFrame:
+    index: "pd.DataFrame", stats: "pd.DataFrame", scores: "pd.DataFrame", threshold: float, rules: ImageRules
+) -> "pd.DataFrame":
     """Every usable row of the shard with ``kept`` and its ``drop_reasons`` ("|"-joined)."""
+    import numpy as np
+
+    from danbooru_assets.image_stats import STATS_COLUMNS
+    from danbooru_assets.shard_index import USABLE_STATUSES
+
     rows = (
         index.loc[index["status"].isin(USABLE_STATUSES), ["image_id", "rel_path", "width", "height"]]
         .merge(stats[["image_id", "status", *STATS_COLUMNS]], on="image_id", how="left")
@@ -353,39 +412,48 @@ def apply_clip_rules(
 
 @dg.asset(
     partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    ins={
+        "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "status"]}),
+        "clip_scores": dg.AssetIn(metadata={COLUMNS: ["image_id", "portrait_score"]}),
+    },
+    deps=settings_keys("image_rules"),
     group_name=GROUP,
     kinds={"parquet"},
-    code_version=settings_hash(_settings_at_load.image_rules),
     description="The intermediate subset (the seed's 600k): images at or above the threshold that "
     "pass the image-statistic rules. Dropped rows keep their reasons. Touches no image.",
 )
 def clip_subset(
     context: dg.AssetExecutionContext,
     config: ClipSubsetConfig,
-    shard_index: pd.DataFrame,
-    image_stats: pd.DataFrame,
-    clip_scores: pd.DataFrame,
-    clip_threshold: pd.DataFrame,
+    shard_index: ShardTables,
+    image_stats: ShardTables,
+    clip_scores: ShardTables,
+    clip_threshold,
     settings: SettingsResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
     rules = settings.load().clip.image_rules
     overrides = config.model_dump(exclude_none=True)
     rules = rules.model_copy(update=overrides)
     threshold = float(clip_threshold["threshold"].iloc[0])
-    subset = apply_clip_rules(shard_index, image_stats, clip_scores, threshold, rules)
-    kept = int(subset["kept"].sum())
-    per_reason = {
-        name: int(subset["drop_reasons"].str.contains(name, regex=False).sum()) for name in SUBSET_REASONS
-    }
+
+    def subset_shard(shard: str):
+        subset = apply_clip_rules(shard_index[shard], image_stats[shard], clip_scores[shard], threshold, rules)
+        counts = {"rows": len(subset), "kept": int(subset["kept"].sum())}
+        for name in SUBSET_REASONS:
+            counts[f"dropped_{name}"] = int(subset["drop_reasons"].str.contains(name, regex=False).sum())
+        return subset, counts
+
+    loop = ShardLoop(context, "clip_subset", images_key="rows")
+    tables = loop.run(subset_shard)
+    rows = loop.totals.get("rows", 0)
     return dg.Output(
-        subset,
+        tables,
         metadata={
-            "rows": len(subset),
-            "kept": kept,
-            "kept_fraction": kept / len(subset) if len(subset) else 0.0,
+            **loop.metadata(["rows", "kept", *(f"dropped_{n}" for n in SUBSET_REASONS)]),
+            "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
             "threshold": threshold,
             "rules": dg.MetadataValue.json(rules.model_dump()),
             "settings_source": "run config" if overrides else "settings file",
-            **{f"dropped_{name}": n for name, n in per_reason.items()},
         },
     )

@@ -1,17 +1,18 @@
 """Raw data: the metadata dump split by shard, and one index table per shard."""
 
-
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import pandas as pd
-import pyarrow as pa
 
 from danbooru_assets.dataset import DanbooruDatasetResource
 from danbooru_assets.io_manager import StorageResource, read_arrow
-from danbooru_assets.metadata import convert_metadata_to_shards
-from danbooru_assets.partitions import shard_key, shard_partitions
-from danbooru_assets.shard_index import INDEX_COLUMNS, STATUSES, build_shard_index
+from danbooru_assets.partitions import CHEAP_BACKFILL, shard_key, shard_partitions
+from danbooru_assets.shard_runs import ShardLoop
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
 METADATA_SHARDS_DIR = "danbooru_metadata_shards"
 
@@ -22,9 +23,9 @@ METADATA_SHARDS_DIR = "danbooru_metadata_shards"
     description="The dataset's metadata JSON-lines (API and dump forms) converted once to "
     "Parquet and split by shard, so each shard's index reads only its own slice.",
 )
-def danbooru_metadata(
-    context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource
-) -> pd.DataFrame:
+def danbooru_metadata(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource):
+    from danbooru_assets.metadata import convert_metadata_to_shards
+
     dataset.check_root()
     files = dataset.metadata_files()
     if not files:
@@ -48,13 +49,14 @@ def danbooru_metadata(
     return summary
 
 
-def load_shard_metadata(storage: StorageResource, shard: str) -> pa.Table | None:
+def load_shard_metadata(storage: StorageResource, shard: str) -> "pa.Table | None":
     path = storage.path(METADATA_SHARDS_DIR, f"{shard}.parquet")
     return read_arrow(path) if path.exists() else None
 
 
 @dg.asset(
     partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
     group_name="raw",
     kinds={"parquet"},
     deps=[danbooru_metadata],
@@ -66,45 +68,63 @@ def load_shard_metadata(storage: StorageResource, shard: str) -> pa.Table | None
     description="One row per image file of the shard: id, path, extension, bytes, width and "
     "height (metadata, else the image header), the metadata joined by id, and a status.",
 )
-def shard_index(
-    context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource
-):
+def shard_index(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource):
+    from danbooru_assets.shard_index import STATUSES, build_shard_index
+
     dataset.check_root()
-    shard = context.partition_key
-    metadata = load_shard_metadata(storage, shard)
-    index, report = build_shard_index(dataset, shard, metadata)
-    if not report.files:
-        context.log.warning(f"shard {shard}: no files in {dataset.image_dir(shard)}")
-    for rel_path in report.bad_names[:20]:
-        context.log.warning(f"{rel_path}: file name is not an image id; not indexed")
-    for row in index.loc[index["status"] != "ok", ["rel_path", "status", "problem"]].head(50).itertuples():
-        context.log.warning(f"{row.rel_path}: {row.status} ({row.problem})")
-    counts = Counter(index["status"])
-    yield dg.Output(
-        index,
-        metadata={
+    checks: dict[str, dict[str, dg.AssetCheckResult]] = {c.__name__: {} for c in SHARD_INDEX_CHECKS}
+    problems: list[str] = []
+
+    def index_one(shard: str):
+        metadata = load_shard_metadata(storage, shard)
+        index, report = build_shard_index(dataset, shard, metadata)
+        if not report.files:
+            context.log.debug(f"shard {shard}: no files in {dataset.image_dir(shard)}")
+        for rel_path in report.bad_names[:20]:
+            context.log.warning(f"{rel_path}: file name is not an image id; not indexed")
+        bad = index.loc[index["status"] != "ok", ["rel_path", "status", "problem"]]
+        for row in bad.head(50).itertuples():
+            context.log.warning(f"{row.rel_path}: {row.status} ({row.problem})")
+        problems.extend(f"- `{r.rel_path}`: {r.status} — {r.problem}" for r in bad.head(25).itertuples())
+        for check in SHARD_INDEX_CHECKS:
+            checks[check.__name__][shard] = check(index)
+        statuses = Counter(index["status"])
+        return index, {
             "files": report.files,
             "indexed": len(index),
-            **{f"status_{s}": int(counts.get(s, 0)) for s in STATUSES},
+            **{f"status_{s}": int(statuses.get(s, 0)) for s in STATUSES},
             "bad_file_names": len(report.bad_names),
             "metadata_rows": 0 if metadata is None else metadata.num_rows,
             "metadata_without_file": report.metadata_without_file,
             "header_reads": report.header_reads,
             "total_bytes": int(index["file_bytes"].sum()) if len(index) else 0,
-            "problems": dg.MetadataValue.md(
-                "\n".join(
-                    f"- `{r.rel_path}`: {r.status} — {r.problem}"
-                    for r in index.loc[index["status"] != "ok"].head(25).itertuples()
-                )
-                or "none"
-            ),
-        },
+        }
+
+    loop = ShardLoop(context, "shard_index", images_key="files")
+    tables = loop.run(index_one)
+    yield dg.Output(
+        tables,
+        metadata={**loop.metadata(), "problems": dg.MetadataValue.md("\n".join(problems[:25]) or "none")},
     )
-    for check in SHARD_INDEX_CHECKS:
-        yield check(index)
+    for name, per_shard in checks.items():
+        yield combine_check_results(per_shard)
 
 
-def check_schema(index: pd.DataFrame) -> dg.AssetCheckResult:
+def combine_check_results(per_shard: dict[str, dg.AssetCheckResult]) -> dg.AssetCheckResult:
+    """One result for a range: passed when every shard passed; failing shards listed."""
+    first = next(iter(per_shard.values()))
+    failed = {s: r for s, r in per_shard.items() if not r.passed}
+    if len(per_shard) == 1:
+        return first
+    metadata = {"shards_checked": len(per_shard), "failed_shards": str(sorted(failed)[:50])}
+    for shard, result in list(failed.items())[:1]:  # the first failure's details
+        metadata.update({f"{shard}/{k}": v for k, v in result.metadata.items()})
+    return dg.AssetCheckResult(check_name=first.check_name, passed=not failed, metadata=metadata)
+
+
+def check_schema(index: "pd.DataFrame") -> dg.AssetCheckResult:
+    from danbooru_assets.shard_index import INDEX_COLUMNS, STATUSES
+
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     unknown_status = sorted(set(index["status"]) - set(STATUSES)) if "status" in index else []
     return dg.AssetCheckResult(
@@ -114,7 +134,7 @@ def check_schema(index: pd.DataFrame) -> dg.AssetCheckResult:
     )
 
 
-def check_unique_ids(index: pd.DataFrame) -> dg.AssetCheckResult:
+def check_unique_ids(index: "pd.DataFrame") -> dg.AssetCheckResult:
     dupes = index.loc[index["image_id"].duplicated(keep=False), "rel_path"]
     return dg.AssetCheckResult(
         check_name="unique_ids",
@@ -123,7 +143,7 @@ def check_unique_ids(index: pd.DataFrame) -> dg.AssetCheckResult:
     )
 
 
-def check_ids_in_bucket(index: pd.DataFrame) -> dg.AssetCheckResult:
+def check_ids_in_bucket(index: "pd.DataFrame") -> dg.AssetCheckResult:
     wrong = index.loc[[shard_key(i) != s for i, s in zip(index["image_id"], index["shard"])], "rel_path"]
     return dg.AssetCheckResult(
         check_name="ids_in_bucket",

@@ -7,47 +7,26 @@ original-image pixels.
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
-from danbooru_assets.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
+from danbooru_assets.assets.clip import INFERENCE_RETRY
+from danbooru_assets.assets.settings import settings_keys
 from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, open_image_rgb
-from danbooru_assets.io_manager import (
-    StorageResource,
-    prune_shard_files,
-    read_parquet,
-    read_partitions,
-    write_parquet,
-)
-from danbooru_assets.partitions import NUM_SHARDS, shard_partitions
-from danbooru_assets.pose import (
-    REASONS,
-    PoseRules,
-    apply_pose_rules,
-    feature_histograms,
-    hip_midpoint_scatter,
-    keypoint_array,
-    keypoint_frame,
-    pose_features,
-    read_keypoint_files,
-    reason_counts,
-    robust_statistics,
-    run_estimator,
-    select_examples,
-    skeleton_sheet,
-)
+from danbooru_assets.io_manager import COLUMNS, ShardTables, StorageResource, prune_shard_files, read_parquet, write_parquet
+from danbooru_assets.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, NUM_SHARDS, shard_partitions
 from danbooru_assets.pose.resource import PoseEstimatorResource
-from danbooru_assets.settings import SettingsResource, settings_at_definition_load, settings_hash
-from danbooru_assets.visuals import image_markdown
+from danbooru_assets.settings import PoseRules, SettingsResource
+from danbooru_assets.shard_runs import ShardLoop
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 GROUP = "pose"
 PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
 NO_POSE = "no_pose"
-
-_pose_rules_at_load = settings_at_definition_load().pose
 
 
 @dg.asset(
@@ -57,9 +36,11 @@ _pose_rules_at_load = settings_at_definition_load().pose
     "seed's author published hers) imported once and split by shard. Empty unless the pose "
     "backend is `keypoint_files`.",
 )
-def published_keypoints(
-    context: dg.AssetExecutionContext, pose_estimator: PoseEstimatorResource, storage: StorageResource
-) -> pd.DataFrame:
+def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseEstimatorResource, storage: StorageResource):
+    import pandas as pd
+
+    from danbooru_assets.pose.keypoint_files import read_keypoint_files
+
     out_dir = storage.path(PUBLISHED_SHARDS_DIR)
     if not pose_estimator.uses_files():
         context.add_output_metadata({"note": f"backend is {pose_estimator.backend}: no keypoint files to import"})
@@ -94,8 +75,14 @@ def published_keypoints(
 
 
 def _keypoints_from_files(
-    storage: StorageResource, shard: str, ids: np.ndarray, fingerprint: str
-) -> pd.DataFrame:
+    storage: StorageResource, shard: str, ids: "np.ndarray", fingerprint: str
+) -> "pd.DataFrame":
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.coco import KEYPOINT_COLUMNS
+    from danbooru_assets.pose.geometry import keypoint_array, keypoint_frame
+
     path = storage.path(PUBLISHED_SHARDS_DIR, f"{shard}.parquet")
     published = read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", *KEYPOINT_COLUMNS])
     rows = pd.DataFrame({"image_id": ids}).merge(published, on="image_id", how="left")
@@ -105,18 +92,22 @@ def _keypoints_from_files(
     return keypoint_frame(ids, kps, None, backend="keypoint_files", backend_fingerprint=fingerprint, status=list(status))
 
 
-def _keypoints_from_model(
-    context, pose_estimator: PoseEstimatorResource, dataset: DanbooruDatasetResource, todo: pd.DataFrame
-) -> pd.DataFrame:
-    estimator = pose_estimator.estimator()
+def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, dataset: DanbooruDatasetResource, todo):
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.coco import KEYPOINT_COLUMNS
+    from danbooru_assets.image_loader import ImageDecodeError, ThroughputLogger, open_image_rgb
+    from danbooru_assets.pose.backends import run_estimator
+
     frames = []
-    progress = ThroughputLogger(context.log.info, label="images (pose)")
-    for start in range(0, len(todo), pose_estimator.batch_size):
-        batch = todo.iloc[start : start + pose_estimator.batch_size]
+    progress = ThroughputLogger(context.log.debug, label="images (pose)")
+    for start in range(0, len(todo), batch_size):
+        batch = todo.iloc[start : start + batch_size]
         images, scales = [], []
         for row in batch.itertuples():
             try:
-                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), pose_estimator.input_size)
+                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), input_size)
                 images.append(image)
                 scales.append((w / image.width, h / image.height))
             except ImageDecodeError as exc:
@@ -138,6 +129,9 @@ def _keypoints_from_model(
 
 @dg.asset(
     partitions_def=shard_partitions,
+    backfill_policy=INFERENCE_BACKFILL,
+    retry_policy=INFERENCE_RETRY,
+    ins={"clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "kept"]})},
     deps=[published_keypoints],
     pool="gpu",
     group_name=GROUP,
@@ -148,70 +142,97 @@ def _keypoints_from_model(
 )
 def pose_keypoints(
     context: dg.AssetExecutionContext,
-    clip_subset: pd.DataFrame,
+    clip_subset: ShardTables,
     pose_estimator: PoseEstimatorResource,
     dataset: DanbooruDatasetResource,
     storage: StorageResource,
-) -> dg.Output[pd.DataFrame]:
-    shard = context.partition_key
+) -> dg.Output:
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.coco import NUM_KEYPOINTS
+    from danbooru_assets.pose.geometry import keypoint_frame
+
     fingerprint = pose_estimator.fingerprint()
-    wanted = clip_subset.loc[clip_subset["kept"], ["image_id", "rel_path", "width", "height"]]
-    previous_path = storage.asset_path("pose_keypoints", shard)
-    reused = pd.DataFrame()
-    if previous_path.exists():
-        previous = read_parquet(previous_path)
-        reused = previous.loc[
-            (previous["backend_fingerprint"] == fingerprint) & previous["image_id"].isin(wanted["image_id"])
-        ]
-    todo = wanted.loc[~wanted["image_id"].isin(reused["image_id"] if len(reused) else [])]
-    started = time.perf_counter()
-    if todo.empty:
-        fresh = pd.DataFrame()
-    elif pose_estimator.uses_files():
-        fresh = _keypoints_from_files(storage, shard, todo["image_id"].to_numpy(), fingerprint)
-    else:
-        fresh = _keypoints_from_model(context, pose_estimator, dataset, todo)
-    seconds = time.perf_counter() - started
-    if len(fresh):
-        fresh = fresh.merge(todo[["image_id", "width", "height"]], on="image_id")
-    table = pd.concat([f for f in (reused, fresh) if len(f)], ignore_index=True) if len(reused) or len(fresh) else None
-    if table is None:
-        table = keypoint_frame(np.zeros(0, dtype=np.int64), np.zeros((0, NUM_KEYPOINTS, 3)), None,
-                               backend=pose_estimator.backend, backend_fingerprint=fingerprint, status=[])
-        table["width"] = pd.Series(dtype="int64")
-        table["height"] = pd.Series(dtype="int64")
-    table = table.sort_values("image_id").reset_index(drop=True)
-    counts = table["status"].value_counts().to_dict()
+    estimator = None  # a model loads once per run, on the first shard that needs it
+    seconds_estimating = 0.0
+
+    def estimate_shard(shard: str):
+        nonlocal estimator, seconds_estimating
+        subset = clip_subset[shard]
+        wanted = subset.loc[subset["kept"], ["image_id", "rel_path", "width", "height"]]
+        previous_path = storage.asset_path("pose_keypoints", shard)
+        reused = pd.DataFrame()
+        if previous_path.exists():
+            previous = read_parquet(previous_path)
+            reused = previous.loc[
+                (previous["backend_fingerprint"] == fingerprint) & previous["image_id"].isin(wanted["image_id"])
+            ]
+        todo = wanted.loc[~wanted["image_id"].isin(reused["image_id"] if len(reused) else [])]
+        started = time.perf_counter()
+        if todo.empty:
+            fresh = pd.DataFrame()
+        elif pose_estimator.uses_files():
+            fresh = _keypoints_from_files(storage, shard, todo["image_id"].to_numpy(), fingerprint)
+        else:
+            estimator = estimator or pose_estimator.estimator()
+            fresh = _keypoints_from_model(
+                context, estimator, pose_estimator.batch_size, pose_estimator.input_size, dataset, todo
+            )
+        seconds_estimating += time.perf_counter() - started
+        if len(fresh):
+            fresh = fresh.merge(todo[["image_id", "width", "height"]], on="image_id")
+        parts = [f for f in (reused, fresh) if len(f)]
+        if parts:
+            table = pd.concat(parts, ignore_index=True)
+        else:
+            table = keypoint_frame(np.zeros(0, dtype=np.int64), np.zeros((0, NUM_KEYPOINTS, 3)), None,
+                                   backend=pose_estimator.backend, backend_fingerprint=fingerprint, status=[])
+            table["width"] = pd.Series(dtype="int64")
+            table["height"] = pd.Series(dtype="int64")
+        table = table.sort_values("image_id").reset_index(drop=True)
+        counts = {"images": len(table), "estimated": len(todo), "reused": len(reused)}
+        counts.update({f"status_{k}": int(v) for k, v in table["status"].value_counts().items()})
+        return table, counts
+
+    loop = ShardLoop(context, "pose_keypoints")
+    tables = loop.run(estimate_shard, keep_on_failure=lambda shard, table: write_parquet(
+        storage.asset_path("pose_keypoints", shard), table))
+    estimated = loop.totals.get("estimated", 0)
     return dg.Output(
-        table,
+        tables,
         metadata={
-            "images": len(table),
-            "estimated": len(todo),
-            "reused": len(reused),
+            **loop.metadata(),
             "backend": pose_estimator.backend,
             "backend_fingerprint": fingerprint,
-            "images_per_s": round(len(todo) / seconds, 1) if len(todo) and seconds > 0 else 0.0,
-            **{f"status_{k}": int(v) for k, v in counts.items()},
+            "images_per_s": round(estimated / seconds_estimating, 1) if estimated and seconds_estimating > 0 else 0.0,
         },
     )
 
 
-def _ok_features(keypoints: pd.DataFrame) -> pd.DataFrame:
+def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
+    from danbooru_assets.pose.geometry import pose_features
+
     ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
     return pose_features(ok, ok["width"].to_numpy(), ok["height"].to_numpy())
 
 
 @dg.asset(
-    deps=[pose_keypoints],
+    ins={"pose_keypoints": dg.AssetIn()},
     group_name=GROUP,
     kinds={"parquet"},
     description="Distributions of keypoints normalised by image size and torso length over all "
     "shards: the hip-midpoint scatter the seed shows, limb-ratio histograms, and the robust "
     "statistics (median, MAD, density regions) that pose_subset's rules use.",
 )
-def pose_statistics(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.Output[pd.DataFrame]:
-    parts = read_partitions(storage, "pose_keypoints")
-    keypoints = pd.concat(list(parts.values()), ignore_index=True) if parts else pd.DataFrame()
+def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTables) -> dg.Output:
+    import pandas as pd
+
+    from danbooru_assets.pose.geometry import feature_histograms, hip_midpoint_scatter, robust_statistics
+    from danbooru_assets.visuals import image_markdown
+
+    parts = pose_keypoints
+    keypoints = pose_keypoints.concat()
     if keypoints.empty or not (keypoints["status"] == "ok").any():
         raise ValueError("no keypoints with status ok: materialize pose_keypoints for some shards first")
     features = _ok_features(keypoints)
@@ -245,56 +266,82 @@ EXAMPLES_PER_SHEET = 10
 
 @dg.asset(
     partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    ins={"clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "portrait_score"]})},
+    deps=settings_keys("pose_rules"),
     group_name=GROUP,
     kinds={"parquet"},
-    code_version=settings_hash(_pose_rules_at_load),
     description="Images whose keypoints pass the geometric rules (the seed's 363k). Every "
     "dropped row keeps every reason; kept and dropped examples are drawn with skeletons.",
 )
 def pose_subset(
     context: dg.AssetExecutionContext,
     config: PoseSubsetConfig,
-    pose_keypoints: pd.DataFrame,
-    pose_statistics: pd.DataFrame,
-    clip_subset: pd.DataFrame,
+    pose_keypoints: ShardTables,
+    pose_statistics,
+    clip_subset: ShardTables,
     settings: SettingsResource,
     dataset: DanbooruDatasetResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
+    import pandas as pd
+
+    from danbooru_assets.pose.geometry import REASONS, apply_pose_rules, reason_counts, select_examples
+    from danbooru_assets.visuals import image_markdown
+
     rules = config.rules or settings.load().pose
     stats = json.loads(pose_statistics["statistics_json"].iloc[0])
-    ok = pose_keypoints.loc[pose_keypoints["status"] == "ok"].reset_index(drop=True)
-    decisions = apply_pose_rules(_ok_features(pose_keypoints), rules, stats)
-    not_ok = pose_keypoints.loc[pose_keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
-    subset = (
-        pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
-        .merge(clip_subset[["image_id", "rel_path", "width", "height", "portrait_score"]], on="image_id", how="left")
-        .sort_values("image_id")
-        .reset_index(drop=True)
-    )
-    counts = reason_counts(decisions)
-    counts[NO_POSE] = len(not_ok)
+    examples: dict[str, list] = {"kept": [], "dropped": []}  # (keypoint row, decision row, subset)
+
+    def filter_shard(shard: str):
+        keypoints = pose_keypoints[shard]
+        subset_rows = clip_subset[shard]
+        ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
+        decisions = apply_pose_rules(_ok_features(keypoints), rules, stats)
+        not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
+        subset = (
+            pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
+            .merge(subset_rows, on="image_id", how="left")
+            .sort_values("image_id")
+            .reset_index(drop=True)
+        )
+        reasons = reason_counts(decisions)
+        reasons[NO_POSE] = len(not_ok)
+        if len(decisions):  # examples for the sheets, at most EXAMPLES_PER_SHEET of each overall
+            for label, rows in zip(("kept", "dropped"), select_examples(decisions, n=EXAMPLES_PER_SHEET)):
+                room = EXAMPLES_PER_SHEET - len(examples[label])
+                examples[label].extend((ok.iloc[[r]], decisions.iloc[[r]], subset_rows) for r in rows[:room])
+        counts = {"rows": len(subset), "kept": int(subset["keep"].sum())}
+        counts.update({f"dropped_{name}": int(reasons.get(name, 0)) for name in (*REASONS, NO_POSE)})
+        return subset, counts
+
+    loop = ShardLoop(context, "pose_subset", images_key="rows")
+    tables = loop.run(filter_shard)
+    rows = loop.totals.get("rows", 0)
     metadata = {
-        "rows": len(subset),
-        "kept": int(subset["keep"].sum()),
-        "kept_fraction": float(subset["keep"].mean()) if len(subset) else 0.0,
+        **loop.metadata(["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE))]),
+        "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
         "rules": dg.MetadataValue.json(rules.model_dump()),
         "settings_source": "run config" if config.rules else "settings file",
-        **{f"dropped_{name}": int(counts.get(name, 0)) for name in (*REASONS, NO_POSE)},
     }
-    if len(decisions):
-        kept_rows, dropped_rows = select_examples(decisions, n=EXAMPLES_PER_SHEET)
-        for label, rows in (("kept", kept_rows), ("dropped", dropped_rows)):
-            if len(rows):
-                metadata[f"{label}_examples"] = image_markdown(
-                    _sheet(dataset, ok.iloc[rows], decisions.iloc[rows], clip_subset, label), f"{label} examples"
-                )
-    return dg.Output(subset, metadata=metadata)
+    for label, picked in examples.items():
+        if picked:
+            metadata[f"{label}_examples"] = image_markdown(_sheet(dataset, picked, label), f"{label} examples")
+    return dg.Output(tables, metadata=metadata)
 
 
-def _sheet(dataset, keypoints: pd.DataFrame, decisions: pd.DataFrame, clip_subset: pd.DataFrame, label: str):
-    paths = clip_subset.set_index("image_id")["rel_path"]
+def _sheet(dataset, picked: list, label: str):
+    """A skeleton contact sheet of (keypoint row, decision row, clip_subset rows) examples."""
+    import pandas as pd
+
+    from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
+    from danbooru_assets.pose.draw import skeleton_sheet
+    from danbooru_assets.pose.geometry import keypoint_array
+
+    keypoints = pd.concat([k for k, _, _ in picked], ignore_index=True)
+    decisions = pd.concat([d for _, d, _ in picked], ignore_index=True)
     images, sizes = [], []
-    for row in keypoints.itertuples():
+    for (_, _, subset_rows), row in zip(picked, keypoints.itertuples()):
+        paths = subset_rows.set_index("image_id")["rel_path"]
         try:
             image, size = open_image_rgb(dataset.image_path(paths[row.image_id]), 160)
             # Skeletons are in original pixels; draw on an image of that size.

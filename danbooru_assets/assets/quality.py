@@ -11,35 +11,26 @@ follow (eager automation, or ``danbooru-assets run``).
 import json
 import pickle
 import warnings
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import numpy as np
-import pandas as pd
 
+from danbooru_assets.assets.settings import settings_keys
 from danbooru_assets.coco import KEYPOINT_COLUMNS
 from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.embeddings import embedding_matrix
-from danbooru_assets.exports import build_manifest
-from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
-from danbooru_assets.io_manager import StorageResource, read_partitions, read_rows, write_bytes
-from danbooru_assets.labels.store import LabelStoreResource
-from danbooru_assets.partitions import shard_partitions
-from danbooru_assets.pose import pose_features
-from danbooru_assets.quality import (
-    CLASSES,
-    PROBA_COLUMNS,
-    build_features,
-    confusion_matrix_image,
-    current_round,
-    labels_needed,
-    model_fingerprint,
-    predict_proba_frame,
-    round_plan,
-    select_labeling_queue,
-    train_quality_model,
-)
+from danbooru_assets.io_manager import COLUMNS, ShardTables, StorageResource, write_bytes
+from danbooru_assets.labels.resource import LABEL_CLASSES, LabelStoreResource
+from danbooru_assets.partitions import CHEAP_BACKFILL, shard_partitions
 from danbooru_assets.settings import SettingsResource
-from danbooru_assets.visuals import contact_sheet, image_markdown
+from danbooru_assets.shard_runs import ShardLoop
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+CLASSES = LABEL_CLASSES
+EMBEDDING_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "embedding"]})
+KEYPOINTS_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "width", "height", *KEYPOINT_COLUMNS]})
 
 GROUP = "quality"
 MODEL_DIR = "quality_model_files"
@@ -61,8 +52,15 @@ with warnings.catch_warnings():  # observable source assets are marked beta; thi
     )(_observe_labels)
 
 
-def classifier_features(embeddings: pd.DataFrame, keypoints: pd.DataFrame, image_ids) -> tuple[np.ndarray, list[str]]:
+def classifier_features(embeddings: "pd.DataFrame", keypoints: "pd.DataFrame", image_ids) -> "tuple[np.ndarray, list[str]]":
     """CLIP embedding + normalised pose features for ``image_ids`` (rows in that order)."""
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.embeddings import embedding_matrix
+    from danbooru_assets.pose.geometry import pose_features
+    from danbooru_assets.quality import build_features
+
     rows = pd.DataFrame({"image_id": np.asarray(image_ids, dtype=np.int64)})
     emb = embedding_matrix(rows.merge(embeddings[["image_id", "embedding"]], on="image_id", how="left"))
     kp = rows.merge(keypoints[["image_id", "width", "height", *KEYPOINT_COLUMNS]], on="image_id", how="left")
@@ -70,15 +68,14 @@ def classifier_features(embeddings: pd.DataFrame, keypoints: pd.DataFrame, image
     return build_features(emb, pose.drop(columns=[c for c in NON_FEATURE_COLUMNS if c in pose.columns]))
 
 
-def _features_for_ids(storage: StorageResource, image_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+def _features_for_ids(clip_embeddings: ShardTables, pose_keypoints: ShardTables, image_ids) -> "tuple[np.ndarray, list[str]]":
     """Features of ids spread over shards, reading only their rows."""
-    embeddings = read_rows(storage, "clip_embeddings", image_ids, ["image_id", "embedding"])
-    keypoints = read_rows(storage, "pose_keypoints", image_ids, ["image_id", "width", "height", *KEYPOINT_COLUMNS])
-    return classifier_features(embeddings, keypoints, image_ids)
+    return classifier_features(clip_embeddings.rows(image_ids), pose_keypoints.rows(image_ids), image_ids)
 
 
 @dg.asset(
-    deps=[labels, "pose_subset"],
+    ins={"clip_embeddings": EMBEDDING_IN, "pose_keypoints": KEYPOINTS_IN},
+    deps=[labels, *settings_keys("quality")],
     group_name=GROUP,
     kinds={"scikitlearn", "parquet"},
     description="A classifier over CLIP embeddings + pose features, trained on the human labels, "
@@ -87,10 +84,17 @@ def _features_for_ids(storage: StorageResource, image_ids: np.ndarray) -> tuple[
 )
 def quality_model(
     context: dg.AssetExecutionContext,
+    clip_embeddings: ShardTables,
+    pose_keypoints: ShardTables,
     label_store: LabelStoreResource,
     settings: SettingsResource,
     storage: StorageResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
+    import pandas as pd
+
+    from danbooru_assets.quality import confusion_matrix_image, model_fingerprint, train_quality_model
+    from danbooru_assets.visuals import image_markdown
+
     quality = settings.load().quality
     store = label_store.store()
     latest = store.latest()
@@ -101,7 +105,7 @@ def quality_model(
         context.log.info("fewer than two classes labeled: no model yet (the queue starts from diversity)")
         table = pd.DataFrame([{**base, "trained": False, "fingerprint": "", "model_path": "", "metrics_json": "{}"}])
         return dg.Output(table, metadata={**base, "trained": False, "note": "label the first round to train a model"})
-    X, names = _features_for_ids(storage, labeled["image_id"].to_numpy())
+    X, names = _features_for_ids(clip_embeddings, pose_keypoints, labeled["image_id"].to_numpy())
     pipeline, metrics = train_quality_model(X, labeled["label"].to_numpy(), kind=quality.classifier)
     fingerprint = model_fingerprint(pipeline, names)
     path = storage.path(MODEL_DIR, f"{fingerprint}.pkl")
@@ -139,7 +143,7 @@ def _json_default(value):
     return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
-def load_model(quality_model_table: pd.DataFrame, storage: StorageResource):
+def load_model(quality_model_table: "pd.DataFrame", storage: StorageResource):
     row = quality_model_table.iloc[0]
     if not bool(row["trained"]):
         return None
@@ -151,6 +155,12 @@ def load_model(quality_model_table: pd.DataFrame, storage: StorageResource):
 
 @dg.asset(
     partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    ins={
+        "pose_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "keep", "rel_path", "width", "height", "portrait_score"]}),
+        "clip_embeddings": EMBEDDING_IN,
+        "pose_keypoints": KEYPOINTS_IN,
+    },
     group_name=GROUP,
     kinds={"parquet"},
     automation_condition=dg.AutomationCondition.eager(),
@@ -158,33 +168,49 @@ def load_model(quality_model_table: pd.DataFrame, storage: StorageResource):
     "uncertainty for every image of pose_subset.",
 )
 def quality_predictions(
-    pose_subset: pd.DataFrame,
-    clip_embeddings: pd.DataFrame,
-    pose_keypoints: pd.DataFrame,
-    quality_model: pd.DataFrame,
+    context: dg.AssetExecutionContext,
+    pose_subset: ShardTables,
+    clip_embeddings: ShardTables,
+    pose_keypoints: ShardTables,
+    quality_model,
     storage: StorageResource,
-) -> dg.Output[pd.DataFrame]:
-    kept = pose_subset.loc[pose_subset["keep"], ["image_id", "rel_path", "width", "height", "portrait_score"]]
-    kept = kept.reset_index(drop=True)
+) -> dg.Output:
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.quality import PROBA_COLUMNS, predict_proba_frame
+
     pipeline = load_model(quality_model, storage)
-    if pipeline is None or kept.empty:
-        probs = pd.DataFrame({c: np.full(len(kept), np.nan, dtype=np.float32) for c in PROBA_COLUMNS})
-        probs["predicted_class"] = pd.Series([pd.NA] * len(kept), dtype="string")
-        probs["uncertainty"] = np.full(len(kept), np.nan, dtype=np.float32)
-    else:
-        X, _ = classifier_features(clip_embeddings, pose_keypoints, kept["image_id"])
-        probs = predict_proba_frame(pipeline, X)
-    table = pd.concat([kept, probs.reset_index(drop=True)], axis=1)
-    table["model_fingerprint"] = quality_model["fingerprint"].iloc[0]
-    counts = table["predicted_class"].value_counts().to_dict()
+    fingerprint = str(quality_model["fingerprint"].iloc[0])
+
+    def predict_shard(shard: str):
+        subset = pose_subset[shard]
+        kept = subset.loc[subset["keep"].fillna(False).astype(bool), ["image_id", "rel_path", "width", "height", "portrait_score"]]
+        kept = kept.reset_index(drop=True)
+        if pipeline is None or kept.empty:
+            probs = pd.DataFrame({c: np.full(len(kept), np.nan, dtype=np.float32) for c in PROBA_COLUMNS})
+            probs["predicted_class"] = pd.Series([pd.NA] * len(kept), dtype="string")
+            probs["uncertainty"] = np.full(len(kept), np.nan, dtype=np.float32)
+        else:
+            X, _ = classifier_features(clip_embeddings[shard], pose_keypoints[shard], kept["image_id"])
+            probs = predict_proba_frame(pipeline, X)
+        table = pd.concat([kept, probs.reset_index(drop=True)], axis=1)
+        table["model_fingerprint"] = fingerprint
+        predicted = table["predicted_class"].value_counts().to_dict()
+        counts = {"images": len(table), **{f"predicted_{c}": int(predicted.get(c, 0)) for c in CLASSES}}
+        counts["uncertainty_sum"] = float(table["uncertainty"].sum()) if table["uncertainty"].notna().any() else 0.0
+        return table, counts
+
+    loop = ShardLoop(context, "quality_predictions")
+    tables = loop.run(predict_shard)
+    images = loop.totals.get("images", 0)
     return dg.Output(
-        table,
+        tables,
         metadata={
-            "images": len(table),
+            **loop.metadata(["images", *(f"predicted_{c}" for c in CLASSES)]),
             "model_trained": pipeline is not None,
-            "model_fingerprint": str(quality_model["fingerprint"].iloc[0]),
-            **{f"predicted_{c}": int(counts.get(c, 0)) for c in CLASSES},
-            "mean_uncertainty": float(table["uncertainty"].mean()) if table["uncertainty"].notna().any() else 0.0,
+            "model_fingerprint": fingerprint,
+            "mean_uncertainty": loop.totals.get("uncertainty_sum", 0.0) / images if images and pipeline else 0.0,
         },
     )
 
@@ -193,7 +219,8 @@ QUEUE_SHEET_SIZE = 25
 
 
 @dg.asset(
-    deps=[quality_predictions, labels],
+    ins={"clip_embeddings": EMBEDDING_IN, "pose_keypoints": dg.AssetIn(metadata={COLUMNS: ["image_id", *KEYPOINT_COLUMNS]})},
+    deps=[labels, *settings_keys("quality")],
     group_name=GROUP,
     kinds={"parquet"},
     automation_condition=dg.AutomationCondition.eager(),
@@ -203,14 +230,22 @@ QUEUE_SHEET_SIZE = 25
 )
 def labeling_queue(
     context: dg.AssetExecutionContext,
+    quality_predictions: ShardTables,
+    clip_embeddings: ShardTables,
+    pose_keypoints: ShardTables,
     label_store: LabelStoreResource,
     settings: SettingsResource,
-    storage: StorageResource,
     dataset: DanbooruDatasetResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
+    import pandas as pd
+
+    from danbooru_assets.embeddings import embedding_matrix
+    from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
+    from danbooru_assets.quality import current_round, labels_needed, round_plan, select_labeling_queue
+    from danbooru_assets.visuals import contact_sheet, image_markdown
+
     quality = settings.load().quality
-    parts = read_partitions(storage, "quality_predictions")
-    candidates = pd.concat(list(parts.values()), ignore_index=True) if parts else pd.DataFrame()
+    candidates = quality_predictions.concat()
     labeled = set(label_store.store().labeled_ids())
     plan = [
         min(len(candidates), max(target, quality.min_round_size * (i + 1)))
@@ -221,15 +256,14 @@ def labeling_queue(
     size = labels_needed(n_labeled, plan) if len(candidates) else 0
     if size and len(candidates):
         pool = candidates.loc[~candidates["image_id"].isin(labeled)].reset_index(drop=True)
-        pool_embeddings = read_rows(storage, "clip_embeddings", pool["image_id"], ["image_id", "embedding"])
+        pool_embeddings = clip_embeddings.rows(pool["image_id"])
         embeddings = embedding_matrix(pool[["image_id"]].merge(pool_embeddings, on="image_id", how="left"))
         queue = select_labeling_queue(pool, embeddings, size=min(size, len(pool)), already_labeled=labeled)
     else:
         queue = candidates.head(0).assign(queue_rank=pd.Series(dtype="int64"))
     # The page draws the skeleton: carry the keypoints along.
     if len(queue):
-        keypoints = read_rows(storage, "pose_keypoints", queue["image_id"], ["image_id", *KEYPOINT_COLUMNS])
-        queue = queue.merge(keypoints, on="image_id", how="left")
+        queue = queue.merge(pose_keypoints.rows(queue["image_id"]), on="image_id", how="left")
     queue["round"] = round_
     queue = queue.sort_values("queue_rank").reset_index(drop=True)
     metadata = {
@@ -259,7 +293,9 @@ def labeling_queue(
 
 @dg.asset(
     partitions_def=shard_partitions,
-    deps=[labels],
+    backfill_policy=CHEAP_BACKFILL,
+    ins={"shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "md5", "tags_general"]})},
+    deps=[labels, *settings_keys("quality")],
     group_name=GROUP,
     kinds={"parquet"},
     automation_condition=dg.AutomationCondition.eager(),
@@ -268,27 +304,40 @@ def labeling_queue(
     "`danbooru-assets export`.",
 )
 def curated_dataset(
-    quality_predictions: pd.DataFrame,
-    shard_index: pd.DataFrame,
+    context: dg.AssetExecutionContext,
+    quality_predictions: ShardTables,
+    shard_index: ShardTables,
     label_store: LabelStoreResource,
     settings: SettingsResource,
-) -> dg.Output[pd.DataFrame]:
+) -> dg.Output:
+    from danbooru_assets.exports import build_manifest
+
     keep_classes = settings.load().quality.keep_classes
-    images = quality_predictions[["image_id", "rel_path"]].merge(
-        shard_index[["image_id", "md5", "tags_general"]].rename(columns={"tags_general": "tags"}),
-        on="image_id",
-        how="left",
-    )
-    all_rows = build_manifest(images, label_store.store().latest(), quality_predictions)
-    curated = all_rows.loc[all_rows["class"].isin(keep_classes).fillna(False)].reset_index(drop=True)
-    by_class = all_rows.groupby(["class", "source"], dropna=False).size()
-    return dg.Output(
-        curated,
-        metadata={
+    latest_labels = label_store.store().latest()
+    by_class: dict[tuple, int] = {}
+
+    def curate_shard(shard: str):
+        predictions = quality_predictions[shard]
+        images = predictions[["image_id", "rel_path"]].merge(
+            shard_index[shard].rename(columns={"tags_general": "tags"}), on="image_id", how="left"
+        )
+        all_rows = build_manifest(images, latest_labels, predictions)
+        curated = all_rows.loc[all_rows["class"].isin(keep_classes).fillna(False)].reset_index(drop=True)
+        for key, n in all_rows.groupby(["class", "source"], dropna=False).size().items():
+            by_class[key] = by_class.get(key, 0) + int(n)
+        return curated, {
             "images": len(curated),
             "candidates": len(all_rows),
-            "keep_classes": dg.MetadataValue.json(keep_classes),
             "unlabeled_and_unpredicted": int((all_rows["source"] == "unlabeled").sum()),
+        }
+
+    loop = ShardLoop(context, "curated_dataset")
+    tables = loop.run(curate_shard)
+    return dg.Output(
+        tables,
+        metadata={
+            **loop.metadata(["images", "candidates", "unlabeled_and_unpredicted"]),
+            "keep_classes": dg.MetadataValue.json(keep_classes),
             "by_class_and_source": dg.MetadataValue.md(
                 "| class | source | images |\n|---|---|---|\n"
                 + "\n".join(f"| {c} | {s} | {n} |" for (c, s), n in by_class.items())

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from danbooru_assets.labels.store import LABEL_CLASSES, UNLABELED, LabelStore, LabelStoreResource, normalize_label
+import importlib
 
-_APP_NAMES = frozenset({"add_label_arguments", "load_queue", "make_app", "run_label"})
+from danbooru_assets.labels.resource import LabelStoreResource
+
+# Submodules load on first use: the code location imports only the resource, and
+# `python -m danbooru_assets.labels.app` runs cleanly.
+_LAZY = {
+    "LABEL_CLASSES": "store", "UNLABELED": "store", "LabelStore": "store", "normalize_label": "store",
+    "add_label_arguments": "app", "load_queue": "app", "make_app": "app", "run_label": "app",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # the page's module loads lazily, so `python -m danbooru_assets.labels.app` runs cleanly
-    if name in _APP_NAMES:
-        from danbooru_assets.labels import app
-
-        return getattr(app, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"danbooru_assets.labels.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

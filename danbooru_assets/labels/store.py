@@ -20,13 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-import dagster as dg
 import numpy as np
 import pandas as pd
 
+from danbooru_assets.labels.resource import LABEL_CLASSES
 from danbooru_assets.storage import atomic_path
 
-LABEL_CLASSES: tuple[str, ...] = ("good", "questionable", "bad")
 UNLABELED = "unlabeled"
 
 LATEST_COLUMNS = ["image_id", "label", "labeler", "labeled_at", "round"]
@@ -350,12 +349,3 @@ class LabelStore:
                 if old_id is not None and not pd.isna(old_id):
                     id_map[int(old_id)] = new_id
         return len(rows)
-
-
-class LabelStoreResource(dg.ConfigurableResource):
-    """The label database (``$DANBOORU_LABELS``, default ``data/labels.sqlite``)."""
-
-    path: str
-
-    def store(self) -> LabelStore:
-        return LabelStore(self.path)

@@ -33,8 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from danbooru_assets.coco import NUM_KEYPOINTS
-
-BACKENDS: tuple[str, ...] = ("keypoint_rcnn", "bizarre_pose", "mediapipe", "keypoint_files")
+from danbooru_assets.pose.resource import BACKENDS
 
 BIZARRE_POSE_URL = "https://github.com/ShuhongChen/bizarre-pose-estimator"
 BIZARRE_POSE_DOWNLOADS = (

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from dagster import Config
 
 from danbooru_assets.coco import KEYPOINT_COLUMNS, KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS
+from danbooru_assets.settings import PoseRules
 
 _K = KEYPOINT_INDEX
 
@@ -191,39 +191,6 @@ def pose_features(
     if "image_id" in keypoints.columns:
         features.insert(0, "image_id", keypoints["image_id"].to_numpy())
     return features
-
-
-class PoseRules(Config):
-    """Geometric rules a pose must pass to enter ``pose_subset`` (all configurable).
-
-    A pydantic model (Dagster ``Config``), so it nests in run config and settings.
-    """
-
-    min_confidence: float = 0.2
-    """Required keypoints need at least this confidence."""
-    margin: float = 0.02
-    """Required keypoints may lie this far (fraction of width/height) outside the frame;
-    negative values demand a distance from the border instead."""
-    required_inside: list[str] = [
-        "nose", "shoulder_left", "shoulder_right", "elbow_left", "elbow_right",
-        "wrist_left", "wrist_right", "hip_left", "hip_right",
-    ]
-    allow_hips_below_frame: bool = True
-    """Upper-body portraits (the seed's y >= 512 hips): hips below the frame pass the
-    inside, confidence and hip-density checks."""
-    density_quantile: float = 0.95
-    """Hip and shoulder midpoints must lie in the densest region holding this share."""
-    check_midpoint_density: bool = True
-    ratio_mad_k: float = 4.0
-    """Limb and shoulder ratios must lie within median +- k * MAD (normal-consistent)."""
-    min_torso_length: float = 0.05
-    """Torso length as a fraction of the image height, below which the pose is unusable."""
-    check_left_right: bool = True
-    max_lr_length_ratio: float = 2.0
-    """Left/right arm or leg length ratio must lie within [1/r, r]."""
-    lr_min_separation: float = 0.15
-    """Shoulders and hips count as facing opposite ways only when both are separated
-    horizontally by more than this (in torso lengths)."""
 
 
 def _robust_summary(values: np.ndarray) -> dict:

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
-from danbooru_assets.pose.backends import (
-    BACKENDS,
-    PoseEstimator,
-    fingerprint_string,
-    keypoint_files_fingerprint,
-    make_estimator,
-)
+if TYPE_CHECKING:  # the backends (torch, PIL) load when an estimator is made
+    from danbooru_assets.pose.backends import PoseEstimator
 
 KEYPOINT_FILES = "keypoint_files"
+BACKENDS: tuple[str, ...] = ("keypoint_rcnn", "bizarre_pose", "mediapipe", KEYPOINT_FILES)
 
 
 class PoseEstimatorResource(dg.ConfigurableResource):
@@ -53,6 +50,8 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             )
 
     def estimator(self) -> PoseEstimator:
+        from danbooru_assets.pose.backends import make_estimator
+
         self.check()
         return make_estimator(
             self.backend,
@@ -65,6 +64,8 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         )
 
     def fingerprint(self) -> str:
+        from danbooru_assets.pose.backends import fingerprint_string, keypoint_files_fingerprint
+
         if self.uses_files():
             self.check()
             return fingerprint_string(keypoint_files_fingerprint(self.keypoint_files))
