@@ -1,7 +1,9 @@
 """danbooru_assets: a Dagster code location that curates Danbooru-style datasets.
 
-``from danbooru_assets import defs`` gives the ``Definitions`` (loaded on first access,
-so that the CLI can set environment defaults before the resources are built).
+``from danbooru_assets import defs`` gives the ``Definitions``, loaded on first access
+(so the CLI can set environment defaults first, and a data-loader worker that imports a
+library module does not load the code location). ``dagster dev -m danbooru_assets``
+finds ``defs`` through ``dir()``.
 """
 
 from __future__ import annotations
@@ -13,3 +15,7 @@ def __getattr__(name: str):
 
         return defs
     raise AttributeError(f"module 'danbooru_assets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "defs"])

@@ -417,7 +417,9 @@ def apply_clip_rules(
         "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "status"]}),
         "clip_scores": dg.AssetIn(metadata={COLUMNS: ["image_id", "portrait_score"]}),
     },
-    deps=settings_keys("image_rules"),
+    # The threshold section too: a new threshold changes the subset, so the UI marks it
+    # stale at once (Dagster's staleness follows direct dependencies only).
+    deps=settings_keys("image_rules", "clip_threshold"),
     group_name=GROUP,
     kinds={"parquet"},
     description="The intermediate subset (the seed's 600k): images at or above the threshold that "
