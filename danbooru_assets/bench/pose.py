@@ -155,12 +155,40 @@ def bench_import(files: int, seed: int = 0) -> dict:
     }
 
 
+def bench_estimator(images: int, device: str, batch_size: int, input_size: int) -> dict:
+    """Keypoint R-CNN (random weights: the real architecture's speed, no download) over
+    generated illustrations, batched as ``pose_keypoints`` runs it."""
+    import numpy as np
+    from PIL import Image
+
+    from danbooru_assets.pose.backends import make_estimator, run_estimator
+
+    estimator = make_estimator("keypoint_rcnn", device=device, allow_random_weights=True,
+                               batch_size=batch_size, min_size=input_size)
+    rng = np.random.default_rng(0)
+    batch = [Image.fromarray(rng.integers(0, 255, (input_size, input_size * 3 // 4, 3), dtype=np.uint8))
+             for _ in range(batch_size)]
+    run_estimator(estimator, list(range(batch_size)), batch)  # warm-up (CUDA context, cudnn autotune)
+    started = time.perf_counter()
+    done = 0
+    while done < images:
+        run_estimator(estimator, list(range(done, done + batch_size)), batch)
+        done += batch_size
+    seconds = time.perf_counter() - started
+    return {"images": done, "seconds": seconds, "images_per_s": done / seconds, "device": device}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m danbooru_assets.bench pose", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="synthetic keypoint rows for the filter")
     parser.add_argument("--files", type=int, default=100_000, help="JSON files in the generated tar.gz")
     parser.add_argument("--skip-import", action="store_true")
     parser.add_argument("--skip-filter", action="store_true")
+    parser.add_argument("--estimator-images", type=int, default=0,
+                        help="also time Keypoint R-CNN (random weights) over this many images (0: skip)")
+    parser.add_argument("--device", default="auto", help="for --estimator-images: auto, cpu or cuda")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--input-size", type=int, default=800)
     args = parser.parse_args(argv)
     print(f"cpu cores available: {len(os.sched_getaffinity(0))}")
     if not args.skip_filter:
@@ -184,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  subset of {r['subset_files']:,}: streamed {r['subset_import_files_per_s']:,.0f} files/s vs naive "
               f"extract + json.load {r['naive_files_per_s']:,.0f} files/s -> "
               f"{r['subset_import_files_per_s'] / r['naive_files_per_s']:.1f}x")
+    if args.estimator_images:
+        r = bench_estimator(args.estimator_images, args.device, args.batch_size, args.input_size)
+        print(f"keypoint_rcnn (random weights) on {r['device']}: {r['images']} images of {args.input_size}px "
+              f"in {r['seconds']:.2f} s = {r['images_per_s']:.1f} images/s (batch {args.batch_size})")
     return 0
 
 
