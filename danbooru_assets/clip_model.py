@@ -515,10 +515,10 @@ class ClipModelResource(dg.ConfigurableResource):
                     done += len(batch.image_ids) + len(batch.failures)
                     if progress is not None:
                         progress(done, n)
-        return embeddings, _stats_frame(ids, status, stats)
+        return embeddings, image_stats_frame(ids, status, stats)
 
 
-def _stats_frame(
+def image_stats_frame(
     ids: list[int], status: list[str], stats: list[dict[str, Any] | None]
 ) -> pd.DataFrame:
     """The per-image frame; unreadable rows hold nulls (nullable dtypes keep Parquet types)."""
@@ -550,5 +550,6 @@ __all__ = [
     "ClipModelResource",
     "LoadedClip",
     "checkpoint_sha256",
+    "image_stats_frame",
     "register_demo_model",
 ]

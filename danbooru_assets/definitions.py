@@ -71,6 +71,16 @@ quality_predictions_job = stage_job(
 labeling_queue_job = stage_job("labeling_queue_job", [labeling_queue])
 curated_dataset_job = stage_job("curated_dataset_job", [curated_dataset], "The final subset with classes.")
 
+# After a threshold change: the threshold and the subset of every shard (or of a range, or
+# one shard) in ONE run, launched from the job's page. Selecting both assets on the asset
+# graph launches a backfill instead, which runs them in two waves, one backfill-daemon
+# iteration (30 s) apart, because one is unpartitioned and the other is not.
+rethreshold_job = stage_job(
+    "rethreshold_job",
+    [clip_threshold, clip_subset],
+    "A new threshold applied: clip_threshold and clip_subset in one run over the chosen shards. No image is read.",
+)
+
 # Every per-shard asset: what the new-data sensor runs for a range of changed shards
 # once the global assets exist (before that, only the ingest stage).
 shard_job = stage_job(
@@ -141,7 +151,7 @@ defs = dg.Definitions(
         labeling_queue,
         curated_dataset,
     ],
-    jobs=[*RUN_STAGES, shard_job],
+    jobs=[*RUN_STAGES, shard_job, rethreshold_job],
     sensors=[
         build_new_data_sensor(
             shard_job, prepare_job, ingest_job, required_global=["clip_threshold", "pose_statistics", "quality_model"]

@@ -62,47 +62,73 @@ def clip_embeddings_and_image_stats(
 ):
     import pandas as pd
 
+    from danbooru_assets.clip_model import image_stats_frame
     from danbooru_assets.embeddings import embedding_column
     from danbooru_assets.image_loader import ThroughputLogger
     from danbooru_assets.shard_index import USABLE_STATUSES
 
     fingerprint_id = clip_model.fingerprint_id()
-    seconds_encoding = 0.0
-    embedding_dim = 0
 
-    def embed_shard(shard: str):
-        nonlocal seconds_encoding, embedding_dim
-        index = shard_index[shard]
-        candidates = index.loc[index["status"].isin(USABLE_STATUSES), REUSE_KEY + ["rel_path"]]
-        # Incremental: rows of the previous materialization with the same model and the
-        # same file (size, mtime) are kept; only new or changed images are decoded.
-        emb_path = storage.asset_path("clip_embeddings", shard)
-        stats_path = storage.asset_path("image_stats", shard)
-        reused_emb = reused_stats = None
-        if emb_path.exists() and stats_path.exists():
-            prev_emb = read_parquet(emb_path)
-            prev_stats = read_parquet(stats_path)
-            same_model = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
-            reusable = candidates[REUSE_KEY].merge(same_model[REUSE_KEY], on=REUSE_KEY)["image_id"]
-            reused_emb = same_model.loc[same_model["image_id"].isin(reusable)]
-            reused_stats = prev_stats.loc[prev_stats["image_id"].isin(reusable)]
-        todo = candidates.loc[~candidates["image_id"].isin([] if reused_emb is None else reused_emb["image_id"])]
-        context.log.debug(
-            f"shard {shard}: {len(candidates)} readable files, "
-            f"{0 if reused_emb is None else len(reused_emb)} reused, {len(todo)} to encode"
-        )
-        started = time.perf_counter()
-        paths = [dataset.image_path(p) for p in todo["rel_path"]]
-        progress = ThroughputLogger(context.log.debug, label=f"images of shard {shard}")
-        embeddings, stats = clip_model.embed_images(paths, todo["image_id"].tolist(), progress=progress)
-        seconds_encoding += time.perf_counter() - started
-        if embeddings.ndim == 2:
-            embedding_dim = int(embeddings.shape[1])
+    # 1. Per shard: what is new. Incremental: rows of the previous materialization with
+    # the same model and the same file (size, mtime) are kept.
+    plans: dict[str, dict] = {}
+    plan_errors: dict[str, Exception] = {}
+    for shard in sorted(context.partition_keys):
+        try:
+            index = shard_index[shard]
+            candidates = index.loc[index["status"].isin(USABLE_STATUSES), REUSE_KEY + ["rel_path"]]
+            emb_path = storage.asset_path("clip_embeddings", shard)
+            stats_path = storage.asset_path("image_stats", shard)
+            reused_emb = reused_stats = None
+            if emb_path.exists() and stats_path.exists():
+                prev_emb = read_parquet(emb_path)
+                prev_stats = read_parquet(stats_path)
+                same_model = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
+                reusable = candidates[REUSE_KEY].merge(same_model[REUSE_KEY], on=REUSE_KEY)["image_id"]
+                reused_emb = same_model.loc[same_model["image_id"].isin(reusable)]
+                reused_stats = prev_stats.loc[prev_stats["image_id"].isin(reusable)]
+            done = [] if reused_emb is None else reused_emb["image_id"]
+            plans[shard] = {
+                "todo": candidates.loc[~candidates["image_id"].isin(done)].assign(shard=shard),
+                "reused_emb": reused_emb,
+                "reused_stats": reused_stats,
+            }
+        except Exception as exc:  # reported by the shard loop below, with the others
+            plan_errors[shard] = exc
+
+    # 2. One pass of the model over every new image of the range: one data loader (its
+    # worker processes start once, not once per shard), full batches across shards.
+    todo_all = pd.concat([p["todo"] for p in plans.values()], ignore_index=True) if plans else None
+    encoded: dict[str, tuple] = {}
+    started = time.perf_counter()
+    if todo_all is not None and len(todo_all):
+        context.log.info(f"{len(todo_all):,} images to encode in {len(plans)} shards")
+        progress = ThroughputLogger(context.log.info, label="images")
+        # An id can sit in two bucket folders (a misplaced file); the model takes unique ids per call.
+        for part in (todo_all.loc[~todo_all["image_id"].duplicated()], todo_all.loc[todo_all["image_id"].duplicated()]):
+            if len(part):
+                paths = [dataset.image_path(p) for p in part["rel_path"]]
+                embeddings, stats = clip_model.embed_images(paths, part["image_id"].tolist(), progress=progress)
+                stats.insert(1, "shard", part["shard"].to_numpy())
+                vectors = embedding_column(embeddings)
+                for shard, rows in stats.groupby("shard").indices.items():
+                    encoded.setdefault(shard, []).append(
+                        (stats.iloc[rows].drop(columns="shard").reset_index(drop=True), [vectors[i] for i in rows])
+                    )
+    seconds_encoding = time.perf_counter() - started
+
+    # 3. Per shard: new rows + reused rows, sorted by id.
+    def assemble_shard(shard: str):
+        if shard in plan_errors:
+            raise plan_errors[shard]
+        plan = plans[shard]
+        todo, reused_emb, reused_stats = plan["todo"], plan["reused_emb"], plan["reused_stats"]
+        parts = encoded.get(shard, [])
+        stats = pd.concat([s for s, _ in parts], ignore_index=True) if parts else image_stats_frame([], [], [])
+        vectors = [v for _, vs in parts for v in vs]
         stats = stats.merge(todo[REUSE_KEY], on="image_id", how="left")
         new_emb = stats[REUSE_KEY + ["status"]].copy()
-        new_emb["embedding"] = [
-            e if status == "ok" else None for e, status in zip(embedding_column(embeddings), stats["status"])
-        ]
+        new_emb["embedding"] = [v if status == "ok" else None for v, status in zip(vectors, stats["status"])]
         new_emb["model_fingerprint_id"] = fingerprint_id
         emb_columns = REUSE_KEY + ["status", "embedding", "model_fingerprint_id"]
         frames_emb = [new_emb[emb_columns]] + ([reused_emb[emb_columns]] if reused_emb is not None else [])
@@ -127,7 +153,7 @@ def clip_embeddings_and_image_stats(
         write_parquet(storage.asset_path("image_stats", shard), tables[1])
 
     loop = ShardLoop(context, "clip_embeddings")
-    results = loop.run(embed_shard, keep_on_failure=keep)
+    results = loop.run(assemble_shard, keep_on_failure=keep)
     common = {
         **loop.metadata(["images", "encoded", "reused", "unreadable"]),
         "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
@@ -135,7 +161,7 @@ def clip_embeddings_and_image_stats(
     yield dg.Output(
         {shard: tables[0] for shard, tables in results.items()},
         output_name="clip_embeddings",
-        metadata={**common, **clip_model.metadata(), "embedding_dim": embedding_dim},
+        metadata={**common, **clip_model.metadata(), "embedding_dim": int(clip_model.fingerprint()["embed_dim"])},
     )
     ok = max(loop.totals.get("images", 0) - loop.totals.get("unreadable", 0), 0)
     yield dg.Output(
