@@ -105,5 +105,7 @@ def test_rows_reads_only_the_wanted_rows_of_their_shards(base, tmp_path: Path):
     rows = tables.rows([2001, 3002, 3002, 9009])  # 9009: no such shard file
     assert sorted(zip(rows["image_id"], rows["v"])) == [(2001, 10), (3002, 200)]
     assert tables.rows([]).empty
+    empty = tables["0009"]  # never materialized: an empty shard with the asset's columns
+    assert empty.empty and list(empty.columns) == ["image_id", "v"]
     with pytest.raises(KeyError, match="no stored table"):
-        tables["0009"]
+        StorageResource(base_path=str(tmp_path / "nothing")).shard_tables("t")["0001"]
