@@ -495,7 +495,9 @@ class ClipModelResource(dg.ConfigurableResource):
                 ids,
                 worker_transform,
                 batch_size=self.batch_size,
-                num_workers=default_num_workers(self.num_workers),
+                # Worker processes take seconds to start (a spawned one imports torch again);
+                # a few batches decode faster in this process.
+                num_workers=default_num_workers(self.num_workers) if n > 2 * self.batch_size else 0,
                 target_short_side=loaded.image_size,
                 pin_memory=loaded.device.type == "cuda",
             )

@@ -461,7 +461,7 @@ class Bench:
         for r in rows:
             mark = {True: "yes", False: "NO", None: ""}[r["ok"]]
             print("  ".join(str(r[k]).ljust(w) for k, w in zip(("what", "measured", "target"), widths)) + f"  {mark}")
-        out = self.work / "results.json"
+        out = self.work / (f"results-{self.args.only.replace(',', '-')}.json" if self.args.only else "results.json")
         out.write_text(json.dumps({
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.args).items()},
             "cpus": os.cpu_count(), "env": self.env, "steps": self.steps, "table": rows,
@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-contrast", action="store_true", help="skip the one-run-per-shard contrast (g)")
     parser.add_argument("--sensor-interval", type=int, default=15,
                         help="DANBOORU_SENSOR_INTERVAL_S for new_data_sensor (default 15)")
+    parser.add_argument("--only", help="comma-separated steps to run (a,b,c,f,d,d2,e,g,h), e.g. `e,h` again "
+                        "on the --out folder of an earlier full run")
     parser.add_argument("--step-timeout", type=float, default=1800.0,
                         help="seconds a step may take before it is stopped and reported (default 1800)")
     args = parser.parse_args(argv)
@@ -547,20 +549,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"work folder {args.work}; {os.cpu_count()} CPUs; {sys.executable}")
 
     bench = Bench(args)
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(step: str) -> bool:  # a (generate) always: it reuses an existing tree in a moment
+        return only is None or step in only or step == "a"
+
     try:
-        bench.generate()
-        bench.main_job()
-        bench.settings()
-        bench.imports()
-        with contextlib.ExitStack() as stack:
-            bench.start_dagster(stack)
-            bench.threshold_backfill()
-            bench.threshold_one_run()
-            bench.one_shard()
-            if not args.skip_contrast:
-                bench.contrast()
-            bench.sensor()
-            print("\nstopping the local deployment", flush=True)
+        for step, run in (("a", bench.generate), ("b", bench.main_job), ("c", bench.settings), ("f", bench.imports)):
+            if wanted(step):
+                run()
+        served = [("d", bench.threshold_backfill), ("d2", bench.threshold_one_run), ("e", bench.one_shard),
+                  ("g", bench.contrast), ("h", bench.sensor)]
+        if args.skip_contrast:
+            served = [s for s in served if s[0] != "g"]
+        if any(wanted(step) for step, _ in served):
+            with contextlib.ExitStack() as stack:
+                bench.start_dagster(stack)
+                for step, run in served:
+                    if wanted(step):
+                        run()
+                print("\nstopping the local deployment", flush=True)
     finally:
         bench.report()
         if args.out is None:  # keep results.json and the logs, not the data
