@@ -65,9 +65,13 @@ class ProgressBar(logging.Handler):
 
 
 def run_main_job(args: argparse.Namespace) -> int:
+    import os
+
     from danbooru_assets import environment
+    from danbooru_assets.partitions import PLANNED_EVENTS_ENV
 
     home = environment.ensure_dagster_home()
+    os.environ.setdefault(PLANNED_EVENTS_ENV, "true")  # one planned event per asset and range run
     if environment.using_sample_data():
         from danbooru_assets.sample_data import generate_sample_dataset
 
