@@ -3,6 +3,7 @@ and settings changes are observed so the UI's staleness and the automation follo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -114,10 +115,13 @@ def build_new_data_sensor(
             job_name = first_stage_job.name
         ranges = shard_ranges(changed, max_per_range=inference_shards_per_run())
         context.log.info(f"{len(changed)} changed shards in {len(ranges)} ranges ({job_name}): {ranges[:20]}")
-        stamp = "-".join(f"{current[s]['files']}.{current[s]['newest_mtime']}" for s in changed)[:200]
+        # The run key names what was seen (stable across processes): the same change is never requested twice.
+        stamp = hashlib.sha256(
+            "-".join(f"{s}:{current[s]['files']}.{current[s]['newest_mtime']}" for s in changed).encode()
+        ).hexdigest()[:12]
         return [
             dg.RunRequest(
-                run_key=f"{first}-{last}-{metadata_fp}-{hash(stamp) & 0xFFFFFFFF:08x}",
+                run_key=f"{first}-{last}-{metadata_fp}-{stamp}",
                 job_name=job_name,
                 tags={**range_tags(first, last), "danbooru/trigger": "new_data"},
             )
