@@ -113,6 +113,7 @@ class ShardTables(Mapping[str, "pd.DataFrame"]):
         keys = sorted(keys)  # a range arrives as a set; shards are zero-padded keys
         self.keys_with_data = [k for k in keys if k in existing]
         self.missing = [k for k in keys if k not in existing]
+        self._empty: pa.Table | None = None
 
     def _existing_keys(self) -> set[str]:
         # One listing instead of probing 1,000 keys one by one.
@@ -135,12 +136,12 @@ class ShardTables(Mapping[str, "pd.DataFrame"]):
         if shard in self.keys_with_data:
             return read_parquet(self.path(shard), columns)
         if shard in self.missing and self.keys_with_data:
-            import pyarrow.parquet as pq
+            if self._empty is None:  # the schema of a stored shard, read once
+                import pyarrow.parquet as pq
 
-            with self.path(self.keys_with_data[0]).open("rb") as f:
-                schema = pq.read_schema(f)
-            empty = schema.empty_table()
-            return (empty.select(columns) if columns else empty).to_pandas()
+                with self.path(self.keys_with_data[0]).open("rb") as f:
+                    self._empty = pq.read_schema(f).empty_table()
+            return (self._empty.select(columns) if columns else self._empty).to_pandas()
         raise KeyError(f"{self.asset}: shard {shard} has no stored table (materialize {self.asset} first)")
 
     def __getitem__(self, shard: str) -> pd.DataFrame:
