@@ -135,7 +135,7 @@ def run_main_job(args: argparse.Namespace) -> int:
                 print(f"  {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
     finally:
         progress_logger.removeHandler(bar)
-    print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dagster dev` (DAGSTER_HOME={home})")
+    print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dg dev` or `dagster dev` (DAGSTER_HOME={home})")
     return 0
 
 
