@@ -134,7 +134,10 @@ class ShardTables(Mapping[str, "pd.DataFrame"]):
         with the asset's columns: no upstream data is an empty shard, not an error."""
         columns = columns or self.columns
         if shard in self.keys_with_data:
-            return read_parquet(self.path(shard), columns)
+            try:
+                return read_parquet(self.path(shard), columns)
+            except Exception as exc:  # a corrupt or truncated table: say which file
+                raise ValueError(f"{self.path(shard)}: cannot read {self.asset} of shard {shard}: {exc}") from exc
         if shard in self.missing and self.keys_with_data:
             if self._empty is None:  # the schema of a stored shard, read once
                 import pyarrow.parquet as pq

@@ -67,6 +67,7 @@ def test_a_failing_shard_fails_the_range_by_name_and_the_others_are_kept(ranged)
         assert not result.success
         message = _step_failure(result)
         assert f"1 of {len(p.range)} shards failed" in message and f"- {bad}:" in message
+        assert f"shard_index/{bad}.parquet" in message  # the file at fault, by name
         assert _materialized(result, "clip_embeddings") == []  # the run is the unit of failure
         # ... but the encoded shards were stored, so re-executing costs only the failed one.
         assert Path(p.storage.asset_path("clip_embeddings", good).path).exists()
