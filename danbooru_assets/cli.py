@@ -85,9 +85,14 @@ def run_main_job(args: argparse.Namespace) -> int:
     from danbooru_assets.dataset import DatasetRootError
     from danbooru_assets.definitions import RUN_STAGES, defs
     from danbooru_assets.partitions import range_tags, shard_ranges
-    from danbooru_assets.settings import section_observations
+    from danbooru_assets.settings import SettingsError, load_settings, section_observations
     from danbooru_assets.shard_runs import progress_logger
 
+    try:  # a bad settings file stops the run here, in one line, before any job starts
+        settings = load_settings(defs.resources["settings"].path)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     dataset = defs.resources["dataset"]
     try:
         dataset.check_root()
@@ -106,7 +111,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get()
     # The settings sections' data versions, so the UI can tell when a later edit makes
     # these materializations stale.
-    for observation in section_observations(defs.resources["settings"].load(), "danbooru-assets run"):
+    for observation in section_observations(settings, "danbooru-assets run"):
         instance.report_runless_asset_event(observation)
     progress_logger.setLevel(logging.INFO)
     progress_logger.propagate = False
@@ -141,21 +146,51 @@ def run_main_job(args: argparse.Namespace) -> int:
 
 def settings_command(args: argparse.Namespace) -> int:
     from danbooru_assets import environment
-    from danbooru_assets.settings import load_settings, save_settings, set_setting
+    from danbooru_assets.settings import (
+        SettingsError,
+        assign,
+        load_settings,
+        read_settings_data,
+        save_settings,
+        validate_settings,
+    )
 
     path = environment.settings_path()
-    settings = before = load_settings(path)
-    if args.settings_action == "set":
+    if args.settings_action == "show":
+        try:
+            settings = load_settings(path)
+        except SettingsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            data = read_settings_data(path) or {}
+        except SettingsError as exc:
+            print(f"error: {exc}; fix or delete the file first", file=sys.stderr)
+            return 2
+        try:
+            before = validate_settings(data, str(path))
+        except SettingsError:
+            before = None  # a value this set may fix; every section counts as changed
+        assigned: list[tuple[str, str]] = []
         for assignment in args.assignments:
             key, sep, value = assignment.partition("=")
             if not sep:
-                print(f"error: expected KEY=VALUE, got {assignment!r}", file=sys.stderr)
+                print(f"error: expected KEY=VALUE, got {assignment!r}; {path} unchanged", file=sys.stderr)
                 return 2
             try:
-                settings = set_setting(settings, key, value)
-            except ValueError as exc:
-                print(f"error: {assignment}: {exc}", file=sys.stderr)
+                data = assign(data, key.strip(), value)
+            except SettingsError as exc:
+                print(f"error: {assignment}: {exc}; {path} unchanged", file=sys.stderr)
                 return 2
+            assigned.append((key.strip(), assignment))
+        try:
+            settings = validate_settings(data, f"settings file {path}")
+        except SettingsError as exc:
+            culprit = _blamed_assignment(exc.key or "", assigned)
+            message = f"{culprit}: {exc.detail}" if culprit else str(exc)
+            print(f"error: {message}; {path} unchanged", file=sys.stderr)
+            return 2
         save_settings(path, settings)
         changed = report_settings_change(before, settings)
         print(f"saved {path}; changed sections: {', '.join(changed) or 'none'}"
@@ -167,14 +202,24 @@ def settings_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _blamed_assignment(bad_key: str, assigned: list[tuple[str, str]]) -> str | None:
+    """The ``KEY=VALUE`` that set ``bad_key`` (or a key under it, or the section it made);
+    ``None`` when the bad key was in the file already."""
+
+    def within(inner: str, outer: str) -> bool:
+        return inner == outer or inner.startswith((f"{outer}.", f"{outer}["))
+
+    return next((a for key, a in assigned if within(bad_key, key) or within(key, bad_key)), None)
+
+
 def report_settings_change(before, after) -> list[str]:
     """Record the new data version of each changed settings section in the Dagster
     instance (``$DAGSTER_HOME``, default ``.dagster_home``), so staleness shows at once."""
     from danbooru_assets import environment
     from danbooru_assets.settings import section_asset_name, section_hashes, section_observations
 
-    old, new = section_hashes(before), section_hashes(after)
-    changed = [name for name in new if old[name] != new[name]]
+    old, new = (section_hashes(before) if before is not None else {}), section_hashes(after)
+    changed = [name for name in new if old.get(name) != new[name]]
     if changed:
         import dagster as dg
 
@@ -234,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         "label",
         help="serve the labeling page for the current labeling_queue",
         description="Serve the labeling page (localhost by default): keys 1 good, 2 questionable, "
-        "3 bad, z undo, s skip, k skeleton. Labels go to the SQLite label store.",
+        "3 bad, z undo, s skip, k skeleton (after a conflict: o overwrite, n keep theirs). Each tab is its "
+        "own session. Labels go to the SQLite label store.",
     )
     add_label_arguments(p)
     p.set_defaults(func=run_label)

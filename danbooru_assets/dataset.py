@@ -20,12 +20,30 @@ from danbooru_assets.partitions import SHARD_KEYS
 if TYPE_CHECKING:
     import numpy as np
 
-METADATA_SUFFIXES = (".json", ".jsonl")
+# JSON-lines, plain or gzip-compressed (mirrors ship posts.json.gz).
+METADATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp"})
+# The most pixels one decode may produce (~7,000 x 7,000): a 100M-pixel PNG took 11 s and
+# 1.3 GB to decode, and each loader worker may hold one; PIL itself only warns at 89M and
+# refuses at 179M. JPEGs count at the scale they are decoded at (libjpeg reduces by up to
+# 8 per side), so a big JPEG is still read, at reduced scale (image_loader.size_problem).
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class DatasetRootError(FileNotFoundError):
     pass
+
+
+def resolve_inside(root: Path | str, rel_path: str) -> Path:
+    """``root / rel_path`` with every symbolic link followed; ``ValueError`` when that
+    leads outside ``root`` (itself resolved). Every reader of dataset files (index, exports,
+    labeling page) applies this one rule: a link inside the root is fine, one out of it is
+    never read."""
+    root = Path(root).resolve()
+    path = (root / rel_path).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{rel_path} resolves to {path}, outside the dataset root {root}")
+    return path
 
 
 @dataclass
@@ -38,6 +56,7 @@ class ShardFiles:
     ext: list[str]
     file_bytes: np.ndarray  # int64
     mtime: np.ndarray  # float64
+    is_link: np.ndarray  # bool: the directory entry is a symbolic link
 
     def __len__(self) -> int:
         return len(self.name)
@@ -51,6 +70,12 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
     image_folder: str = Field(
         default="original",
         description="Image folder under the root: 'original' or '512px' (Danbooru20xx's downscaled copy).",
+    )
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        gt=0,
+        description="The most pixels one image decode may produce (JPEGs count at their reduced "
+        "decode scale). shard_index gives larger images the status 'too_large'; they are never decoded.",
     )
 
     @property
@@ -74,6 +99,15 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
     def image_path(self, rel_path: str) -> Path:
         return self.root_path / rel_path
 
+    def outside_root_problem(self, rel_path: str) -> str:
+        """Why ``rel_path`` may not be read ("" when it may): following its links leads
+        out of the dataset root."""
+        try:
+            resolve_inside(self.root_path, rel_path)
+        except ValueError as exc:
+            return str(exc)
+        return ""
+
     def scan_shard(self, shard: str) -> ShardFiles:
         """Every regular file in the shard's bucket folder: one ``scandir`` pass, one
         ``stat`` per file (size, mtime), nothing opened."""
@@ -83,6 +117,7 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
         names: list[str] = []
         sizes: list[int] = []
         mtimes: list[float] = []
+        links: list[bool] = []
         if folder.is_dir():
             with os.scandir(folder) as entries:
                 for entry in entries:
@@ -92,6 +127,7 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
                     names.append(entry.name)
                     sizes.append(st.st_size)
                     mtimes.append(st.st_mtime)
+                    links.append(entry.is_symlink())  # from the directory entry: no extra syscall
         stems = [n.partition(".")[0] for n in names]
         ids = np.array([int(s) if s.isdigit() else -1 for s in stems], dtype=np.int64)
         # By id, then name (123.jpg before 123.png); files without an id last.
@@ -103,6 +139,7 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
             ext=[names[i].partition(".")[2].lower() for i in order],
             file_bytes=np.array(sizes, dtype=np.int64)[order] if names else np.zeros(0, dtype=np.int64),
             mtime=np.array(mtimes, dtype=np.float64)[order] if names else np.zeros(0, dtype=np.float64),
+            is_link=np.array(links, dtype=bool)[order] if names else np.zeros(0, dtype=bool),
         )
 
     def shards_with_images(self) -> list[str]:
@@ -116,7 +153,10 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
         folder = self.root_path / "metadata"
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in METADATA_SUFFIXES)
+        return sorted(
+            p for p in folder.iterdir()
+            if p.is_file() and p.name.endswith(METADATA_SUFFIXES) and not p.name.startswith(".")
+        )
 
     def metadata_fingerprint(self) -> str:
         """Changes when a metadata file is added, removed, resized or touched."""

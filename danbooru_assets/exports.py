@@ -5,10 +5,17 @@ classifier's prediction). Shards follow the WebDataset convention: consecutive t
 members sharing a key (``<key>.jpg`` + ``<key>.json``) form one sample, so any WebDataset
 loader streams them without an index. Output is deterministic (sorted by image id,
 fixed member metadata) and every file is written atomically.
+
+Keypoints are in the displayed frame (EXIF orientation applied, like every stage), so a
+sample's image must show that frame to any loader, including PIL's ``Image.open`` which
+ignores EXIF: a file whose EXIF orientation is not 1 is exported as the decoded, upright
+pixels in PNG (lossless from the decode; ``orientation_applied`` in its JSON says which
+orientation was applied). Every other file is exported byte for byte.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -21,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from danbooru_assets.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
+from danbooru_assets.dataset import resolve_inside
+from danbooru_assets.image_loader import open_image_rgb, read_image_header
 from danbooru_assets.labels.store import LABEL_CLASSES
 from danbooru_assets.pose.keypoint_files import keypoint_json
 from danbooru_assets.storage import add_tar_member, atomic_path, atomic_write_parquet
@@ -99,11 +108,30 @@ def keypoints_dict(row: np.ndarray, min_confidence: float | None = None) -> dict
 
 
 def _resolve_inside(root: Path, rel_path: str) -> Path:
-    """``root / rel_path`` resolved, refusing anything that points outside ``root``."""
-    path = (root / rel_path).resolve()
-    if not path.is_relative_to(root):
-        raise ValueError(f"rel_path {rel_path!r} escapes the dataset root")
-    return path
+    """``root / rel_path`` resolved, refusing anything that points outside ``root`` (the
+    dataset's one rule, :func:`danbooru_assets.dataset.resolve_inside`)."""
+    try:
+        return resolve_inside(root, rel_path)
+    except ValueError as exc:
+        raise ValueError(f"rel_path {rel_path!r} escapes the dataset root: {exc}") from None
+
+
+# Formats whose files can carry an EXIF orientation (what the decoder applies).
+_EXIF_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp"})
+
+
+def _export_image(path: Path) -> tuple[str, bytes, int]:
+    """``(extension, bytes, orientation applied)`` of one sample's image: the file as
+    stored, or, when its EXIF turns or mirrors it, the upright decoded pixels as PNG."""
+    ext = path.suffix.lstrip(".").lower() or "bin"
+    if ext in _EXIF_EXTENSIONS:
+        orientation = read_image_header(path).orientation
+        if orientation != 1:
+            upright, _ = open_image_rgb(path)
+            buf = io.BytesIO()
+            upright.save(buf, format="PNG")
+            return "png", buf.getvalue(), orientation
+    return ext, path.read_bytes(), 1
 
 
 def _none_if_nan(value: Any) -> Any:
@@ -135,7 +163,9 @@ def write_webdataset_shards(manifest: pd.DataFrame, dataset_root: Path | str,
 
     The key is the image id; samples go in image-id order, ``samples_per_shard`` per
     shard. The JSON (keys in a fixed order) holds ``image_id, class, source, probs, tags, md5, rel_path`` and
-    ``keypoints`` in the seed's format (``{name: [y, x]}``; null when the image has none).
+    ``keypoints`` in the seed's format (``{name: [y, x]}``; null when the image has none) and
+    ``orientation_applied`` (1: the image bytes as stored; else the EXIF orientation applied
+    to give the upright PNG the keypoints refer to).
     Each shard is written atomically, and shards left over from a previous, larger export
     are removed. ``missing="skip"`` skips (and logs) images whose file is absent instead of
     raising. Returns the shard paths in order.
@@ -154,7 +184,7 @@ def write_webdataset_shards(manifest: pd.DataFrame, dataset_root: Path | str,
         kp_by_id = dict(zip(keypoints["image_id"].astype("int64").tolist(), arr))
 
     rows = manifest.sort_values("image_id", kind="stable").drop_duplicates("image_id")
-    samples: list[tuple[str, str, Path, dict[str, Any]]] = []
+    samples: list[tuple[str, Path, dict[str, Any]]] = []
     for rec in rows.to_dict("records"):
         image_id = int(rec["image_id"])
         path = _resolve_inside(root, str(rec["rel_path"]))
@@ -163,7 +193,6 @@ def write_webdataset_shards(manifest: pd.DataFrame, dataset_root: Path | str,
                 log.warning("image %s missing at %s; skipped", image_id, path)
                 continue
             raise FileNotFoundError(f"image {image_id}: {path} does not exist")
-        ext = path.suffix.lstrip(".").lower() or "bin"
         kp = kp_by_id.get(image_id)
         meta = {
             "image_id": image_id,
@@ -175,15 +204,17 @@ def write_webdataset_shards(manifest: pd.DataFrame, dataset_root: Path | str,
             "rel_path": str(rec["rel_path"]),
             "keypoints": None if kp is None else keypoints_dict(kp, min_confidence),
         }
-        samples.append((str(image_id), ext, path, meta))
+        samples.append((str(image_id), path, meta))
 
     written: list[Path] = []
     for shard_no, start in enumerate(range(0, len(samples), samples_per_shard)):
         shard_path = out / SHARD_PATTERN.format(shard_no)
         with atomic_path(shard_path) as tmp:
             with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, ext, path, meta in samples[start:start + samples_per_shard]:
-                    add_tar_member(tar, f"{key}.{ext}", path.read_bytes())
+                for key, path, meta in samples[start:start + samples_per_shard]:
+                    ext, data, orientation = _export_image(path)
+                    meta = {**meta, "orientation_applied": orientation}
+                    add_tar_member(tar, f"{key}.{ext}", data)
                     add_tar_member(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
         written.append(shard_path)
     # a previous export with more samples left higher-numbered shards: they are stale now

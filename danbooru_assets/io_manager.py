@@ -5,7 +5,9 @@ One file per asset per partition (``<base>/<asset>/<partition>.parquet``; unpart
 ``<base>/<asset>.parquet``); the base can be a local folder or any fsspec URL
 (``s3://…``, ``gs://…``, ``memory://…``). Writes are atomic: the table goes to a
 temporary sibling that is renamed into place, so a crash never leaves a half-written
-Parquet file where a reader would find it.
+Parquet file where a reader would find it. Temporary files a killed write left behind
+are removed by the next write of the same asset, once stale (``storage.remove_stale_temps``;
+local folders).
 
 Ranges: a step covering several shards returns ``{shard: DataFrame}`` (one entry per
 shard of its range) and receives every partitioned input as :class:`ShardTables`, a
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 import dagster as dg
 from upath import UPath
 
-from danbooru_assets.storage import atomic_path, dataframe_to_table, temp_sibling
+from danbooru_assets.storage import atomic_path, dataframe_to_table, remove_stale_temps, temp_sibling
 
 if TYPE_CHECKING:  # loaded where used: loading the code location imports neither
     import pandas as pd
@@ -86,6 +88,16 @@ def write_arrow(path: UPath, table: pa.Table) -> None:
         return buf.getvalue()
 
     _atomic_write(path, lambda local: pq.write_table(table, local), encoded)
+
+
+def remove_stale_temp_files(folder: UPath, target_suffix: str = PARQUET_SUFFIX, target_name: str | None = None) -> list[str]:
+    """Remove what killed writes left in ``folder`` (see ``storage.remove_stale_temps``);
+    local folders only: an object store's move is one request, and its temporary objects
+    carry no reliable modification time across stores."""
+    folder = UPath(folder)
+    if not _is_local(folder):
+        return []
+    return [str(p) for p in remove_stale_temps(folder.path, target_suffix, target_name)]
 
 
 def write_bytes(path: UPath, data: bytes) -> None:
@@ -208,6 +220,8 @@ class ParquetIOManager(dg.UPathIOManager):
                 f"{context.asset_key.to_user_string()}: the Parquet IO manager stores pandas "
                 f"DataFrames, got {type(obj).__name__}"
             )
+        if not context.has_asset_partitions:  # a partitioned output cleans its folder once, in handle_output
+            _log_removed(context, remove_stale_temp_files(path.parent, target_name=path.name))
         write_parquet(path, obj)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
@@ -229,6 +243,7 @@ class ParquetIOManager(dg.UPathIOManager):
             got = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
             raise TypeError(f"{name}: a step over shards {keys[0]}..{keys[-1]} must return one table per shard, got {got}")
         folder = self._asset_folder(context.asset_key)
+        _log_removed(context, remove_stale_temp_files(folder))
         for key in keys:
             self.dump_to_path(context, obj[key], folder / f"{key}{self.extension}")
         context.add_output_metadata(
@@ -257,6 +272,13 @@ class ParquetIOManager(dg.UPathIOManager):
 
     def get_metadata(self, context: dg.OutputContext, obj: Any) -> dict[str, Any]:
         return {"dagster/row_count": len(obj)} if hasattr(obj, "columns") else {}
+
+
+def _log_removed(context: dg.OutputContext, removed: list[str]) -> None:
+    if removed:
+        context.log.warning(
+            f"removed {len(removed)} stale temporary file(s) left by a killed write: " + ", ".join(removed[:5])
+        )
 
 
 def _declared_columns(context: dg.InputContext) -> list[str] | None:
@@ -300,8 +322,10 @@ class ParquetIOManagerFactory(dg.ConfigurableIOManagerFactory):
 
 def prune_shard_files(folder: UPath, keep: set[str]) -> None:
     """Remove ``<shard>.parquet`` files of a split-by-shard side table (metadata,
-    published keypoints) whose shard no longer has rows after a re-conversion."""
+    published keypoints) whose shard no longer has rows after a re-conversion, and
+    stale temporary files a killed conversion left there."""
     folder = UPath(folder)
+    remove_stale_temp_files(folder)
     if folder.exists():
         for old in folder.iterdir():
             if old.name.endswith(PARQUET_SUFFIX) and old.name[: -len(PARQUET_SUFFIX)] not in keep:

@@ -61,6 +61,43 @@ def build_features(embeddings: np.ndarray | None, pose: pd.DataFrame | None = No
     return np.concatenate(blocks, axis=1), names
 
 
+def rows_with_embeddings(image_ids: Sequence[int] | np.ndarray, embeddings: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray]:
+    """The stored embedding row of each of ``image_ids`` that has one (in ``image_ids``'
+    order, first row of an id stored twice), and the ids without one.
+
+    Images without an embedding (unreadable, or not encoded yet) are left out, never
+    given a zero vector: zeros would train the classifier and form a cluster of their own
+    in the queue. Callers count and report the ids left out.
+    """
+    ids = pd.Series(np.asarray(image_ids, dtype=np.int64), name="image_id")
+    stored = embeddings.loc[embeddings["embedding"].notna()].drop_duplicates("image_id")
+    rows = ids.to_frame().merge(stored, on="image_id", how="left", sort=False)
+    has = rows["embedding"].notna().to_numpy()
+    return rows.loc[has].reset_index(drop=True), ids.to_numpy()[~has]
+
+
+def single_clip_model(rows: pd.DataFrame, what: str) -> str | None:
+    """The one CLIP model fingerprint of embedding ``rows`` (``image_id``,
+    ``model_fingerprint_id``), None for no rows. Embeddings of two models live in two
+    unrelated spaces: a mix raises, naming each fingerprint and the shards holding it."""
+    from danbooru_assets.partitions import shard_key
+
+    fingerprints = rows["model_fingerprint_id"].dropna().astype(str)
+    found = sorted(fingerprints.unique())
+    if len(found) <= 1:
+        return found[0] if found else None
+    shards = rows.loc[fingerprints.index, "image_id"].map(shard_key)
+    listed = []
+    for fp in found:
+        its = sorted(set(shards[fingerprints == fp]))
+        listed.append(f"{fp} ({len(its)} shard{'s' if len(its) != 1 else ''}: "
+                      f"{', '.join(its[:10])}{' …' if len(its) > 10 else ''})")
+    raise ValueError(
+        f"{what}: the embeddings come from {len(found)} CLIP models: " + "; ".join(listed)
+        + ". Rematerialize clip_embeddings for those shards with one model first"
+    )
+
+
 # ---- model --------------------------------------------------------------------------
 def make_pipeline(kind: str = "logreg", seed: int = 0, C: float = 0.1) -> Pipeline:
     """Impute → standardise → classifier (``logreg``: balanced multinomial LR; ``mlp``).

@@ -12,20 +12,67 @@ the UI marks exactly the affected assets stale, with no code reload.
 
 ``danbooru-assets settings show`` prints the settings in force; ``settings set
 clip.keep_fraction=0.3`` changes one value.
+
+``settings set`` and loading the file share one validation path (:func:`validate_settings`,
+the pydantic models' constraints): an unknown key or section (named with the closest valid
+key), a duplicate key, malformed YAML or a value outside its range is a
+:class:`SettingsError`, one line naming the file (or assignment) and the key; ``set`` then
+leaves the file unchanged and a run fails with that line. No file, or one holding nothing
+but comments, means the defaults (the latter with a warning).
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import dagster as dg
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from danbooru_assets.coco import KEYPOINT_NAMES
+from danbooru_assets.labels.resource import LABEL_CLASSES
 from danbooru_assets.storage import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+# Unknown keys are errors (a typo must never be saved and silently ignored), and so are
+# NaN and infinities (a NaN threshold kept 0 images and the run still succeeded).
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class SettingsError(ValueError):
+    """A settings file or ``settings set`` value that cannot be used; the message is one
+    line naming the file (or assignment) and the key."""
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key = key
+        # The problem without the file's name, for a caller that names the culprit itself.
+        self.detail = detail or message
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _checked_names(names: list[str], allowed, what: str) -> list[str]:
+    """``names`` if each is one of ``allowed`` and none repeats."""
+    for name in names:
+        if name not in allowed:
+            hint = _did_you_mean(name, allowed) or f"; valid: {', '.join(allowed)}"
+            raise ValueError(f"unknown {what} {name!r}{hint}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} listed twice: {', '.join(repeated)}")
+    return names
+
 
 # "A single illustrated character in a clear full/upper body pose" — what the pose model
 # needs — against the seed's list of what a 10x10 Danbooru sample grid is mostly made of.
@@ -49,52 +96,84 @@ DEFAULT_NEGATIVE_PROMPTS: list[str] = [
 class PoseRules(dg.Config):
     """Geometric rules a pose must pass to enter ``pose_subset`` (all configurable).
 
-    A pydantic model (Dagster ``Config``), so it nests in run config and settings.
+    A pydantic model (Dagster ``Config``), so it nests in run config and settings; the
+    same constraints hold for both.
     """
 
-    min_confidence: float = 0.2
-    """Required keypoints need at least this confidence."""
-    margin: float = 0.02
+    model_config = STRICT
+
+    min_confidence: float = Field(0.2, ge=0, le=1)
+    """Required keypoints need at least this confidence (0 to 1)."""
+    margin: float = Field(0.02, gt=-0.5, le=1)
     """Required keypoints may lie this far (fraction of width/height) outside the frame;
-    negative values demand a distance from the border instead."""
+    negative values demand a distance from the border instead (above -0.5, or nothing fits)."""
     required_inside: list[str] = [
         "nose", "shoulder_left", "shoulder_right", "elbow_left", "elbow_right",
         "wrist_left", "wrist_right", "hip_left", "hip_right",
     ]
+    """COCO keypoint names (``danbooru_assets.coco.KEYPOINT_NAMES``)."""
     allow_hips_below_frame: bool = True
     """Upper-body portraits (the seed's y >= 512 hips): hips below the frame pass the
     inside, confidence and hip-density checks."""
-    density_quantile: float = 0.95
+    density_quantile: float = Field(0.95, gt=0, le=1)
     """Hip and shoulder midpoints must lie in the densest region holding this share."""
     check_midpoint_density: bool = True
-    ratio_mad_k: float = 4.0
+    ratio_mad_k: float = Field(4.0, gt=0)
     """Limb and shoulder ratios must lie within median +- k * MAD (normal-consistent)."""
-    min_torso_length: float = 0.05
+    min_torso_length: float = Field(0.05, ge=0, le=1)
     """Torso length as a fraction of the image height, below which the pose is unusable."""
     check_left_right: bool = True
-    max_lr_length_ratio: float = 2.0
-    """Left/right arm or leg length ratio must lie within [1/r, r]."""
-    lr_min_separation: float = 0.15
+    max_lr_length_ratio: float = Field(2.0, ge=1)
+    """Left/right arm or leg length ratio must lie within [1/r, r] (r >= 1)."""
+    lr_min_separation: float = Field(0.15, ge=0)
     """Shoulders and hips count as facing opposite ways only when both are separated
     horizontally by more than this (in torso lengths)."""
 
-
+    @field_validator("required_inside")
+    @classmethod
+    def _known_keypoints(cls, names: list[str]) -> list[str]:
+        return _checked_names(names, KEYPOINT_NAMES, "keypoint")
 
 
 class ImageRules(BaseModel):
     """Image-statistic rules of ``clip_subset`` (the seed's "too much black border with
     too little content" case, and images too small to train on)."""
 
-    min_side: int = Field(256, description="Drop images whose shorter side is below this (pixels).")
+    model_config = STRICT
+
+    min_side: int = Field(256, ge=1, description="Drop images whose shorter side is below this (pixels).")
     max_dark_border_frac: float = Field(
-        0.35, description="Drop when near-black border rows+columns exceed this fraction ..."
+        0.35,
+        ge=0,
+        le=2,  # the near-black row fraction plus the column fraction: at most 2
+        description="Drop when near-black border rows+columns exceed this fraction ...",
     )
     min_content_area_frac: float = Field(
-        0.3, description="... and the content bounding box covers less than this fraction of the image."
+        0.3, ge=0, le=1, description="... and the content bounding box covers less than this fraction of the image."
     )
+
+
+def _checked_prompts(prompts: list[str] | None) -> list[str] | None:
+    """``None`` (the built-in defaults) or a non-empty list of distinct, non-blank prompts."""
+    if prompts is None:
+        return None
+    if not prompts:
+        raise ValueError("an empty list; use null for the built-in defaults")
+    prompts = [p.strip() for p in prompts]
+    if "" in prompts:
+        raise ValueError("a blank prompt")
+    return _checked_names(prompts, prompts, "prompt")
+
+
+def _empty_section(value: Any) -> Any:
+    """A section left empty (``clip:`` with everything under it commented out) holds the
+    defaults, as a missing one does."""
+    return {} if value is None else value
 
 
 class ClipSettings(BaseModel):
+    model_config = STRICT
+
     positive_prompts: list[str] | None = Field(
         None, description="Prompts describing a wanted image (None: the built-in defaults)."
     )
@@ -103,33 +182,62 @@ class ClipSettings(BaseModel):
     )
     keep_fraction: float = Field(0.2, gt=0, le=1, description="Target fraction kept by clip_threshold.")
     fixed_threshold: float | None = Field(
-        None, description="A fixed portrait-score threshold; overrides keep_fraction when set."
+        None,
+        ge=0,
+        le=1,  # portrait_score is a probability
+        description="A fixed portrait-score threshold; overrides keep_fraction when set.",
     )
     image_rules: ImageRules = Field(default_factory=ImageRules)
+
+    _prompts = field_validator("positive_prompts", "negative_prompts")(_checked_prompts)
+    _image_rules = field_validator("image_rules", mode="before")(_empty_section)
 
 
 class QualitySettings(BaseModel):
     """The active-learning loop: label 1%, train, predict, label 5%, retrain, 25%, …"""
 
-    round_fractions: list[float] = Field(
-        [0.01, 0.05, 0.25], description="Cumulative share of pose_subset labeled by the end of each round."
+    model_config = STRICT
+
+    round_fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        [0.01, 0.05, 0.25],
+        min_length=1,
+        description="Cumulative share of pose_subset labeled by the end of each round (increasing, in (0, 1]).",
     )
     min_round_size: int = Field(
-        20, description="A round asks for at least this many labels (a classifier needs a few per class)."
+        20, ge=1, description="A round asks for at least this many labels (a classifier needs a few per class)."
     )
-    classifier: str = Field("logreg", description="'logreg' (default) or 'mlp' (scikit-learn).")
+    # The kinds quality.make_pipeline builds.
+    classifier: Literal["logreg", "mlp"] = Field("logreg", description="'logreg' (default) or 'mlp' (scikit-learn).")
     retrain_min_new_labels: int = Field(
-        20, description="The retrain sensor requests a new quality_model after this many new labels."
+        20, ge=1, description="The retrain sensor requests a new quality_model after this many new labels."
     )
     keep_classes: list[str] = Field(
-        ["good", "questionable"], description="Classes curated_dataset keeps (the seed's best + sort-of-complex)."
+        ["good", "questionable"],
+        min_length=1,
+        description="Label classes curated_dataset keeps (the seed's best + sort-of-complex).",
     )
+
+    @field_validator("round_fractions")
+    @classmethod
+    def _increasing(cls, fractions: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(fractions, fractions[1:])):
+            raise ValueError("must increase from round to round (cumulative shares)")
+        return fractions
+
+    @field_validator("keep_classes")
+    @classmethod
+    def _label_classes(cls, classes: list[str]) -> list[str]:
+        return _checked_names(classes, LABEL_CLASSES, "label class")
 
 
 class CurationSettings(BaseModel):
+    model_config = STRICT
+
     clip: ClipSettings = Field(default_factory=ClipSettings)
     pose: PoseRules = Field(default_factory=PoseRules, description="Geometric rules of pose_subset.")
     quality: QualitySettings = Field(default_factory=QualitySettings)
+
+    _sections = field_validator("clip", "pose", "quality", mode="before")(_empty_section)
 
 
 def settings_hash(section: BaseModel | dict) -> str:
@@ -137,17 +245,154 @@ def settings_hash(section: BaseModel | dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_settings(path: Path | str) -> CurationSettings:
-    """The settings in the file, defaults for what it leaves out; a bad file is an error
-    naming the file and the field (never silently ignored)."""
+def _dotted(loc: tuple) -> str:
+    """``("quality", "round_fractions", 1)`` → ``quality.round_fractions[1]``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def setting_keys(model: type[BaseModel] = CurationSettings, prefix: str = "") -> list[str]:
+    """Every valid dotted key: sections, subsections and values."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys += setting_keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
+def _unknown_key(key: str) -> str:
+    keys = setting_keys()
+    parent, _, leaf = key.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    # A typo among its siblings first, then the same name misplaced under another section.
+    hint = _did_you_mean(key, siblings)
+    if not hint:
+        by_leaf = {k.rpartition(".")[2]: k for k in keys if k not in siblings}
+        close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.8)
+        hint = f" (did you mean {by_leaf[close[0]]}?)" if close else ""
+    if hint:
+        return "unknown key" + hint
+    names = ", ".join(k.rpartition(".")[2] for k in siblings)
+    return f"unknown key; valid {'keys under ' + parent if parent else 'sections'}: {names}"
+
+
+def _problem(error: dict) -> tuple[str, str]:
+    """``(dotted key, what is wrong)`` for one pydantic error."""
+    key = _dotted(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return key, _unknown_key(key)
+    text = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
+    if not isinstance(value, dict):
+        shown = repr(value)
+        text += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+    return key, text
+
+
+def validate_settings(data: dict, where: str) -> CurationSettings:
+    """The one validation path of the file and of ``settings set``: a :class:`SettingsError`
+    ``"<where>: <key>: <problem>"`` (every problem, on one line) for anything unusable."""
+    try:
+        return CurationSettings.model_validate(data)
+    except ValidationError as exc:
+        problems = [_problem(e) for e in exc.errors()]
+        text = "; ".join(f"{key}: {what}" for key, what in problems)
+        raise SettingsError(f"{where}: {text}", key=problems[0][0], detail=text) from None
+
+
+def _duplicate_key(node, prefix: str = "", seen_nodes: set | None = None) -> tuple[str, int, int] | None:
+    """The first key that a YAML mapping repeats (PyYAML keeps the last one silently):
+    ``(dotted key, first line, second line)``."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias: checked already
+        return None
+    seen_nodes.add(id(node))
+    children = []
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            name = str(key_node.value)
+            key = f"{prefix}.{name}" if prefix else name
+            line = key_node.start_mark.line + 1
+            if name in lines:
+                return key, lines[name], line
+            lines[name] = line
+            children.append((value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(item, f"{prefix}[{i}]") for i, item in enumerate(node.value)]
+    for child, key in children:
+        found = _duplicate_key(child, key, seen_nodes)
+        if found:
+            return found
+    return None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """Where the YAML breaks, quoting the line (which names the key) where the broken
+    construct starts."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "context_mark", None) or getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"not valid YAML: {problem}"
+    lines = text.splitlines()
+    quoted = f" ({lines[mark.line].strip()!r})" if mark.line < len(lines) else ""
+    return f"not valid YAML at line {mark.line + 1}{quoted}: {problem}"
+
+
+def read_settings_data(path: Path | str) -> dict | None:
+    """The file's sections as parsed YAML, unvalidated; ``None`` when there is no file or
+    it holds nothing (only comments). A :class:`SettingsError` for unreadable or
+    malformed YAML, a duplicate key, or a document that is not a mapping of sections."""
     path = Path(path)
     if not path.exists():
-        return CurationSettings()
+        return None
+    where = f"settings file {path}"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        return CurationSettings.model_validate(raw)
-    except (yaml.YAMLError, ValueError) as exc:
-        raise ValueError(f"settings file {path} is invalid: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{where} cannot be read: {exc}") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        duplicate = _duplicate_key(node) if node is not None else None
+        if duplicate:
+            key, first, second = duplicate
+            raise SettingsError(f"{where}: duplicate key {key} (lines {first} and {second})", key=key)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{where}: {_yaml_problem(exc, text)}") from None
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise SettingsError(
+            f"{where}: expected a mapping of sections ({', '.join(CurationSettings.model_fields)}), "
+            f"found a {type(data).__name__}"
+        )
+    return data
+
+
+def load_settings(path: Path | str) -> CurationSettings:
+    """The settings in the file, defaults for what it leaves out. A bad file is a
+    :class:`SettingsError` naming the file and the key (never silently ignored); an empty
+    file means the defaults, with a warning."""
+    data = read_settings_data(path)
+    if data is None:
+        if Path(path).exists():
+            logger.warning("settings file %s holds no settings: using the defaults", path)
+        return CurationSettings()
+    return validate_settings(data, f"settings file {path}")
+
+
+def settings_source(path: Path | str) -> str:
+    """Where :func:`load_settings` takes the settings from, for materialization metadata."""
+    path = Path(path)
+    if not path.exists():
+        return f"defaults (no file at {path})"
+    if read_settings_data(path) is None:
+        return f"defaults ({path} holds no settings)"
+    return "settings file"
 
 
 def save_settings(path: Path | str, settings: CurationSettings) -> None:
@@ -157,15 +402,34 @@ def save_settings(path: Path | str, settings: CurationSettings) -> None:
     atomic_write_text(path, text)
 
 
-def set_setting(settings: CurationSettings, dotted_key: str, value: str) -> CurationSettings:
-    """``clip.keep_fraction=0.3``-style edit; the value is parsed as YAML."""
-    data = settings.model_dump(mode="json")
+def assign(data: dict, dotted_key: str, value: str) -> dict:
+    """A copy of the unvalidated ``data`` with ``dotted_key`` set to ``value`` parsed as
+    YAML (``clip.keep_fraction=0.3`` style); validate the result with
+    :func:`validate_settings`."""
+    parts = dotted_key.split(".")
+    if not all(parts):
+        raise SettingsError(f"{dotted_key!r} is not a key like clip.keep_fraction", key=dotted_key)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SettingsError(f"{dotted_key}: not a YAML value ({problem})", key=dotted_key) from None
+    data = copy.deepcopy(data)
     node = data
-    *parents, leaf = dotted_key.split(".")
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = yaml.safe_load(value)
-    return CurationSettings.model_validate(data)
+    for depth, part in enumerate(parts[:-1], start=1):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            section = ".".join(parts[:depth])
+            raise SettingsError(f"{section} is a value, not a section: set {section}=VALUE", key=section)
+        node = node[part]
+    node[parts[-1]] = parsed
+    return data
+
+
+def set_setting(settings: CurationSettings, dotted_key: str, value: str) -> CurationSettings:
+    """``settings`` with ``dotted_key`` set to ``value`` (parsed as YAML), validated."""
+    return validate_settings(assign(settings.model_dump(mode="json"), dotted_key, value), f"{dotted_key}={value}")
 
 
 def prompt_lists(clip: ClipSettings) -> tuple[list[str], list[str]]:
@@ -219,4 +483,16 @@ class SettingsResource(dg.ConfigurableResource):
     path: str
 
     def load(self) -> CurationSettings:
-        return load_settings(self.path)
+        return self._failing_run(load_settings)
+
+    def source(self) -> str:
+        """``settings file``, or ``defaults (…)`` when there is no file or it is empty."""
+        return self._failing_run(settings_source)
+
+    def _failing_run(self, read: Callable[[str], Any]) -> Any:
+        # A dg.Failure: the run's failure message is the one line naming the file and key.
+        try:
+            return read(self.path)
+        except SettingsError as exc:
+            metadata = {"settings_file": self.path, **({"key": exc.key} if exc.key else {})}
+            raise dg.Failure(description=str(exc), metadata=metadata, allow_retries=False) from None

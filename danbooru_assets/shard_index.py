@@ -1,8 +1,16 @@
 """Build one shard's index: a row per image file, metadata joined by id.
 
 Width and height come from the metadata when it describes the same file (the
-``original/`` folder, same extension); otherwise from the image header — PIL's
-``Image.open`` parses the header only, never decoding pixels.
+``original/`` folder, same extension); otherwise from the image header
+(:func:`danbooru_assets.image_loader.read_image_header`: the header only, never pixels),
+in the displayed frame, EXIF orientation applied. Danbooru's metadata sizes are the stored
+frame (exiftool's ``File:ImageWidth``); they differ only for a JPEG whose EXIF turns it by
+90 degrees, and the CLIP stage's decode reports the displayed size (``image_stats``'
+``orig_width``/``orig_height``). Reading every header to learn its orientation would cost
+the index its speed.
+
+What later stages may read is decided here, once: a row whose ``status`` is not in
+:data:`USABLE_STATUSES` is never opened again.
 """
 
 from __future__ import annotations
@@ -11,20 +19,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
-
-from danbooru_assets.dataset import IMAGE_EXTENSIONS, DanbooruDatasetResource
 import pyarrow as pa
 
+from danbooru_assets.dataset import IMAGE_EXTENSIONS, DanbooruDatasetResource
+from danbooru_assets.image_loader import (
+    STATUS_TOO_LARGE as DECODE_TOO_LARGE,
+    ImageDecodeError,
+    pil_pixel_ceiling,
+    read_image_header,
+    size_problem,
+    smallest_decode_pixels,
+)
 from danbooru_assets.metadata import METADATA_COLUMNS, empty_metadata_frame, last_row_per_id, metadata_arrow_schema
+from danbooru_assets.partitions import NUM_SHARDS, shard_key
 
-# Status values, most severe first: a row carries the first that applies.
+# A row carries the first status that applies, in this order: outside_root, wrong_shard,
+# zero_bytes, unknown_extension, unreadable_header / too_large, no_metadata, ok.
 STATUS_OK = "ok"
+STATUS_OUTSIDE_ROOT = "outside_root"  # a symbolic link (or folder) leading out of the dataset root: never read
+STATUS_WRONG_SHARD = "wrong_shard"  # id % 1000 is another bucket: not read (its own bucket is where it belongs)
 STATUS_ZERO_BYTES = "zero_bytes"
 STATUS_UNKNOWN_EXTENSION = "unknown_extension"
 STATUS_UNREADABLE_HEADER = "unreadable_header"
+STATUS_TOO_LARGE = "too_large"  # over the dataset resource's max_pixels: never decoded
 STATUS_NO_METADATA = "no_metadata"
-STATUSES = (STATUS_OK, STATUS_NO_METADATA, STATUS_UNREADABLE_HEADER, STATUS_UNKNOWN_EXTENSION, STATUS_ZERO_BYTES)
+STATUSES = (
+    STATUS_OK, STATUS_NO_METADATA, STATUS_UNREADABLE_HEADER, STATUS_TOO_LARGE, STATUS_UNKNOWN_EXTENSION,
+    STATUS_ZERO_BYTES, STATUS_WRONG_SHARD, STATUS_OUTSIDE_ROOT,
+)
 # Rows with these statuses hold a decodable-looking image; later stages read them.
 USABLE_STATUSES = (STATUS_OK, STATUS_NO_METADATA)
 
@@ -52,9 +74,21 @@ class ShardIndexReport:
     header_reads: int = 0
 
 
-def read_header_size(path) -> tuple[int, int]:
-    with Image.open(path) as img:  # lazy: parses the header, decodes nothing
-        return img.size
+def _outside_root(dataset: DanbooruDatasetResource, shard: str, rel_path: np.ndarray, is_link: np.ndarray):
+    """``(mask, problems)`` of rows whose path leads out of the dataset root: all of them
+    when the bucket folder does, else the symbolic links that do (only links are resolved,
+    so a shard of plain files costs one folder resolve)."""
+    outside = np.zeros(len(rel_path), dtype=bool)
+    problems = np.full(len(rel_path), "", dtype=object)
+    folder_problem = dataset.outside_root_problem(f"{dataset.image_folder}/{shard}")
+    if folder_problem:
+        outside[:] = True
+        problems[:] = f"the bucket folder {folder_problem}"
+        return outside, problems
+    for i in np.flatnonzero(is_link):
+        problems[i] = dataset.outside_root_problem(rel_path[i])
+        outside[i] = bool(problems[i])
+    return outside, problems
 
 
 def build_shard_index(
@@ -83,6 +117,7 @@ def build_shard_index(
     ext = np.array([e for e, ok in zip(files.ext, named) if ok], dtype=object)
     file_bytes = files.file_bytes[named]
     mtime = files.mtime[named]
+    is_link = files.is_link[named]
 
     # Join by id: metadata is sorted by id, so a binary search finds each file's row.
     if len(meta_ids):
@@ -115,18 +150,37 @@ def build_shard_index(
     status = np.full(n, STATUS_OK, dtype=object)
     problem = np.full(n, "", dtype=object)
 
-    zero = file_bytes == 0
-    unknown = ~zero & ~np.isin(ext, list(IMAGE_EXTENSIONS))
+    outside, outside_problems = _outside_root(dataset, shard, rel_path, is_link)
+    status[outside], problem[outside] = STATUS_OUTSIDE_ROOT, outside_problems[outside]
+    # A misplaced file (123.jpg in 0042) is listed where it lies but never read: its id's
+    # own shard is where later stages look for it, and reading it here would give one id
+    # two rows across shards.
+    wrong = ~outside & (ids % NUM_SHARDS != int(shard))
+    status[wrong] = STATUS_WRONG_SHARD
+    problem[wrong] = [f"id {i} belongs in bucket {shard_key(i)}, not {shard}" for i in ids[wrong]]
+    zero = ~outside & ~wrong & (file_bytes == 0)
+    unknown = ~outside & ~wrong & ~zero & ~np.isin(ext, list(IMAGE_EXTENSIONS))
     status[zero], problem[zero] = STATUS_ZERO_BYTES, "file is empty"
     status[unknown] = STATUS_UNKNOWN_EXTENSION
     problem[unknown] = [f"extension '.{e}' is not an image type" for e in ext[unknown]]
-    for i in np.flatnonzero(~zero & ~unknown & ~meta_size_ok):
+    jpeg = norm_ext == "jpg"
+    for i in np.flatnonzero((status == STATUS_OK) & ~meta_size_ok):
         report.header_reads += 1
         try:
-            width[i], height[i] = read_header_size(dataset.image_path(rel_path[i]))
+            header = read_image_header(dataset.image_path(rel_path[i]))
+            width[i], height[i], jpeg[i] = header.width, header.height, header.format == "JPEG"
             size_source[i] = "header"
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            status[i], problem[i] = STATUS_UNREADABLE_HEADER, f"{type(exc).__name__}: {exc}"
+        except ImageDecodeError as exc:
+            too_large = exc.status == DECODE_TOO_LARGE
+            status[i] = STATUS_TOO_LARGE if too_large else STATUS_UNREADABLE_HEADER
+            problem[i] = exc.reason
+    # Over the pixel limit even at the smallest decode: no later stage decodes it.
+    ceiling = pil_pixel_ceiling()
+    over = (status == STATUS_OK) & (smallest_decode_pixels(width, height, jpeg) > dataset.max_pixels)
+    if ceiling is not None:
+        over |= (status == STATUS_OK) & (width * height > ceiling)
+    for i in np.flatnonzero(over):
+        status[i], problem[i] = STATUS_TOO_LARGE, size_problem(width[i], height[i], bool(jpeg[i]), dataset.max_pixels)
     no_meta = (status == STATUS_OK) & ~has_meta
     status[no_meta], problem[no_meta] = STATUS_NO_METADATA, "no metadata line for this id"
 

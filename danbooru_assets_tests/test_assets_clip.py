@@ -135,3 +135,73 @@ def test_subset_rules_record_every_reason(ingested):
     truth = read_ground_truth(ingested.root).set_index("image_id")
     black = subset.loc[subset["image_id"].map(truth["kind"]) == "black_border"]
     assert len(black) and black["drop_reasons"].str.contains("dark_border_little_content").mean() >= 0.8
+
+
+def test_a_kill_between_the_two_tables_writes_loses_no_image(ingested):
+    """kill -9 after clip_embeddings was renamed into place, before image_stats was: the
+    re-run must give two tables with the same images and drop no readable image."""
+    from danbooru_assets.io_manager import read_parquet, write_parquet
+
+    shard = ingested.shards[3]
+    stats_path = ingested.storage.asset_path("image_stats", shard)
+    stats_before = read_parquet(stats_path)
+    folder = ingested.root / "original" / shard
+    sources = [p for p in sorted(folder.iterdir()) if p.suffix == ".jpg"][:3]
+    new_ids = [int(p.stem) + 1000 * (990 + i) for i, p in enumerate(sources)]  # same bucket, unused ids
+    for source, new_id in zip(sources, new_ids):
+        (folder / f"{new_id}.jpg").write_bytes(source.read_bytes())
+    try:
+        ingested.materialize(INGEST, shard)
+        # The state the kill leaves: the new images' embeddings stored, their statistics not.
+        write_parquet(stats_path, stats_before)
+        assert set(new_ids) <= set(ingested.table("clip_embeddings", shard)["image_id"])
+
+        result = ingested.materialize(INGEST, shard)
+        meta = ingested.metadata(result, "clip_embeddings")
+        assert meta["encoded"] == len(new_ids) and meta["reused"] == meta["images"] - len(new_ids)
+        emb = ingested.table("clip_embeddings", shard)
+        stats = ingested.table("image_stats", shard)
+        assert emb["image_id"].tolist() == stats["image_id"].tolist()
+        assert (stats.set_index("image_id").loc[new_ids, "status"] == "ok").all()
+        ingested.materialize(["clip_subset"], shard)
+        subset = ingested.table("clip_subset", shard).set_index("image_id")
+        assert not subset.loc[new_ids, "drop_reasons"].str.contains("unreadable").any()
+    finally:
+        for new_id in new_ids:
+            (folder / f"{new_id}.jpg").unlink()
+        ingested.materialize(INGEST, shard)
+        ingested.materialize(["clip_subset"], shard)
+
+
+def test_an_empty_prompt_list_is_an_error_not_the_defaults(ingested):
+    before = ingested.table("prompt_embeddings")
+    for field in ("positive_prompts", "negative_prompts"):
+        config = {"ops": {"prompt_embeddings": {"config": {field: []}}}}
+        with pytest.raises(Exception, match=f"{field} is an empty list"):
+            ingested.materialize(["prompt_embeddings"], run_config=config)
+    assert ingested.table("prompt_embeddings").equals(before)
+
+
+def test_threshold_says_how_many_indexed_shards_it_covers(ingested):
+    import shutil
+
+    result = ingested.materialize(["clip_threshold"])
+    meta = ingested.metadata(result, "clip_threshold")
+    n = len(ingested.shards)
+    assert meta["indexed_shards"] == n and meta["shard_coverage"] == 1.0
+    assert "every indexed shard counts" in meta["coverage"]
+    # A shard indexed but not scored yet: the threshold says it left that shard out.
+    index_folder = ingested.storage.path("shard_index")
+    unscored = next(k for k in (f"{i:04d}" for i in range(999, 0, -1)) if k not in ingested.shards)
+    extra = index_folder / f"{unscored}.parquet"
+    shutil.copy(str(index_folder / f"{ingested.shards[0]}.parquet"), str(extra))
+    try:
+        result = ingested.materialize(["clip_threshold"])
+        meta = ingested.metadata(result, "clip_threshold")
+        assert meta["indexed_shards"] == n + 1 and meta["shard_coverage"] == pytest.approx(n / (n + 1))
+        assert meta["coverage"].startswith("**Partial:**") and unscored in meta["coverage"]
+        table = ingested.table("clip_threshold")
+        assert table["indexed_shards"].iloc[0] == n + 1
+    finally:
+        extra.unlink()
+        ingested.materialize(["clip_threshold"])

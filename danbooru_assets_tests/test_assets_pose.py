@@ -71,11 +71,12 @@ def test_statistics_and_subset_carry_plots_reasons_and_skeleton_sheets(posed):
 def test_pose_rule_change_from_run_config(posed):
     shard = posed.shards[0]
     before = posed.table("pose_subset", shard)
-    strict = {"ops": {"pose_subset": {"config": {"rules": {"min_confidence": 1.5}}}}}
+    # Every required keypoint 49% of the frame away from each border, a torso the image's height: nothing passes.
+    strict = {"ops": {"pose_subset": {"config": {"rules": {"margin": -0.49, "min_torso_length": 1.0}}}}}
     result = posed.materialize(["pose_subset"], shard, strict)
     after = posed.table("pose_subset", shard)
     assert len(after) == len(before)
-    assert not after["keep"].any()  # no imported keypoint has confidence above 1.5
+    assert not after["keep"].any()
     assert posed.metadata(result, "pose_subset")["settings_source"] == "run config"
 
 
@@ -106,3 +107,95 @@ def test_model_backend_runs_batched_on_cpu_and_stores_original_pixels(posed):
     finally:
         posed.resources["pose_estimator"] = files_backend
         posed.materialize(["pose_keypoints"], shard)
+
+
+def test_a_replaced_image_is_estimated_again_the_others_reused(posed):
+    import io
+
+    from PIL import Image
+
+    shard = max(posed.shards, key=lambda s: int(posed.table("clip_subset", s)["kept"].sum()))
+    keypoints = posed.table("pose_keypoints", shard)
+    index = posed.table("shard_index", shard).set_index("image_id")
+    image_id = int(keypoints["image_id"].iloc[0])
+    path = posed.resources["dataset"].image_path(index.loc[image_id, "rel_path"])
+    original = path.read_bytes()
+    # The same picture saved again: same id, same size in pixels, another file.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(original)).convert("RGB").save(buf, format="JPEG", quality=40)
+    assert len(buf.getvalue()) != len(original)
+    stages = ["shard_index", "clip_embeddings", "image_stats", "clip_scores", "clip_subset", "pose_keypoints"]
+    try:
+        path.write_bytes(buf.getvalue())
+        result = posed.materialize(stages, shard)
+        meta = posed.metadata(result, "pose_keypoints")
+        assert meta["estimated"] == 1 and meta["reused"] == meta["images"] - 1 == len(keypoints) - 1
+        after = posed.table("pose_keypoints", shard).set_index("image_id")
+        assert after.loc[image_id, "file_bytes"] == len(buf.getvalue())
+        untouched = keypoints.loc[keypoints["image_id"] != image_id, "image_id"]
+        assert (after.loc[untouched, "file_bytes"].to_numpy() == keypoints.set_index("image_id").loc[untouched, "file_bytes"].to_numpy()).all()
+    finally:
+        path.write_bytes(original)
+        posed.materialize(stages, shard)
+
+
+def test_a_keypoint_file_edited_in_place_is_imported_again(posed, tmp_path):
+    import json
+    import os
+    import tarfile
+
+    from danbooru_assets.pose.resource import PoseEstimatorResource
+
+    shard = max(posed.shards, key=lambda s: int((posed.table("pose_keypoints", s)["status"] == "ok").sum()))
+    ok = posed.table("pose_keypoints", shard)
+    image_id = int(ok.loc[ok["status"] == "ok", "image_id"].iloc[0])
+    folder = tmp_path / "keypoints"
+    with tarfile.open(posed.resources["pose_estimator"].keypoint_files) as tar:
+        tar.extractall(folder, filter="data")
+    edited = next(folder.rglob(f"{image_id}.json"))
+    files_backend = posed.resources["pose_estimator"]
+    posed.resources["pose_estimator"] = PoseEstimatorResource(keypoint_files=str(folder), axis_order="yx")
+    try:
+        posed.materialize(["published_keypoints"])
+        posed.materialize(["pose_keypoints"], shard)
+        nose_x = posed.table("pose_keypoints", shard).set_index("image_id").loc[image_id, "kp_nose_x"]
+        # Edit the file in place: the nose moves 7 px to the right (the file is (row, col)).
+        data = json.loads(edited.read_text())
+        data["nose"] = [data["nose"][0], data["nose"][1] + 7.0]
+        st = edited.stat()
+        edited.write_text(json.dumps(data))
+        os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a tick coarse clocks see
+        # pose_keypoints alone would store the old import under the new files' fingerprint: refused.
+        with pytest.raises(Exception, match="changed since published_keypoints imported them"):
+            posed.materialize(["pose_keypoints"], shard)
+        posed.materialize(["published_keypoints"])
+        result = posed.materialize(["pose_keypoints"], shard)
+        assert posed.metadata(result, "pose_keypoints")["estimated"] > 0
+        moved = posed.table("pose_keypoints", shard).set_index("image_id").loc[image_id, "kp_nose_x"]
+        assert moved == pytest.approx(nose_x + 7.0)
+    finally:
+        posed.resources["pose_estimator"] = files_backend
+        posed.materialize(["published_keypoints"])
+        posed.materialize(["pose_keypoints"], shards=posed.shards)
+
+
+def test_a_skipped_density_rule_is_said(posed):
+    import json
+
+    from danbooru_assets.io_manager import write_parquet
+
+    shard = posed.shards[0]
+    result = posed.materialize(["pose_subset"], shard)
+    assert posed.metadata(result, "pose_subset")["density_rule"] == "applied"
+    statistics = posed.table("pose_statistics")
+    stats = json.loads(statistics["statistics_json"].iloc[0])
+    stats["density"]["hip_mid"]["n"] = 0  # as if no pose had hips to learn the region from
+    write_parquet(posed.storage.asset_path("pose_statistics"), statistics.assign(statistics_json=json.dumps(stats)))
+    try:
+        result = posed.materialize(["pose_subset"], shard)
+        rule = posed.metadata(result, "pose_subset")["density_rule"]
+        assert rule.startswith("skipped") and "hip_midpoint_outlier not checked" in rule
+        assert "shoulder_midpoint_outlier" not in rule
+    finally:
+        posed.materialize(["pose_statistics"])
+        posed.materialize(["pose_subset"], shard)

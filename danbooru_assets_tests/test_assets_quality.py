@@ -133,3 +133,50 @@ def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
     assert len(requests) == 1 and observed == [store.version()]
     requests, cursor, skip, _ = tick(cursor)
     assert requests == [] and "0 new labels" in skip
+
+
+def test_missing_embeddings_are_left_out_and_a_clip_model_mix_is_an_error(loop):
+    from danbooru_assets.io_manager import write_parquet
+    from danbooru_assets.partitions import shard_key
+
+    store = LabelStore(loop.resources["label_store"].path)
+    subset = pd.concat([loop.table("pose_subset", s) for s in loop.shards])
+    kept = subset.loc[subset["keep"].fillna(False).astype(bool), "image_id"]
+    truth = read_ground_truth(loop.root).set_index("image_id")["quality"]
+    if truth[list(store.labeled_ids())].nunique() < 2:  # run on its own: label every other kept image
+        for image_id in kept.iloc[::2]:
+            store.add(int(image_id), truth[image_id], labeler="simulated", round=1)
+    labeled = set(store.labeled_ids())
+    by_shard = kept.groupby(kept.map(shard_key))
+    # a shard holding labeled and unlabeled kept images
+    shard = max(by_shard.groups, key=lambda s: min(len(set(by_shard.get_group(s)) & labeled),
+                                                   len(set(by_shard.get_group(s)) - labeled)))
+    assert len({shard_key(i) for i in labeled}) >= 2
+    in_shard = by_shard.get_group(shard)
+    labeled_id = next(int(i) for i in in_shard if i in labeled)
+    unlabeled_id = next(int(i) for i in in_shard if i not in labeled)
+    path = loop.storage.asset_path("clip_embeddings", shard)
+    stored = loop.table("clip_embeddings", shard)
+    try:
+        # Two images lost their embedding (unreadable now): left out and counted, never zeros.
+        gone = stored["image_id"].isin([labeled_id, unlabeled_id])
+        lost = stored.copy()
+        lost.loc[gone, "embedding"] = None
+        lost.loc[gone, "status"] = "unreadable: test"
+        write_parquet(path, lost)
+        meta = loop.metadata(loop.materialize(["quality_model"]), "quality_model")
+        assert meta["trained"] is True
+        assert meta["labels_without_embedding"] == 1 and meta["labels_used"] == meta["labels"] - 1
+        meta = loop.metadata(loop.materialize(["quality_predictions"], shard), "quality_predictions")
+        assert meta["without_embedding"] == 2
+        predictions = loop.table("quality_predictions", shard)
+        assert len(predictions) and not predictions["image_id"].isin([labeled_id, unlabeled_id]).any()
+
+        # One shard encoded by another CLIP model: training on the mix is refused, naming both.
+        write_parquet(path, stored.assign(model_fingerprint_id="another-clip-model"))
+        with pytest.raises(Exception, match="2 CLIP models") as err:
+            loop.materialize(["quality_model"])
+        assert "another-clip-model" in str(err.value) and shard in str(err.value)
+    finally:
+        write_parquet(path, stored)
+        _refresh(loop)

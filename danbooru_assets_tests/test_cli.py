@@ -40,3 +40,106 @@ def test_settings_set_and_show(tmp_path: Path, monkeypatch, capsys):
 def test_parser_knows_every_documented_command():
     choices = build_parser()._subparsers._group_actions[0].choices
     assert {"run", "sample-data", "settings", "label", "export"} <= set(choices)
+
+
+@pytest.fixture
+def settings_file(tmp_path: Path, monkeypatch) -> Path:
+    """A valid settings file that every refused command must leave byte-for-byte as it is."""
+    from danbooru_assets.settings import CurationSettings, save_settings
+
+    path = tmp_path / "settings.yaml"
+    monkeypatch.setenv("DANBOORU_SETTINGS", str(path))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    save_settings(path, CurationSettings())
+    return path
+
+
+def refused(argv: list[str], capsys) -> str:
+    """The one stderr line of a command that must fail with exit status 2 and save nothing."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "saved" not in out
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "assignment, expected",
+    [
+        ("clip.keep_fracton=0.3", "clip.keep_fracton: unknown key (did you mean clip.keep_fraction?)"),
+        ("nonexistent.key=3", "nonexistent: unknown key; valid sections: clip, pose, quality"),
+        ("clip.fixed_threshold=.nan", "clip.fixed_threshold: Input should be a finite number"),
+        ("clip.fixed_threshold=.inf", "clip.fixed_threshold: Input should be a finite number"),
+        ("clip.image_rules.min_side=-5", "clip.image_rules.min_side: Input should be greater than or equal to 1"),
+        ("clip.positive_prompts=[]", "clip.positive_prompts: an empty list; use null for the built-in defaults"),
+        ("quality.keep_classes=[excellent]", "quality.keep_classes: unknown label class 'excellent'"),
+        ("pose.required_inside=[nose, tail]", "pose.required_inside: unknown keypoint 'tail'"),
+        ("quality.classifier=xgboost", "quality.classifier: Input should be 'logreg' or 'mlp' (got 'xgboost')"),
+        ("quality.round_fractions=[0.25, 0.05]", "quality.round_fractions: must increase"),
+        ("clip.keep_fraction=[1", "clip.keep_fraction: not a YAML value"),
+        ("clip.keep_fraction", "expected KEY=VALUE"),
+    ],
+)
+def test_settings_set_refuses_bad_input_and_leaves_the_file(settings_file: Path, capsys, assignment, expected):
+    before = settings_file.read_bytes()
+    err = refused(["settings", "set", "clip.keep_fraction=0.4", assignment], capsys)
+    assert expected in err
+    assert err.startswith(f"error: {assignment}") or "KEY=VALUE" in err
+    assert err.rstrip().endswith(f"{settings_file} unchanged")
+    assert settings_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("clip:\n  keep_fraction: [1\n", "not valid YAML at line 2 ('keep_fraction: [1')"),
+        ("clip:\n  keep_fraction: 0.3\n  keep_fraction: 0.4\n", "duplicate key clip.keep_fraction (lines 2 and 3)"),
+        ("clips:\n  keep_fraction: 0.3\n", "clips: unknown key (did you mean clip?)"),
+        ("clip:\n  keep_fraction: .nan\n", "clip.keep_fraction: Input should be a finite number"),
+    ],
+)
+def test_settings_show_of_a_broken_file_is_one_line(settings_file: Path, capsys, text, expected):
+    settings_file.write_text(text)
+    err = refused(["settings", "show"], capsys)
+    assert f"settings file {settings_file}: {expected}" in err
+
+
+def test_settings_set_on_a_broken_file(settings_file: Path, capsys):
+    settings_file.write_text("clip:\n  keep_fraction: 7\n")
+    # Another key: the file's own bad key is named, and the file stays as it is.
+    err = refused(["settings", "set", "pose.margin=0.05"], capsys)
+    assert f"settings file {settings_file}: clip.keep_fraction: Input should be less than or equal to 1" in err
+    assert settings_file.read_text() == "clip:\n  keep_fraction: 7\n"
+    # Setting the bad key itself repairs the file.
+    assert main(["settings", "set", "clip.keep_fraction=0.3"]) == 0
+    assert "keep_fraction: 0.3" in settings_file.read_text()
+    assert "changed sections: prompts, clip_threshold" in capsys.readouterr().out  # nothing known before: all
+    # YAML that cannot be parsed is not overwritten by set.
+    settings_file.write_text("clip: [\n")
+    assert "fix or delete the file first" in refused(["settings", "set", "clip.keep_fraction=0.3"], capsys)
+    assert settings_file.read_text() == "clip: [\n"
+
+
+def test_settings_show_of_an_empty_file_warns_and_shows_defaults(settings_file: Path, capsys, caplog):
+    settings_file.write_text("# nothing set yet\n")
+    assert main(["settings", "show"]) == 0
+    assert "holds no settings: using the defaults" in caplog.text
+    assert "keep_fraction: 0.2" in capsys.readouterr().out
+
+
+def test_run_with_a_broken_settings_file_stops_in_one_line(tmp_path: Path):
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("clip:\n  keep_fraction: [1\n")
+    env = {
+        **os.environ,
+        "DANBOORU_ROOT": str(tmp_path / "dataset"),
+        "DANBOORU_SETTINGS": str(settings),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "danbooru_assets.cli", "run"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: settings file {settings}: not valid YAML at line 2 ('keep_fraction: [1'): expected ',' or ']', but got '<stream end>'"]
+    assert "Traceback" not in proc.stderr

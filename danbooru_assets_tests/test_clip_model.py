@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -146,16 +147,22 @@ def test_hub_failure_fails_fast_with_instructions(monkeypatch: pytest.MonkeyPatc
 
 
 def test_unreachable_hub_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
-
     for var in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(clip_model, "_hub_weights_cached", lambda cfg: False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # nothing listens: refused at once
-    started = time.monotonic()
+    # Fast failure means one bounded connection probe, not open_clip's retrying download.
+    probes: list[tuple[tuple[str, int], float]] = []
+    real_connect = socket.create_connection
+
+    def recording_connect(address, timeout=None, *args, **kwargs):
+        probes.append((address, timeout))
+        return real_connect(address, timeout, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "create_connection", recording_connect)
     with pytest.raises(RuntimeError, match="unreachable"):
         ClipModelResource(device="cpu").load()
-    assert time.monotonic() - started < 10
+    assert probes == [(("127.0.0.1", 9), 3.0)]
 
 
 def test_hf_offline_context_restores(monkeypatch: pytest.MonkeyPatch) -> None:

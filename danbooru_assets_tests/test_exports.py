@@ -137,3 +137,38 @@ def test_keypoints_dict_confidence_filter() -> None:
     d = keypoints_dict(row, min_confidence=0.5)
     assert d["nose"] == [None, None] and d["eye_left"] == [20.0, 10.0]
     assert keypoints_dict(row)["nose"] == [20.0, 10.0]
+
+
+def test_oriented_images_are_exported_upright_with_their_keypoints(tmp_path: Path) -> None:
+    from danbooru_assets_tests.test_image_loader import DISPLAYED_CORNERS, corner_colour, save_oriented_jpeg
+
+    root = tmp_path / "root"
+    (root / "original" / "0006").mkdir(parents=True)
+    (root / "original" / "0001").mkdir(parents=True)
+    save_oriented_jpeg(root / "original" / "0006" / "6.jpg", 6, (64, 40))
+    save_oriented_jpeg(root / "original" / "0001" / "1.jpg", 1, (64, 40))
+    images = pd.DataFrame({"image_id": [6, 1], "rel_path": ["original/0006/6.jpg", "original/0001/1.jpg"]})
+    kp = _keypoints([6, 1])
+    shards = write_webdataset_shards(build_manifest(images), root, kp, tmp_path / "out")
+    by_key = {s["__key__"]: s for s in read_webdataset_samples(shards)}
+    turned = by_key["6"]
+    assert "jpg" not in turned and turned["json"]["orientation_applied"] == 6
+    upright = Image.open(io.BytesIO(turned["png"]))  # any loader: no EXIF left to apply
+    assert upright.size == (40, 64)
+    red, green = DISPLAYED_CORNERS[6]
+    assert corner_colour(upright, red, 4) == "red" and corner_colour(upright, green, 4) == "green"
+    plain = by_key["1"]
+    assert plain["json"]["orientation_applied"] == 1
+    assert plain["jpg"] == (root / "original" / "0001" / "1.jpg").read_bytes()  # as stored
+
+
+def test_link_out_of_the_root_is_not_exported(tmp_path: Path) -> None:
+    import os
+
+    images = _dataset(tmp_path / "root", [1])
+    (tmp_path / "secret.jpg").write_bytes(b"secret")
+    (tmp_path / "root" / "original" / "0002").mkdir()
+    os.symlink(tmp_path / "secret.jpg", tmp_path / "root" / "original" / "0002" / "2.jpg")
+    linked = pd.concat([images, pd.DataFrame({"image_id": [2], "rel_path": ["original/0002/2.jpg"]})])
+    with pytest.raises(ValueError, match="escapes the dataset root"):
+        write_webdataset_shards(build_manifest(linked), tmp_path / "root", None, tmp_path / "o")

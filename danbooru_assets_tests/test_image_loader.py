@@ -213,3 +213,149 @@ def test_forkserver_workers(tmp_path: Path) -> None:
     assert [b.failures for b in got] == [b.failures for b in ref] and got[-1].failures
     for a, b in zip(got, ref):
         assert torch.equal(a.pixels, b.pixels)
+
+
+# ---------------------------------------------------------------- orientation, bit depth, pixel limit
+
+RED, GREEN, GREY = (230, 20, 20), (20, 230, 20), (128, 128, 128)
+# Where the stored top-left (red) and top-right (green) corners are displayed, per EXIF
+# orientation, from the EXIF 2.3 table (0th row / 0th column), not from any library.
+DISPLAYED_CORNERS = {
+    1: ("tl", "tr"), 2: ("tr", "tl"), 3: ("br", "bl"), 4: ("bl", "br"),
+    5: ("tl", "bl"), 6: ("tr", "br"), 7: ("br", "tr"), 8: ("bl", "tl"),
+}
+
+
+def save_oriented_jpeg(path: Path, orientation: int, size: tuple[int, int] = (64, 40), block: int = 16) -> Path:
+    """A stored ``size`` JPEG: grey, red block at the stored top-left, green at the stored
+    top-right, with EXIF orientation ``orientation``."""
+    w, h = size
+    pixels = np.full((h, w, 3), GREY, dtype=np.uint8)
+    pixels[:block, :block] = RED
+    pixels[:block, w - block:] = GREEN
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, quality=95, exif=exif.tobytes())
+    return path
+
+
+def corner_colour(img: Image.Image, corner: str, inset: int) -> str:
+    arr = np.asarray(img, dtype=np.float64)
+    h, w = arr.shape[:2]
+    y = inset if corner[0] == "t" else h - 1 - inset
+    x = inset if corner[1] == "l" else w - 1 - inset
+    r, g, b = arr[y, x]
+    if r > 150 and g < 100:
+        return "red"
+    if g > 150 and r < 100:
+        return "green"
+    return "grey"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width x height`` followed by a few bytes of pixel data:
+    its header reads, its pixels never decode."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("target", [None, 100])
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, target: int | None) -> None:
+    from danbooru_assets.image_loader import read_image_header
+
+    # 640x400 stored; with a 100 px target the JPEG is drafted at 1/4 (160x100) first.
+    path = save_oriented_jpeg(tmp_path / f"o{orientation}.jpg", orientation, (640, 400), block=160)
+    img, size = open_image_rgb(path, target)
+    turned = orientation >= 5
+    assert size == ((400, 640) if turned else (640, 400))
+    stored_decode = (640, 400) if target is None else (160, 100)
+    assert img.size == (stored_decode[::-1] if turned else stored_decode)
+    red, green = DISPLAYED_CORNERS[orientation]
+    inset = 8 if target is None else 2
+    assert corner_colour(img, red, inset) == "red"
+    assert corner_colour(img, green, inset) == "green"
+    header = read_image_header(path)
+    assert (header.width, header.height, header.orientation, header.format) == (*size, orientation, "JPEG")
+
+
+def test_orientation_reaches_loader_sizes_and_stats(tmp_path: Path) -> None:
+    path = save_oriented_jpeg(tmp_path / "6.jpg", 6, (320, 200), block=40)
+    (batch,) = list(make_loader([path], [6], _transform, batch_size=2))
+    assert (batch.stats[0]["orig_width"], batch.stats[0]["orig_height"]) == (200, 320)
+
+
+def test_sixteen_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:
+    from danbooru_assets.image_loader import to_rgb8
+
+    # a full-range 16-bit gradient: 0..65535 left to right
+    gradient = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (32, 1))
+    path = tmp_path / "g16.png"
+    Image.fromarray(gradient).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    img, _ = open_image_rgb(path)
+    arr = np.asarray(img).astype(int)
+    assert img.mode == "RGB" and (arr[..., 0] == arr[..., 1]).all()
+    assert arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
+    assert abs(arr.mean() - 127.5) < 2  # was ~254: everything above 255 clipped to white
+    assert (np.diff(arr[0, :, 0]) >= 0).all()
+    # scaled by bit depth, not stretched: a dark 16-bit image stays dark
+    dark = tmp_path / "dark16.png"
+    Image.fromarray((gradient // 16).astype(np.uint16)).save(dark)
+    assert np.asarray(open_image_rgb(dark)[0]).max() == 15
+    # the 32-bit "I" container some 16-bit sources open as: same rule
+    as_i = to_rgb8(Image.fromarray(gradient.astype(np.int32)))
+    assert np.array_equal(np.asarray(as_i)[..., 0], arr[..., 0])
+
+
+def test_png_over_the_pixel_limit_is_never_decoded(tmp_path: Path, monkeypatch) -> None:
+    from PIL import ImageFile
+
+    path = tmp_path / "big.png"
+    path.write_bytes(png_header_only(10000, 10000))  # 100M pixels: under PIL's ceiling
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("pixels were decoded"))
+    with pytest.raises(ImageDecodeError) as info:
+        open_image_rgb(path, 224)
+    assert info.value.status == "too_large"
+    assert info.value.reason == "10000x10000 = 100,000,000 pixels, over the limit of 50,000,000 (max_pixels)"
+    assert str(path) in str(info.value)
+
+
+def test_header_bomb_is_too_large_not_a_crash(tmp_path: Path) -> None:
+    from danbooru_assets.image_loader import read_image_header
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header_only(30000, 30000))  # PIL refuses to open 900M pixels at all
+    for call in (lambda: read_image_header(path), lambda: open_image_rgb(path, 224, max_pixels=None)):
+        with pytest.raises(ImageDecodeError) as info:
+            call()
+        assert info.value.status == "too_large" and "900000000" in info.value.reason.replace(",", "")
+    sample = ShardImageDataset([path], [1], _transform)[0]
+    assert sample.pixels is None and sample.status.startswith("too_large: ")
+
+
+def test_big_jpeg_is_decoded_at_a_scale_within_the_limit(tmp_path: Path) -> None:
+    path = _save_jpeg(tmp_path / "big.jpg", 800, 600)  # 480,000 pixels
+    img, size = open_image_rgb(path, None, max_pixels=50_000)
+    assert size == (800, 600) and img.size == (200, 150)  # 1/4 scale: 30,000 pixels
+    img, _ = open_image_rgb(path, 400, max_pixels=50_000)
+    assert img.size == (200, 150)  # the limit wins over the target
+    with pytest.raises(ImageDecodeError) as info:
+        open_image_rgb(path, 224, max_pixels=5_000)  # even 1/8 (100x75) is over
+    assert info.value.status == "too_large" and "7,500 at 1/8 scale" in info.value.reason
+    assert open_image_rgb(path, 224, max_pixels=None)[0].size == (400, 300)
+
+
+def test_loader_reads_without_importing_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, danbooru_assets.image_loader, danbooru_assets.shard_index; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -115,3 +115,37 @@ def test_rejects_bad_input() -> None:
         compute_image_stats(np.zeros((10, 10, 3), dtype=np.float32))
     with pytest.raises(ValueError):
         compute_image_stats(np.zeros((0, 10, 3), dtype=np.uint8))
+
+
+def _decoded_stats(path) -> dict:
+    """Statistics the way the CLIP stage computes them: the one decode, then a <= 256 px copy."""
+    from danbooru_assets.image_loader import open_image_rgb, stats_array
+
+    return compute_image_stats(stats_array(open_image_rgb(path, 224)[0]))
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_borders_are_measured_in_the_displayed_frame(tmp_path, orientation: int) -> None:
+    # stored: black bands on top and bottom (a quarter of the rows each)
+    rgb = _colourful(240, 320)
+    rgb[:60] = 0
+    rgb[-60:] = 0
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "letterbox.jpg"
+    Image.fromarray(rgb).save(path, quality=95, exif=exif.tobytes())
+    stats = _decoded_stats(path)
+    rows, cols = stats["border_black_rows_frac"], stats["border_black_cols_frac"]
+    if orientation == 6:  # displayed turned by 90 degrees: the bands are left and right
+        rows, cols = cols, rows
+    assert rows == pytest.approx(0.5, abs=0.02) and cols == 0.0
+
+
+def test_sixteen_bit_gradient_is_not_white(tmp_path) -> None:
+    gradient = np.tile(np.linspace(0, 65535, 512).round().astype(np.uint16), (128, 1))
+    path = tmp_path / "g16.png"
+    Image.fromarray(gradient).save(path)
+    stats = _decoded_stats(path)
+    assert stats["is_greyscale"] and stats["mean_saturation"] == 0.0
+    assert stats["border_white_cols_frac"] < 0.15 and stats["border_black_cols_frac"] < 0.15
+    assert stats["content_area_frac"] > 0.7

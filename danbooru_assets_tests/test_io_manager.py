@@ -109,3 +109,34 @@ def test_rows_reads_only_the_wanted_rows_of_their_shards(base, tmp_path: Path):
     assert empty.empty and list(empty.columns) == ["image_id", "v"]
     with pytest.raises(KeyError, match="no stored table"):
         StorageResource(base_path=str(tmp_path / "nothing")).shard_tables("t")["0001"]
+
+
+def test_next_materialization_removes_temp_files_a_killed_write_left(tmp_path: Path):
+    import os
+    import time
+
+    from danbooru_assets.storage import STALE_TEMP_AGE_S, temp_sibling
+
+    base = tmp_path / "store"
+    resources = _resources(str(base))
+    assert dg.materialize([per_shard, all_shards], partition_key="0001", selection=[per_shard], resources=resources).success
+    assert dg.materialize([per_shard, all_shards], selection=[all_shards], resources=resources).success
+    # What kill -9 in the middle of a write leaves: a half-written temporary sibling.
+    stale_shard = temp_sibling(base / "per_shard" / "0002.parquet")
+    stale_global = temp_sibling(base / "all_shards.parquet")
+    live = temp_sibling(base / "per_shard" / "0003.parquet")  # a writer still at work
+    long_ago = time.time() - STALE_TEMP_AGE_S - 60
+    for path in (stale_shard, stale_global, live):
+        path.write_bytes(b"PAR1 half a table")
+    for path in (stale_shard, stale_global):
+        os.utime(path, (long_ago, long_ago))
+    # Readers never take a temporary file for a table.
+    tables = StorageResource(base_path=str(base)).shard_tables("per_shard")
+    assert list(tables) == ["0001"]
+
+    assert dg.materialize([per_shard], partition_key="0001", resources=resources).success
+    assert not stale_shard.exists() and live.exists()
+    assert stale_global.exists()  # another asset's file: its own next write removes it
+    assert dg.materialize([per_shard, all_shards], selection=[all_shards], resources=resources).success
+    assert not stale_global.exists()
+    assert read_parquet(UPath(base) / "all_shards.parquet")["image_id"].tolist() == [1001, 2001]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from danbooru_assets.labels.store import LABEL_CLASSES, LATEST_COLUMNS, LabelStore
+from danbooru_assets.labels.store import LABEL_CLASSES, LATEST_COLUMNS, LabelConflict, LabelStore
 
 
 @pytest.fixture()
@@ -60,6 +60,33 @@ def test_undo_only_touches_own_labels_and_keeps_later_relabels(store: LabelStore
     store.undo("bob")  # bob's retracted; ann's was retracted too → unlabeled
     assert store.label_of(5) is None
     assert store.undo("carl") is None
+
+
+def test_checked_add_refuses_a_newer_foreign_row_and_keeps_history(store: LabelStore) -> None:
+    seen = store.max_id()
+    mine = store.add(7, "good", "ann", 1, unless_changed_since=seen)
+    store.add(8, "bad", "bob", 1)  # another image: no conflict for 7
+    store.add(7, "questionable", "ann", 1, unless_changed_since=seen, own_rows={mine})  # own row: fine
+    theirs = store.add(7, "bad", "bob", 1)
+    with pytest.raises(LabelConflict, match="'bad' by 'bob'") as info:
+        store.add(7, "good", "ann", 1, unless_changed_since=seen, own_rows={mine})
+    assert info.value.row["id"] == theirs and info.value.row["labeler"] == "bob"
+    assert store.label_of(7) == "bad" and len(store.history(7)) == 3  # nothing written
+    store.add(7, "good", "ann", 1, unless_changed_since=theirs)  # seen bob's: a deliberate overwrite
+    assert store.history(7)["label"].tolist() == ["good", "questionable", "bad", "good"]
+
+
+def test_retract_one_given_row(store: LabelStore) -> None:
+    first = store.add(4, "good", "ann", 1)
+    second = store.add(5, "bad", "ann", 1)
+    retracted = store.retract(first, "ann")  # not the newest row of ann: undo is not "last by name"
+    assert retracted["id"] == first and retracted["undo_id"] > second
+    assert store.label_of(4) is None and store.label_of(5) == "bad"
+    assert store.retract(first, "ann") is None  # already retracted
+    assert store.retract(retracted["undo_id"], "ann") is None  # an undo row is not retracted
+    assert store.retract(9999, "ann") is None
+    with pytest.raises(ValueError):
+        store.retract(second, " ")
 
 
 def test_unlabeled_entry_retracts(store: LabelStore) -> None:

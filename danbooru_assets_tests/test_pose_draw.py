@@ -77,3 +77,23 @@ def test_rejects_wrong_shape_and_builds_sheet():
     # both cells show a drawn skeleton (the second on a placeholder canvas)
     arr = np.asarray(sheet)
     assert arr[:, :100].max() == 255 and arr[:, 100:].max() == 255
+
+
+def test_keypoints_of_the_full_frame_land_on_a_reduced_decode():
+    full = (200, 300)
+    kp = _pose(*full)
+    half = Image.new("RGB", (100, 150))
+    out = draw_skeleton(half, kp, frame_size=full, box=(10, 10, 190, 290))
+    changed = _changed(half, out)
+    for name in ("nose", "wrist_left", "ankle_right"):
+        x, y = (kp[K[name], :2] / 2).round().astype(int)
+        assert changed[y, x], name
+    assert changed[5, 50] and changed[75, 5]  # the box, scaled by half too
+    # the sheet takes each image's full size (``sizes``) as its keypoints' frame
+    from danbooru_assets.visuals import contact_sheet
+
+    sheet = skeleton_sheet([half], kp[None], ["x"], sizes=[full], columns=1, cell=150)
+    expected = contact_sheet([draw_skeleton(half, kp, frame_size=full)], ["x"], columns=1, cell=150)
+    assert np.array_equal(np.asarray(sheet), np.asarray(expected))
+    unscaled = skeleton_sheet([half], kp[None], ["x"], columns=1, cell=150)
+    assert not np.array_equal(np.asarray(sheet), np.asarray(unscaled))

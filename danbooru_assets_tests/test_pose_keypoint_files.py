@@ -14,6 +14,7 @@ from danbooru_assets.pose.geometry import synthetic_poses
 from danbooru_assets.pose.keypoint_files import (
     detect_axis_order,
     read_keypoint_files,
+    source_fingerprint,
     write_keypoint_files,
 )
 
@@ -210,3 +211,36 @@ def test_duplicate_ids_keep_first(tmp_path):
     _write_raw(tmp_path / "kp" / "b", {"7.json": SEED_EXAMPLE})
     frame, report = read_keypoint_files(tmp_path / "kp")
     assert len(frame) == 1 and report.malformed[0][1].startswith("duplicate image id")
+
+
+def test_folder_fingerprint_notices_a_file_edited_in_place(tmp_path):
+    import os
+
+    folder = tmp_path / "kp"
+    _write_raw(folder, {"1.json": SEED_EXAMPLE, "2.json": SEED_EXAMPLE})
+    (folder / "sub").mkdir()
+    _write_raw(folder / "sub", {"3.json": SEED_EXAMPLE})
+    folder_stat = os.stat(folder)
+    before = source_fingerprint(folder)
+    assert before["files"] == 3 and source_fingerprint(folder) == before  # nothing changed: same
+    # Edit one file in place, same size: the folder's own mtime does not move, the file's does.
+    edited = folder / "sub" / "3.json"
+    st = edited.stat()
+    edited.write_text(json.dumps({**SEED_EXAMPLE, "nose": [176.9, 256.0]}))
+    assert edited.stat().st_size == st.st_size
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # coarse clocks: make the tick visible
+    os.utime(folder, ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
+    after = source_fingerprint(folder)
+    assert after["files"] == 3 and after != before
+    # A temporary file of an atomic write in progress is no keypoint file.
+    (folder / ".4.json.tmp-0123abcd").write_text("{")
+    assert source_fingerprint(folder) == after
+
+
+def test_tarball_fingerprint_is_its_size_and_mtime(tmp_path):
+    tarball = tmp_path / "kp.tar"
+    write_keypoint_files(_table(3), tarball=tarball)
+    fp = source_fingerprint(tarball)
+    assert fp["size"] == tarball.stat().st_size and fp["mtime_ns"] == tarball.stat().st_mtime_ns
+    with pytest.raises(FileNotFoundError):
+        source_fingerprint(tmp_path / "missing")

@@ -10,7 +10,8 @@ from PIL import Image
 from danbooru_assets.bench.active_learning import compare, make_synthetic
 from danbooru_assets.quality import (CLASSES, build_features, confusion_matrix_image, current_round,
                                      embedding_matrix, labels_needed, model_fingerprint, predict_proba_frame,
-                                     round_plan, select_labeling_queue, train_quality_model)
+                                     round_plan, rows_with_embeddings, select_labeling_queue,
+                                     single_clip_model, train_quality_model)
 
 
 def _toy(n: int = 240, dim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +34,30 @@ def test_features_from_embeddings_and_pose_with_nans() -> None:
     assert embedding_matrix(frame).shape == (2, 3)
     wide = pd.DataFrame({"emb_10": [1.0], "emb_2": [2.0], "image_id": [5]})
     assert embedding_matrix(wide).tolist() == [[2.0, 1.0]]  # numeric column order
+
+
+def test_images_without_an_embedding_are_left_out_not_zeroed() -> None:
+    stored = pd.DataFrame({
+        "image_id": [3, 1, 2, 2],
+        "embedding": [np.full(2, 3.0), np.full(2, 1.0), None, np.full(2, 2.0)],  # 2: unreadable copy first
+        "model_fingerprint_id": ["m", "m", "m", "m"],
+    })
+    rows, without = rows_with_embeddings([5, 2, 1, 4, 3], stored)
+    assert rows["image_id"].tolist() == [2, 1, 3]  # the asked order, one row each
+    assert without.tolist() == [5, 4]
+    assert embedding_matrix(rows).tolist() == [[2.0, 2.0], [1.0, 1.0], [3.0, 3.0]]
+    none, missing = rows_with_embeddings([7], stored)
+    assert none.empty and missing.tolist() == [7]
+
+
+def test_embeddings_of_two_clip_models_are_an_error_naming_both() -> None:
+    rows = pd.DataFrame({"image_id": [1001, 2001, 1002, 3005], "model_fingerprint_id": ["aaa", "aaa", "bbb", "aaa"]})
+    assert single_clip_model(rows.iloc[[0, 1, 3]], "test") == "aaa"
+    assert single_clip_model(rows.iloc[0:0], "test") is None
+    with pytest.raises(ValueError, match="2 CLIP models") as err:
+        single_clip_model(rows, "quality_model")
+    message = str(err.value)
+    assert "aaa (2 shards: 0001, 0005)" in message and "bbb (1 shard: 0002)" in message
 
 
 def test_metrics_on_separable_toy_set() -> None:

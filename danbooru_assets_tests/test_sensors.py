@@ -1,5 +1,4 @@
 import os
-import time
 from pathlib import Path
 
 import dagster as dg
@@ -68,10 +67,11 @@ def test_sensor_converts_metadata_first_then_requests_each_changed_shard(mini_da
     assert requests == [] and "no change" in skip
 
     # New image lands in shard 0002 only: one run, for that shard.
-    time.sleep(0.01)
     new_file = mini_dataset / "original" / "0002" / "8002.jpg"
     new_file.write_bytes(jpeg_bytes())
-    os.utime(new_file.parent, ns=(time.time_ns(), time.time_ns() + 10_000_000))
+    # Move the folder's mtime forward explicitly: a coarse-mtime filesystem must not hide the change.
+    later = new_file.parent.stat().st_mtime_ns + 10_000_000
+    os.utime(new_file.parent, ns=(later, later))
     requests, cursor, _ = _tick(instance, dataset, cursor, storage)
     assert _ranges(requests) == [("0002", "0002")]
     assert requests[0].job_name == "shard_job"  # the global assets exist now: every stage

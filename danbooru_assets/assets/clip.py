@@ -17,6 +17,7 @@ from pydantic import Field
 from danbooru_assets.assets.settings import settings_keys
 from danbooru_assets.clip_model import DEMO_WARNING, ClipModelResource
 from danbooru_assets.dataset import DanbooruDatasetResource
+from danbooru_assets.incremental import FILE_IDENTITY, plan_reuse
 from danbooru_assets.io_manager import COLUMNS, ShardTables, StorageResource, read_parquet, write_parquet
 from danbooru_assets.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
 from danbooru_assets.settings import ImageRules, SettingsResource, prompt_lists, settings_hash, threshold_settings
@@ -26,8 +27,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 GROUP = "clip"
-# Rows of the previous materialization are reused when these match.
-REUSE_KEY = ["image_id", "file_bytes", "mtime"]
+# Rows of the previous materialization are reused when these match: the same image file.
+REUSE_KEY = list(FILE_IDENTITY)
 # A transient fault (a CUDA hiccup, a network filesystem) gets one more try; stored rows
 # make the retry cost only what was not finished.
 INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)
@@ -69,8 +70,10 @@ def clip_embeddings_and_image_stats(
 
     fingerprint_id = clip_model.fingerprint_id()
 
-    # 1. Per shard: what is new. Incremental: rows of the previous materialization with
-    # the same model and the same file (size, mtime) are kept.
+    # 1. Per shard: what is new. Incremental: an image is reused when both stored tables
+    # hold it for the same file (size, mtime) and the embedding is from the same model;
+    # after a kill between the two tables' writes they differ, and only what both hold
+    # counts, so the re-run encodes the rest and the two agree again.
     plans: dict[str, dict] = {}
     plan_errors: dict[str, Exception] = {}
     for shard in sorted(context.partition_keys):
@@ -79,19 +82,15 @@ def clip_embeddings_and_image_stats(
             candidates = index.loc[index["status"].isin(USABLE_STATUSES), REUSE_KEY + ["rel_path"]]
             emb_path = storage.asset_path("clip_embeddings", shard)
             stats_path = storage.asset_path("image_stats", shard)
-            reused_emb = reused_stats = None
-            if emb_path.exists() and stats_path.exists():
-                prev_emb = read_parquet(emb_path)
-                prev_stats = read_parquet(stats_path)
-                same_model = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
-                reusable = candidates[REUSE_KEY].merge(same_model[REUSE_KEY], on=REUSE_KEY)["image_id"]
-                reused_emb = same_model.loc[same_model["image_id"].isin(reusable)]
-                reused_stats = prev_stats.loc[prev_stats["image_id"].isin(reusable)]
-            done = [] if reused_emb is None else reused_emb["image_id"]
+            prev_emb = read_parquet(emb_path) if emb_path.exists() else None
+            prev_stats = read_parquet(stats_path) if stats_path.exists() else None
+            if prev_emb is not None:
+                prev_emb = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
+            reuse = plan_reuse(candidates, [prev_emb, prev_stats], REUSE_KEY)
             plans[shard] = {
-                "todo": candidates.loc[~candidates["image_id"].isin(done)].assign(shard=shard),
-                "reused_emb": reused_emb,
-                "reused_stats": reused_stats,
+                "todo": reuse.todo.assign(shard=shard),
+                "reused_emb": reuse.reused[0],
+                "reused_stats": reuse.reused[1],
             }
         except Exception as exc:  # reported by the shard loop below, with the others
             plan_errors[shard] = exc
@@ -131,8 +130,8 @@ def clip_embeddings_and_image_stats(
         new_emb["embedding"] = [v if status == "ok" else None for v, status in zip(vectors, stats["status"])]
         new_emb["model_fingerprint_id"] = fingerprint_id
         emb_columns = REUSE_KEY + ["status", "embedding", "model_fingerprint_id"]
-        frames_emb = [new_emb[emb_columns]] + ([reused_emb[emb_columns]] if reused_emb is not None else [])
-        frames_stats = [stats] + ([reused_stats[stats.columns]] if reused_stats is not None else [])
+        frames_emb = [new_emb[emb_columns]] + ([reused_emb[emb_columns]] if reused_emb is not None and len(reused_emb) else [])
+        frames_stats = [stats] + ([reused_stats[stats.columns]] if reused_stats is not None and len(reused_stats) else [])
         embeddings_table = pd.concat(frames_emb, ignore_index=True).sort_values("image_id").reset_index(drop=True)
         stats_table = pd.concat(frames_stats, ignore_index=True).sort_values("image_id").reset_index(drop=True)
         failed = new_emb.loc[new_emb["status"] != "ok"]
@@ -174,8 +173,12 @@ def clip_embeddings_and_image_stats(
 class PromptConfig(dg.Config):
     """Override the settings file's prompts for one run."""
 
-    positive_prompts: list[str] | None = Field(None, description="Prompts for wanted images.")
-    negative_prompts: list[str] | None = Field(None, description="Prompts for rejected images.")
+    positive_prompts: list[str] | None = Field(
+        None, description="Prompts for wanted images; absent: the settings file's. An empty list is an error."
+    )
+    negative_prompts: list[str] | None = Field(
+        None, description="Prompts for rejected images; absent: the settings file's. An empty list is an error."
+    )
 
 
 @dg.asset(
@@ -194,9 +197,17 @@ def prompt_embeddings(
     from danbooru_assets.clip_scoring import prompt_mapping
 
     positive, negative = prompt_lists(settings.load().clip)
-    overridden = bool(config.positive_prompts or config.negative_prompts)
-    positive = config.positive_prompts or positive
-    negative = config.negative_prompts or negative
+    # Absent (None) means the settings file's prompts; an empty list is a mistake, never
+    # "the defaults": with no positive (or no negative) prompt every score is the same.
+    empty = [name for name in ("positive_prompts", "negative_prompts") if getattr(config, name) == []]
+    if empty:
+        raise dg.Failure(
+            f"prompt_embeddings: run config {' and '.join(empty)} is an empty list; give at least one "
+            "prompt, or leave the field out to use the settings file's prompts"
+        )
+    overridden = config.positive_prompts is not None or config.negative_prompts is not None
+    positive = config.positive_prompts if config.positive_prompts is not None else positive
+    negative = config.negative_prompts if config.negative_prompts is not None else negative
     table = prompt_mapping(positive, negative)
     vectors = clip_model.encode_text(table["prompt"].tolist()) if len(table) else np.zeros((0, 0), np.float32)
     table["embedding"] = list(vectors.astype(np.float32))  # float32: a handful of rows
@@ -211,7 +222,7 @@ def prompt_embeddings(
                 + "\n".join(f"| `{r.column}` | {r.kind} | {r.prompt} |" for r in table.itertuples())
             ),
             "prompt_set": settings_hash({"positive": positive, "negative": negative}),
-            "settings_source": "run config" if overridden else "settings file",
+            "settings_source": "run config" if overridden else settings.source(),
             **clip_model.metadata(),
         },
     )
@@ -342,6 +353,21 @@ def clip_threshold(
             f"no scored images in the {len(clip_scores)} materialized clip_scores partitions: "
             "materialize clip_scores for shards that have images first"
         )
+    # Coverage: a threshold over a part of the dataset is a guess for the rest; say how big
+    # a part (shards with scores of the shards with an index).
+    indexed = set(shard_index)
+    scored_indexed = len(indexed & set(clip_scores))
+    unscored = sorted(indexed - set(clip_scores))
+    coverage = f"{scored_indexed} of {len(indexed)} indexed shards scored"
+    coverage_note = (
+        f"{coverage}: the threshold ignores the {len(unscored)} unscored shards ("
+        + ", ".join(unscored[:20]) + (" …" if len(unscored) > 20 else "")
+        + "); materialize clip_scores for them, then clip_threshold again"
+        if unscored
+        else f"{coverage}: every indexed shard counts"
+    )
+    if unscored:
+        context.log.warning(f"clip_threshold: {coverage_note}")
     values = scores["portrait_score"].to_numpy()
     if wanted["fixed_threshold"] is not None:
         threshold, mode = float(wanted["fixed_threshold"]), "fixed"
@@ -369,6 +395,8 @@ def clip_threshold(
             "scored": len(values),
             "kept_fraction": kept / len(values),
             "scored_shards": len(clip_scores),
+            "indexed_shards": len(indexed),
+            "shard_coverage": scored_indexed / len(indexed) if indexed else 0.0,
             "settings": json.dumps(wanted),
         }]
     )
@@ -381,8 +409,11 @@ def clip_threshold(
             "scored": len(values),
             "kept_fraction": kept / len(values),
             "scored_shards": len(clip_scores),
+            "indexed_shards": len(indexed),
+            "shard_coverage": scored_indexed / len(indexed) if indexed else 0.0,
+            "coverage": dg.MetadataValue.md(("**Partial:** " if unscored else "") + coverage_note),
             "settings": dg.MetadataValue.json(wanted),
-            "settings_source": "run config" if overridden else "settings file",
+            "settings_source": "run config" if overridden else settings.source(),
             "histogram": image_markdown(figure_to_image(fig), "portrait_score histogram"),
             "just_above_threshold": _review_sheet(dataset, paths, above, f"just above {threshold:.4f} (kept)"),
             "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
@@ -495,6 +526,6 @@ def clip_subset(
             "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
             "threshold": threshold,
             "rules": dg.MetadataValue.json(rules.model_dump()),
-            "settings_source": "run config" if overrides else "settings file",
+            "settings_source": "run config" if overrides else settings.source(),
         },
     )

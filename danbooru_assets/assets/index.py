@@ -20,29 +20,56 @@ METADATA_SHARDS_DIR = "danbooru_metadata_shards"
 @dg.asset(
     group_name="raw",
     kinds={"parquet"},
-    description="The dataset's metadata JSON-lines (API and dump forms) converted once to "
-    "Parquet and split by shard, so each shard's index reads only its own slice.",
+    description="The dataset's metadata JSON-lines (API and dump forms, plain or .gz) converted "
+    "once to Parquet and split by shard, so each shard's index reads only its own slice. Bad "
+    "lines are skipped and bad values nulled, each reported as file:line; for a duplicate id "
+    "the last line wins.",
 )
 def danbooru_metadata(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource):
-    from danbooru_assets.metadata import convert_metadata_to_shards
+    from danbooru_assets.dataset import METADATA_SUFFIXES
+    from danbooru_assets.metadata import convert_metadata_to_shards, ignored_metadata_entries
 
     dataset.check_root()
+    folder = dataset.root_path / "metadata"
+    # Taken before reading: a file that changes during the conversion makes the
+    # new_data_sensor convert again.
+    fingerprint = dataset.metadata_fingerprint()
     files = dataset.metadata_files()
+    ignored = ignored_metadata_entries(folder, files)
     if not files:
-        context.log.warning(f"no metadata files (*.json, *.jsonl) under {dataset.root_path / 'metadata'}")
+        context.log.warning(f"no metadata files (*{', *'.join(METADATA_SUFFIXES)}) under {folder}")
+    for name, why in ignored:
+        context.log.warning(f"metadata/{name} not read: {why}")
     summary, report = convert_metadata_to_shards(files, storage.path(METADATA_SHARDS_DIR))
+    for file in report.files:
+        if file.error:
+            context.log.warning(f"metadata file cut short: {file}")
     for problem in report.problems[:50]:
         context.log.warning(f"metadata line skipped: {problem}")
+    for problem in report.value_problems[:20]:
+        context.log.warning(f"metadata value nulled: {problem}")
+    if report.duplicates:
+        context.log.warning(
+            f"{report.duplicates} metadata line(s) repeat an earlier line's id; the later line wins, e.g. "
+            + "; ".join(report.duplicate_examples[:5])
+        )
+
+    def md_list(lines) -> dg.MetadataValue:
+        return dg.MetadataValue.md("\n".join(f"- {line}" for line in lines) or "none")
+
     context.add_output_metadata(
         {
-            "files": dg.MetadataValue.md("\n".join(f"- `{p.name}`" for p in files) or "none"),
-            "metadata_fingerprint": dataset.metadata_fingerprint(),
+            "files": md_list(f"`{file}`" for file in report.files),
+            "ignored_files": md_list(f"`{name}`: {why}" for name, why in ignored),
+            "metadata_fingerprint": fingerprint,
             "lines": report.lines,
             "records": report.records,
-            "bad_lines": len(report.problems),
-            "bad_line_examples": dg.MetadataValue.md(
-                "\n".join(f"- `{p}`" for p in report.problems[:20]) or "none"
-            ),
+            "bad_lines": report.bad_lines,
+            "bad_line_examples": md_list(f"`{p}`" for p in report.problems[:20]),
+            "bad_values": report.bad_values,
+            "bad_value_examples": md_list(f"`{p}`" for p in report.value_problems[:20]),
+            "duplicate_ids": report.duplicates,
+            "duplicate_id_examples": md_list(f"`{e}`" for e in report.duplicate_examples[:10]),
             "shards_with_metadata": len(summary),
         }
     )

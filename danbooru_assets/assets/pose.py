@@ -14,7 +14,16 @@ import dagster as dg
 from danbooru_assets.assets.clip import INFERENCE_RETRY
 from danbooru_assets.assets.settings import settings_keys
 from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.io_manager import COLUMNS, ShardTables, StorageResource, prune_shard_files, read_parquet, write_parquet
+from danbooru_assets.incremental import FILE_IDENTITY, plan_reuse
+from danbooru_assets.io_manager import (
+    COLUMNS,
+    ShardTables,
+    StorageResource,
+    prune_shard_files,
+    read_parquet,
+    write_bytes,
+    write_parquet,
+)
 from danbooru_assets.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, NUM_SHARDS, shard_partitions
 from danbooru_assets.pose.resource import PoseEstimatorResource
 from danbooru_assets.settings import PoseRules, SettingsResource
@@ -26,7 +35,12 @@ if TYPE_CHECKING:
 
 GROUP = "pose"
 PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
+# Written last by an import: the backend fingerprint of the files it read. pose_keypoints
+# compares it with the files now, so an import that is missing, interrupted or older than
+# the files is never taken for the current one.
+IMPORT_RECORD = "import.json"
 NO_POSE = "no_pose"
+REUSE_KEY = list(FILE_IDENTITY)
 
 
 @dg.asset(
@@ -46,6 +60,11 @@ def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseE
         context.add_output_metadata({"note": f"backend is {pose_estimator.backend}: no keypoint files to import"})
         return pd.DataFrame({"shard": pd.Series(dtype=str), "rows": pd.Series(dtype="int64")})
     pose_estimator.check()
+    record = out_dir / IMPORT_RECORD
+    if record.exists():  # from here until the new record is written, no import is current
+        record.unlink()
+    # Taken before reading: a file changed during the import makes the record stale, not wrong.
+    fingerprint = pose_estimator.fingerprint()
     started = time.perf_counter()
     keypoints, report = read_keypoint_files(pose_estimator.keypoint_files, axis_order=pose_estimator.axis_order)
     for name, reason in report.malformed[:50]:
@@ -57,9 +76,11 @@ def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseE
         write_parquet(out_dir / f"{shard}.parquet", part.reset_index(drop=True))
         summary.append((shard, len(part)))
     prune_shard_files(out_dir, {s for s, _ in summary})
+    write_bytes(record, json.dumps({"backend_fingerprint": fingerprint}).encode())
     context.add_output_metadata(
         {
             "source": pose_estimator.keypoint_files,
+            "backend_fingerprint": fingerprint,
             "files_seen": report.files_seen,
             "files_read": report.files_read,
             "malformed": len(report.malformed),
@@ -72,6 +93,26 @@ def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseE
         }
     )
     return pd.DataFrame(summary, columns=["shard", "rows"])
+
+
+def check_import_is_current(storage: StorageResource, fingerprint: str, source: str) -> None:
+    """Fail unless published_keypoints imported exactly the keypoint files there are now
+    (``fingerprint``): keypoints from an older import would be stored under the new
+    fingerprint and reused as if current."""
+    record = storage.path(PUBLISHED_SHARDS_DIR, IMPORT_RECORD)
+    if not record.exists():
+        raise dg.Failure(
+            f"published_keypoints has not imported the keypoint files {source} (never materialized, "
+            "or its import was interrupted): materialize published_keypoints (prepare_job) first",
+            allow_retries=False,  # a retry cannot help; only the import can
+        )
+    imported = json.loads(record.read_bytes())["backend_fingerprint"]
+    if imported != fingerprint:
+        raise dg.Failure(
+            f"the keypoint files {source} changed since published_keypoints imported them "
+            f"(imported {imported}, now {fingerprint}): materialize published_keypoints (prepare_job) first",
+            allow_retries=False,
+        )
 
 
 def _keypoints_from_files(
@@ -131,18 +172,23 @@ def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, 
     partitions_def=shard_partitions,
     backfill_policy=INFERENCE_BACKFILL,
     retry_policy=INFERENCE_RETRY,
-    ins={"clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "kept"]})},
+    ins={
+        "clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "kept"]}),
+        # The image files' identity (size, mtime): a replaced image is estimated again.
+        "shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path"]}),
+    },
     deps=[published_keypoints],
     pool="gpu",
     group_name=GROUP,
     kinds={"pytorch", "parquet"},
     description="17 COCO keypoints (x right, y down, original-image pixels, confidence) and the "
     "person box for each image of clip_subset, from the configured backend. Incremental: rows "
-    "with the same backend fingerprint are reused.",
+    "of the same image file (size, mtime) with the same backend fingerprint are reused.",
 )
 def pose_keypoints(
     context: dg.AssetExecutionContext,
     clip_subset: ShardTables,
+    shard_index: ShardTables,
     pose_estimator: PoseEstimatorResource,
     dataset: DanbooruDatasetResource,
     storage: StorageResource,
@@ -154,6 +200,8 @@ def pose_keypoints(
     from danbooru_assets.pose.geometry import keypoint_frame
 
     fingerprint = pose_estimator.fingerprint()
+    if pose_estimator.uses_files():
+        check_import_is_current(storage, fingerprint, pose_estimator.keypoint_files)
     estimator = None  # a model loads once per run, on the first shard that needs it
     seconds_estimating = 0.0
 
@@ -161,14 +209,18 @@ def pose_keypoints(
         nonlocal estimator, seconds_estimating
         subset = clip_subset[shard]
         wanted = subset.loc[subset["kept"], ["image_id", "rel_path", "width", "height"]]
+        # An id missing from the index now has no identity: it never matches, and is estimated.
+        wanted = wanted.merge(shard_index[shard], on=["image_id", "rel_path"], how="left")
         previous_path = storage.asset_path("pose_keypoints", shard)
-        reused = pd.DataFrame()
-        if previous_path.exists():
-            previous = read_parquet(previous_path)
-            reused = previous.loc[
-                (previous["backend_fingerprint"] == fingerprint) & previous["image_id"].isin(wanted["image_id"])
-            ]
-        todo = wanted.loc[~wanted["image_id"].isin(reused["image_id"] if len(reused) else [])]
+        previous = read_parquet(previous_path) if previous_path.exists() else None
+        if previous is not None:
+            previous = previous.loc[previous["backend_fingerprint"] == fingerprint]
+        reuse = plan_reuse(wanted, [previous], REUSE_KEY)
+        todo = reuse.todo
+        reused = reuse.reused[0] if reuse.reused[0] is not None else pd.DataFrame()
+        if len(reused):  # the image sizes of now (the same file; the metadata may have changed)
+            sizes = wanted[[*REUSE_KEY, "width", "height"]].drop_duplicates(REUSE_KEY)
+            reused = reused.drop(columns=["width", "height"]).merge(sizes, on=REUSE_KEY)
         started = time.perf_counter()
         if todo.empty:
             fresh = pd.DataFrame()
@@ -181,13 +233,15 @@ def pose_keypoints(
             )
         seconds_estimating += time.perf_counter() - started
         if len(fresh):
-            fresh = fresh.merge(todo[["image_id", "width", "height"]], on="image_id")
+            fresh = fresh.merge(todo[["image_id", "file_bytes", "mtime", "width", "height"]], on="image_id")
         parts = [f for f in (reused, fresh) if len(f)]
         if parts:
             table = pd.concat(parts, ignore_index=True)
         else:
             table = keypoint_frame(np.zeros(0, dtype=np.int64), np.zeros((0, NUM_KEYPOINTS, 3)), None,
                                    backend=pose_estimator.backend, backend_fingerprint=fingerprint, status=[])
+            table["file_bytes"] = pd.Series(dtype="int64")
+            table["mtime"] = pd.Series(dtype="float64")
             table["width"] = pd.Series(dtype="int64")
             table["height"] = pd.Series(dtype="int64")
         table = table.sort_values("image_id").reset_index(drop=True)
@@ -255,6 +309,26 @@ def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTabl
     )
 
 
+DENSITY_MODELS = {"hip_mid": "hip_midpoint_outlier", "shoulder_mid": "shoulder_midpoint_outlier"}
+
+
+def density_rule_status(rules: PoseRules, stats: dict) -> str:
+    """What became of the midpoint density rule: "applied", "off" (a setting), or
+    "skipped: …" naming each density model pose_statistics could not learn (no pose had
+    that midpoint). Skipping keeps the other rules' result; it is said, never silent."""
+    if not rules.check_midpoint_density:
+        return "off (pose.check_midpoint_density is false)"
+    density = stats.get("density", {})
+    missing = [name for name in DENSITY_MODELS if not density.get(name, {}).get("n")]
+    if not missing:
+        return "applied"
+    return "skipped: " + "; ".join(
+        f"{DENSITY_MODELS[name]} not checked, pose_statistics has no {name} density model "
+        "(no pose with that midpoint)"
+        for name in missing
+    )
+
+
 class PoseSubsetConfig(dg.Config):
     """Override the settings file's pose rules for one run (all fields, as in settings)."""
 
@@ -290,6 +364,9 @@ def pose_subset(
 
     rules = config.rules or settings.load().pose
     stats = json.loads(pose_statistics["statistics_json"].iloc[0])
+    density_rule = density_rule_status(rules, stats)
+    if density_rule.startswith("skipped"):
+        context.log.warning(f"pose_subset: midpoint density rule {density_rule}")
     examples: dict[str, list] = {"kept": [], "dropped": []}  # (keypoint row, decision row, subset)
 
     def filter_shard(shard: str):
@@ -321,7 +398,8 @@ def pose_subset(
         **loop.metadata(["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE))]),
         "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
         "rules": dg.MetadataValue.json(rules.model_dump()),
-        "settings_source": "run config" if config.rules else "settings file",
+        "density_rule": density_rule,
+        "settings_source": "run config" if config.rules else settings.source(),
     }
     for label, picked in examples.items():
         if picked:

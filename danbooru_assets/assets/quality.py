@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 CLASSES = LABEL_CLASSES
-EMBEDDING_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "embedding"]})
+EMBEDDING_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "embedding", "model_fingerprint_id"]})
 KEYPOINTS_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "width", "height", *KEYPOINT_COLUMNS]})
 
 GROUP = "quality"
@@ -53,24 +53,25 @@ with warnings.catch_warnings():  # observable source assets are marked beta; thi
 
 
 def classifier_features(embeddings: "pd.DataFrame", keypoints: "pd.DataFrame", image_ids) -> "tuple[np.ndarray, list[str]]":
-    """CLIP embedding + normalised pose features for ``image_ids`` (rows in that order)."""
+    """CLIP embedding + normalised pose features for ``image_ids`` (rows in that order).
+    Every id must have an embedding (``quality.rows_with_embeddings`` picks those that
+    do): a missing one is an error here, never a zero vector."""
     import numpy as np
     import pandas as pd
 
     from danbooru_assets.embeddings import embedding_matrix
     from danbooru_assets.pose.geometry import pose_features
-    from danbooru_assets.quality import build_features
+    from danbooru_assets.quality import build_features, rows_with_embeddings
 
-    rows = pd.DataFrame({"image_id": np.asarray(image_ids, dtype=np.int64)})
-    emb = embedding_matrix(rows.merge(embeddings[["image_id", "embedding"]], on="image_id", how="left"))
+    ids = np.asarray(image_ids, dtype=np.int64)
+    emb_rows, without = rows_with_embeddings(ids, embeddings)
+    if len(without):
+        raise ValueError(f"{len(without)} images have no CLIP embedding (e.g. {without[:5].tolist()}); leave them out first")
+    emb = embedding_matrix(emb_rows)
+    rows = pd.DataFrame({"image_id": ids})
     kp = rows.merge(keypoints[["image_id", "width", "height", *KEYPOINT_COLUMNS]], on="image_id", how="left")
     pose = pose_features(kp, kp["width"].to_numpy(dtype=float), kp["height"].to_numpy(dtype=float))
     return build_features(emb, pose.drop(columns=[c for c in NON_FEATURE_COLUMNS if c in pose.columns]))
-
-
-def _features_for_ids(clip_embeddings: ShardTables, pose_keypoints: ShardTables, image_ids) -> "tuple[np.ndarray, list[str]]":
-    """Features of ids spread over shards, reading only their rows."""
-    return classifier_features(clip_embeddings.rows(image_ids), pose_keypoints.rows(image_ids), image_ids)
 
 
 @dg.asset(
@@ -92,7 +93,13 @@ def quality_model(
 ) -> dg.Output:
     import pandas as pd
 
-    from danbooru_assets.quality import confusion_matrix_image, model_fingerprint, train_quality_model
+    from danbooru_assets.quality import (
+        confusion_matrix_image,
+        model_fingerprint,
+        rows_with_embeddings,
+        single_clip_model,
+        train_quality_model,
+    )
     from danbooru_assets.visuals import image_markdown
 
     quality = settings.load().quality
@@ -101,11 +108,33 @@ def quality_model(
     labeled = latest.loc[latest["label"].isin(CLASSES)]
     version = store.version()
     base = {"label_version": version, "labels": len(labeled), "classifier": quality.classifier}
+
+    def untrained(note: str, **extra) -> dg.Output:
+        table = pd.DataFrame([{**base, "trained": False, "fingerprint": "", "clip_model_fingerprint_id": "",
+                               "model_path": "", "metrics_json": "{}"}])
+        return dg.Output(table, metadata={**base, **extra, "trained": False, "note": note})
+
     if labeled["label"].nunique() < 2:
         context.log.info("fewer than two classes labeled: no model yet (the queue starts from diversity)")
-        table = pd.DataFrame([{**base, "trained": False, "fingerprint": "", "model_path": "", "metrics_json": "{}"}])
-        return dg.Output(table, metadata={**base, "trained": False, "note": "label the first round to train a model"})
-    X, names = _features_for_ids(clip_embeddings, pose_keypoints, labeled["image_id"].to_numpy())
+        return untrained("label the first round to train a model")
+    # Labeled images without an embedding are left out (and counted), never zero vectors.
+    embedded, without = rows_with_embeddings(labeled["image_id"], clip_embeddings.rows(labeled["image_id"]))
+    base["labels_without_embedding"] = len(without)
+    if len(without):
+        context.log.warning(
+            f"{len(without)} labeled images have no CLIP embedding and are left out of training "
+            f"(e.g. {without[:10].tolist()}): unreadable, or clip_embeddings not materialized for their shards"
+        )
+        labeled = labeled.loc[labeled["image_id"].isin(embedded["image_id"])]
+    base["labels_used"] = len(labeled)
+    # One CLIP model: a classifier over two embedding spaces learns nothing that transfers.
+    try:
+        clip_fingerprint = single_clip_model(embedded, "quality_model")
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
+    if labeled["label"].nunique() < 2:
+        return untrained("fewer than two classes among the labeled images that have an embedding")
+    X, names = classifier_features(embedded, pose_keypoints.rows(labeled["image_id"]), labeled["image_id"].to_numpy())
     pipeline, metrics = train_quality_model(X, labeled["label"].to_numpy(), kind=quality.classifier)
     fingerprint = model_fingerprint(pipeline, names)
     path = storage.path(MODEL_DIR, f"{fingerprint}.pkl")
@@ -116,8 +145,8 @@ def quality_model(
         for c, m in per_class.items()
     )
     table = pd.DataFrame(
-        [{**base, "trained": True, "fingerprint": fingerprint, "model_path": str(path),
-          "metrics_json": json.dumps(metrics, default=_json_default)}]
+        [{**base, "trained": True, "fingerprint": fingerprint, "clip_model_fingerprint_id": clip_fingerprint,
+          "model_path": str(path), "metrics_json": json.dumps(metrics, default=_json_default)}]
     )
     return dg.Output(
         table,
@@ -125,6 +154,7 @@ def quality_model(
             **base,
             "trained": True,
             "fingerprint": fingerprint,
+            "clip_model_fingerprint_id": clip_fingerprint,
             "accuracy_cv": _fmt(metrics.get("accuracy")),
             "macro_f1_cv": _fmt(metrics.get("macro_f1")),
             "cv_folds": metrics.get("n_splits"),
@@ -178,36 +208,56 @@ def quality_predictions(
     import numpy as np
     import pandas as pd
 
-    from danbooru_assets.quality import PROBA_COLUMNS, predict_proba_frame
+    from danbooru_assets.quality import PROBA_COLUMNS, predict_proba_frame, rows_with_embeddings, single_clip_model
 
     pipeline = load_model(quality_model, storage)
     fingerprint = str(quality_model["fingerprint"].iloc[0])
+    # The CLIP model the classifier was trained on ("" for a table written before it was recorded).
+    trained_on = ""
+    if "clip_model_fingerprint_id" in quality_model.columns and pd.notna(quality_model["clip_model_fingerprint_id"].iloc[0]):
+        trained_on = str(quality_model["clip_model_fingerprint_id"].iloc[0])
 
     def predict_shard(shard: str):
         subset = pose_subset[shard]
         kept = subset.loc[subset["keep"].fillna(False).astype(bool), ["image_id", "rel_path", "width", "height", "portrait_score"]]
-        kept = kept.reset_index(drop=True)
+        # Images without an embedding are left out and counted: no prediction, no queue place.
+        embeddings = clip_embeddings[shard]
+        embedded, without = rows_with_embeddings(kept["image_id"], embeddings)
+        kept = kept.loc[kept["image_id"].isin(embedded["image_id"])].reset_index(drop=True)
+        clip_fingerprint = single_clip_model(embedded, f"quality_predictions, shard {shard}")
+        if pipeline is not None and trained_on and clip_fingerprint not in (None, trained_on):
+            raise ValueError(
+                f"the embeddings of shard {shard} come from CLIP model {clip_fingerprint}, the classifier "
+                f"was trained on {trained_on}: rematerialize quality_model (or clip_embeddings) first"
+            )
         if pipeline is None or kept.empty:
             probs = pd.DataFrame({c: np.full(len(kept), np.nan, dtype=np.float32) for c in PROBA_COLUMNS})
             probs["predicted_class"] = pd.Series([pd.NA] * len(kept), dtype="string")
             probs["uncertainty"] = np.full(len(kept), np.nan, dtype=np.float32)
         else:
-            X, _ = classifier_features(clip_embeddings[shard], pose_keypoints[shard], kept["image_id"])
+            X, _ = classifier_features(embedded, pose_keypoints[shard], kept["image_id"])
             probs = predict_proba_frame(pipeline, X)
         table = pd.concat([kept, probs.reset_index(drop=True)], axis=1)
         table["model_fingerprint"] = fingerprint
         predicted = table["predicted_class"].value_counts().to_dict()
-        counts = {"images": len(table), **{f"predicted_{c}": int(predicted.get(c, 0)) for c in CLASSES}}
+        counts = {"images": len(table), "without_embedding": len(without),
+                  **{f"predicted_{c}": int(predicted.get(c, 0)) for c in CLASSES}}
         counts["uncertainty_sum"] = float(table["uncertainty"].sum()) if table["uncertainty"].notna().any() else 0.0
         return table, counts
 
     loop = ShardLoop(context, "quality_predictions")
     tables = loop.run(predict_shard)
     images = loop.totals.get("images", 0)
+    without = int(loop.totals.get("without_embedding", 0))
+    if without:
+        context.log.warning(
+            f"{without} images of pose_subset have no CLIP embedding: left out of the predictions "
+            "(and so of the queue and the curated dataset)"
+        )
     return dg.Output(
         tables,
         metadata={
-            **loop.metadata(["images", *(f"predicted_{c}" for c in CLASSES)]),
+            **loop.metadata(["images", "without_embedding", *(f"predicted_{c}" for c in CLASSES)]),
             "model_trained": pipeline is not None,
             "model_fingerprint": fingerprint,
             "mean_uncertainty": loop.totals.get("uncertainty_sum", 0.0) / images if images and pipeline else 0.0,
@@ -241,7 +291,14 @@ def labeling_queue(
 
     from danbooru_assets.embeddings import embedding_matrix
     from danbooru_assets.image_loader import ImageDecodeError, open_image_rgb
-    from danbooru_assets.quality import current_round, labels_needed, round_plan, select_labeling_queue
+    from danbooru_assets.quality import (
+        current_round,
+        labels_needed,
+        round_plan,
+        rows_with_embeddings,
+        select_labeling_queue,
+        single_clip_model,
+    )
     from danbooru_assets.visuals import contact_sheet, image_markdown
 
     quality = settings.load().quality
@@ -254,10 +311,19 @@ def labeling_queue(
     n_labeled = len(labeled & set(candidates.get("image_id", pd.Series(dtype="int64"))))
     round_ = current_round(n_labeled, plan)
     size = labels_needed(n_labeled, plan) if len(candidates) else 0
+    without: list = []
     if size and len(candidates):
         pool = candidates.loc[~candidates["image_id"].isin(labeled)].reset_index(drop=True)
-        pool_embeddings = clip_embeddings.rows(pool["image_id"])
-        embeddings = embedding_matrix(pool[["image_id"]].merge(pool_embeddings, on="image_id", how="left"))
+        # Clustering needs real embeddings: images without one are left out and counted.
+        embedded, without = rows_with_embeddings(pool["image_id"], clip_embeddings.rows(pool["image_id"]))
+        if len(without):
+            context.log.warning(f"{len(without)} candidates have no CLIP embedding and cannot be queued")
+            pool = pool.loc[pool["image_id"].isin(embedded["image_id"])].reset_index(drop=True)
+        try:
+            single_clip_model(embedded, "labeling_queue")
+        except ValueError as exc:
+            raise dg.Failure(str(exc)) from exc
+        embeddings = embedding_matrix(pool[["image_id"]].merge(embedded.drop_duplicates("image_id"), on="image_id"))
         queue = select_labeling_queue(pool, embeddings, size=min(size, len(pool)), already_labeled=labeled)
     else:
         queue = candidates.head(0).assign(queue_rank=pd.Series(dtype="int64"))
@@ -271,6 +337,7 @@ def labeling_queue(
         "queue_size": len(queue),
         "labeled": n_labeled,
         "pool": len(candidates),
+        "without_embedding": len(without),
         "round_plan_cumulative": dg.MetadataValue.json(plan),
         "next_step": f"danbooru-assets label  (serves these {len(queue)} images)"
         if len(queue)

@@ -11,7 +11,8 @@ from danbooru_assets.labels.resource import LabelStoreResource
 # Submodules load on first use: the code location imports only the resource, and
 # `python -m danbooru_assets.labels.app` runs cleanly.
 _LAZY = {
-    "LABEL_CLASSES": "store", "UNLABELED": "store", "LabelStore": "store", "normalize_label": "store",
+    "LABEL_CLASSES": "store", "UNLABELED": "store", "LabelConflict": "store", "LabelStore": "store",
+    "normalize_label": "store",
     "add_label_arguments": "app", "load_queue": "app", "make_app": "app", "run_label": "app",
 }
 
@@ -25,6 +26,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "LABEL_CLASSES",
     "UNLABELED",
+    "LabelConflict",
     "LabelStore",
     "LabelStoreResource",
     "add_label_arguments",

@@ -18,7 +18,7 @@ import math
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -45,6 +45,16 @@ CREATE TABLE IF NOT EXISTS labels (
 CREATE INDEX IF NOT EXISTS labels_image ON labels(image_id, id);
 CREATE INDEX IF NOT EXISTS labels_labeler ON labels(labeler, id);
 """
+
+
+class LabelConflict(Exception):
+    """A checked write refused because someone else changed the image after the caller read it."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        label = row["label"] if row["label"] is not None else UNLABELED
+        super().__init__(f"image {row['image_id']} was set to {label!r} by {row['labeler']!r} "
+                         f"at {row['labeled_at']} (history row {row['id']})")
+        self.row = row  # the newest such history row
 
 
 def normalize_label(label: Any) -> str | None:
@@ -153,10 +163,26 @@ class LabelStore:
         }
 
     def add(self, image_id: int, label: str | None, labeler: str, round: int = 0,
-            source: str = "page", labeled_at: Any = None) -> int:
-        """Append a label (or ``None``/"unlabeled" to clear it); return the new row id."""
+            source: str = "page", labeled_at: Any = None, *,
+            unless_changed_since: int | None = None, own_rows: Collection[int] = ()) -> int:
+        """Append a label (or ``None``/"unlabeled" to clear it); return the new row id.
+
+        With ``unless_changed_since`` (a row id, e.g. :meth:`max_id` when the caller showed
+        the image), raise :class:`LabelConflict` instead of writing when the image has a
+        newer row that is not one of ``own_rows``; the check and the write are one
+        transaction, so a writer in another process cannot slip in between.
+        """
         row = self._clean(image_id, label, labeler, round, source, labeled_at)
         with self.transaction() as conn:
+            if unless_changed_since is not None:
+                conn.row_factory = sqlite3.Row
+                own = set(own_rows)
+                for other in conn.execute(
+                    "SELECT * FROM labels WHERE image_id = ? AND id > ? ORDER BY id DESC",
+                    (row["image_id"], int(unless_changed_since)),
+                ):
+                    if other["id"] not in own:
+                        raise LabelConflict(dict(other))
             return self._insert(conn, row)
 
     def add_many(self, rows: Iterable[Mapping[str, Any]], source: str = "batch") -> int:
@@ -171,8 +197,11 @@ class LabelStore:
                 self._insert(conn, row)
         return len(cleaned)
 
+    _OPEN = "retracts IS NULL AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.retracts = l.id)"
+
     def undo(self, labeler: str) -> dict[str, Any] | None:
-        """Retract ``labeler``'s most recent not-yet-retracted label; return the retracted row.
+        """Retract ``labeler``'s most recent not-yet-retracted label; return the retracted row
+        (plus ``undo_id``, the id of the undo row).
 
         The undo is itself a history row (``retracts`` = the retracted id) whose label is
         the image's state as if the retracted action never happened, so a relabel undoes
@@ -181,29 +210,37 @@ class LabelStore:
         with self.transaction() as conn:
             conn.row_factory = sqlite3.Row
             target = conn.execute(
-                "SELECT * FROM labels l WHERE labeler = ? AND retracts IS NULL"
-                " AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.retracts = l.id)"
-                " ORDER BY id DESC LIMIT 1",
+                f"SELECT * FROM labels l WHERE labeler = ? AND {self._OPEN} ORDER BY id DESC LIMIT 1",
                 (labeler,),
             ).fetchone()
-            if target is None:
-                return None
-            # The state without the target = the label of the image's newest remaining
-            # action (not an undo, not retracted, not the target itself); this is also
-            # right when someone else relabeled the image after the target.
-            remaining = conn.execute(
-                "SELECT label FROM labels l WHERE image_id = ? AND id != ? AND retracts IS NULL"
-                " AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.retracts = l.id)"
-                " ORDER BY id DESC LIMIT 1",
-                (target["image_id"], target["id"]),
-            ).fetchone()
-            restored = remaining["label"] if remaining is not None else None
-            self._insert(conn, {
-                "image_id": target["image_id"], "label": restored, "labeler": labeler,
-                "labeled_at": _now(), "round": target["round"], "source": "undo",
-                "retracts": target["id"],
-            })
-            return dict(target)
+            return None if target is None else self._retract(conn, target, labeler)
+
+    def retract(self, row_id: int, labeler: str) -> dict[str, Any] | None:
+        """Undo one given history row (as :meth:`undo` does); return it, or ``None`` when
+        it does not exist, is itself an undo, or was already retracted."""
+        labeler = str(labeler or "").strip()
+        if not labeler:
+            raise ValueError("labeler must be a non-empty name")
+        with self.transaction() as conn:
+            conn.row_factory = sqlite3.Row
+            target = conn.execute(f"SELECT * FROM labels l WHERE id = ? AND {self._OPEN}", (int(row_id),)).fetchone()
+            return None if target is None else self._retract(conn, target, labeler)
+
+    def _retract(self, conn: sqlite3.Connection, target: sqlite3.Row, labeler: str) -> dict[str, Any]:
+        # The state without the target = the label of the image's newest remaining
+        # action (not an undo, not retracted, not the target itself); this is also
+        # right when someone else relabeled the image after the target.
+        remaining = conn.execute(
+            f"SELECT label FROM labels l WHERE image_id = ? AND id != ? AND {self._OPEN} ORDER BY id DESC LIMIT 1",
+            (target["image_id"], target["id"]),
+        ).fetchone()
+        restored = remaining["label"] if remaining is not None else None
+        undo_id = self._insert(conn, {
+            "image_id": target["image_id"], "label": restored, "labeler": labeler,
+            "labeled_at": _now(), "round": target["round"], "source": "undo",
+            "retracts": target["id"],
+        })
+        return dict(target, undo_id=undo_id)
 
     # ---- reads --------------------------------------------------------------------
     def _frame(self, sql: str, params: tuple = ()) -> pd.DataFrame:

@@ -10,10 +10,13 @@ Backends:
   nothing of it is vendored here. Its keypoints are (row, col); we return (x, y).
 - ``mediapipe``: BlazePose (optional extra ``mediapipe``), 33 landmarks mapped to COCO-17.
 - ``keypoint_files``: not an image model; published keypoint JSON is read with
-  ``keypoint_files.read_keypoint_files`` (see ``keypoint_files_fingerprint``).
+  ``keypoint_files.read_keypoint_files`` (see ``keypoint_files.source_fingerprint``).
 
 Every estimator returns ``(keypoints [N,17,3] (x, y, conf), boxes [N,4] (x0, y0, x1, y1))``
-in original-image pixels, NaN where nothing was found.
+in pixels of the images it is given, NaN where nothing was found. Images come from the
+project's one decode (:func:`danbooru_assets.image_loader.open_image_rgb`: EXIF
+orientation applied, 8-bit RGB); any other image is brought to 8-bit RGB by the same
+:func:`~danbooru_assets.image_loader.to_rgb8` (16-bit scaled, transparency over white).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import pandas as pd
 from PIL import Image
 
 from danbooru_assets.coco import NUM_KEYPOINTS
+from danbooru_assets.image_loader import to_rgb8
 from danbooru_assets.pose.resource import BACKENDS
 
 BIZARRE_POSE_URL = "https://github.com/ShuhongChen/bizarre-pose-estimator"
@@ -86,15 +90,6 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
-
-
-def _rgb_on_white(im: Image.Image) -> Image.Image:
-    """RGB; transparent pixels become white (as upstream's ``alpha_bg(1)`` does)."""
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +177,7 @@ class KeypointRCNNEstimator:
         kps, boxes = _empty(len(images))
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
-            tensors = [pil_to_tensor(im.convert("RGB")).to(self.device, torch.float32) / 255.0 for im in batch]
+            tensors = [pil_to_tensor(to_rgb8(im)).to(self.device, torch.float32) / 255.0 for im in batch]
             with torch.inference_mode():
                 outputs = self.model(tensors)
             for j, out in enumerate(outputs):
@@ -326,7 +321,8 @@ class BizarrePoseEstimator:
 
         kps, boxes = _empty(len(images))
         for start in range(0, len(images), self.batch_size):
-            batch = [_rgb_on_white(im) for im in images[start : start + self.batch_size]]
+            # transparency over white, as upstream's ``alpha_bg(1)`` does
+            batch = [to_rgb8(im) for im in images[start : start + self.batch_size]]
             crops, frames = [], []
             for im in batch:
                 r0, c0, bh, bw = self._segment_bbox(im)
@@ -381,7 +377,7 @@ class MediapipeEstimator:
         kps, boxes = _empty(len(images))
         index = np.asarray(MEDIAPIPE_TO_COCO)
         for i, im in enumerate(images):
-            rgb = np.ascontiguousarray(np.asarray(im.convert("RGB")))
+            rgb = np.ascontiguousarray(np.asarray(to_rgb8(im)))
             result = self._pose.process(rgb)
             if result.pose_landmarks is None:
                 continue
@@ -396,13 +392,6 @@ class MediapipeEstimator:
 
 
 # ---------------------------------------------------------------- factory and helpers
-
-
-def keypoint_files_fingerprint(source: str | Path) -> dict:
-    """Fingerprint of a keypoint-JSON source (path, size, mtime): re-import when it changes."""
-    path = Path(source)
-    st = path.stat()
-    return {"backend": "keypoint_files", "source": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 @functools.lru_cache(maxsize=8)

@@ -12,6 +12,7 @@ Files live in a directory or in a ``.tar`` / ``.tar.gz`` that is streamed in one
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -202,6 +203,37 @@ def detect_axis_order(raw: np.ndarray, default: str = "yx") -> tuple[str, dict]:
     evidence["decision"] = decision
     evidence["reason"] = reason
     return decision, evidence
+
+
+def source_fingerprint(source: Path | str) -> dict:
+    """What identifies a keypoint source's content without reading it.
+
+    A tarball: its size and mtime. A folder: the name, size and mtime (ns) of every JSON
+    file under it, hashed; the folder's own mtime would miss a file edited in place.
+    One directory walk with a ``stat`` per file, no file opened.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"keypoint source {path} does not exist")
+    fp: dict = {"backend": "keypoint_files", "source": str(path.resolve())}
+    if not path.is_dir():
+        st = path.stat()
+        return {**fp, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    digest = hashlib.sha256()
+    files = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            if not fn.endswith(".json") or fn.startswith("."):
+                continue  # the files the importer reads, as _iter_dir picks them
+            full = os.path.join(dirpath, fn)
+            try:
+                st = os.stat(full)
+            except FileNotFoundError:  # removed while we walked: the next run sees it gone
+                continue
+            digest.update(f"{os.path.relpath(full, path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            files += 1
+    return {**fp, "files": files, "files_sha256": digest.hexdigest()}
 
 
 def read_keypoint_files(

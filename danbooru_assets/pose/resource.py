@@ -64,9 +64,14 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         )
 
     def fingerprint(self) -> str:
-        from danbooru_assets.pose.backends import fingerprint_string, keypoint_files_fingerprint
+        """The backend's identity, stored with every keypoint row: rows are reused only
+        under the same one. For keypoint files: every file's name, size and mtime (an edit
+        in place is noticed) and the axis order asked for."""
+        from danbooru_assets.pose.backends import fingerprint_string
 
         if self.uses_files():
+            from danbooru_assets.pose.keypoint_files import source_fingerprint
+
             self.check()
-            return fingerprint_string(keypoint_files_fingerprint(self.keypoint_files))
+            return fingerprint_string({**source_fingerprint(self.keypoint_files), "axis_order": self.axis_order})
         return fingerprint_string(self.estimator().fingerprint())
