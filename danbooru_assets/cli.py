@@ -67,26 +67,26 @@ class ProgressBar(logging.Handler):
 def run_main_job(args: argparse.Namespace) -> int:
     import os
 
-    from danbooru_assets import environment
-    from danbooru_assets.partitions import PLANNED_EVENTS_ENV
+    from danbooru_assets import config
+    from danbooru_assets.orchestration.partitions import PLANNED_EVENTS_ENV
 
-    home = environment.ensure_dagster_home()
+    home = config.ensure_dagster_home()
     os.environ.setdefault(PLANNED_EVENTS_ENV, "true")  # one planned event per asset and range run
-    if environment.using_sample_data():
-        from danbooru_assets.sample_data import generate_sample_dataset
+    if config.using_sample_data():
+        from danbooru_assets.devtools.sample_data import generate_sample_dataset
 
-        root = environment.dataset_root()
+        root = config.dataset_root()
         print(f"DANBOORU_ROOT is not set: using the bundled sample dataset at {root}")
         summary = generate_sample_dataset(root)
         print(f"  sample dataset: {summary.n_images_written} images in {len(summary.shards)} shards")
 
     import dagster as dg
 
-    from danbooru_assets.dataset import DatasetRootError
+    from danbooru_assets.dataset.layout import DatasetRootError
     from danbooru_assets.definitions import RUN_STAGES, defs
-    from danbooru_assets.partitions import range_tags, shard_ranges
+    from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
     from danbooru_assets.settings import SettingsError, load_settings, section_observations
-    from danbooru_assets.shard_runs import progress_logger
+    from danbooru_assets.orchestration.shard_runs import progress_logger
 
     try:  # a bad settings file stops the run here, in one line, before any job starts
         settings = load_settings(defs.resources["settings"].path)
@@ -145,7 +145,7 @@ def run_main_job(args: argparse.Namespace) -> int:
 
 
 def settings_command(args: argparse.Namespace) -> int:
-    from danbooru_assets import environment
+    from danbooru_assets import config
     from danbooru_assets.settings import (
         SettingsError,
         assign,
@@ -155,7 +155,7 @@ def settings_command(args: argparse.Namespace) -> int:
         validate_settings,
     )
 
-    path = environment.settings_path()
+    path = config.settings_path()
     if args.settings_action == "show":
         try:
             settings = load_settings(path)
@@ -215,7 +215,7 @@ def _blamed_assignment(bad_key: str, assigned: list[tuple[str, str]]) -> str | N
 def report_settings_change(before, after) -> list[str]:
     """Record the new data version of each changed settings section in the Dagster
     instance (``$DAGSTER_HOME``, default ``.dagster_home``), so staleness shows at once."""
-    from danbooru_assets import environment
+    from danbooru_assets import config
     from danbooru_assets.settings import section_asset_name, section_hashes, section_observations
 
     old, new = (section_hashes(before) if before is not None else {}), section_hashes(after)
@@ -223,7 +223,7 @@ def report_settings_change(before, after) -> list[str]:
     if changed:
         import dagster as dg
 
-        environment.ensure_dagster_home()
+        config.ensure_dagster_home()
         names = {section_asset_name(n) for n in changed}
         with dg.DagsterInstance.get() as instance:
             for observation in section_observations(after, "danbooru-assets settings set"):
@@ -237,7 +237,7 @@ def export_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from danbooru_assets.definitions import defs
-    from danbooru_assets.exports import export_curated
+    from danbooru_assets.export.curated import export_curated
 
     try:
         counts = export_curated(
@@ -254,7 +254,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from danbooru_assets.sample_data import add_sample_data_arguments, run_sample_data
+    from danbooru_assets.devtools.sample_data import add_sample_data_arguments, run_sample_data
 
     parser = argparse.ArgumentParser(prog="danbooru-assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)

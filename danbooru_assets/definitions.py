@@ -16,30 +16,30 @@ import os
 
 import dagster as dg
 
-from danbooru_assets import environment
-from danbooru_assets.assets.clip import (
+from danbooru_assets import config
+from danbooru_assets.orchestration.assets.clip import (
     clip_embeddings_and_image_stats,
     clip_scores,
     clip_subset,
     clip_threshold,
     prompt_embeddings,
 )
-from danbooru_assets.assets.index import danbooru_metadata, shard_index
-from danbooru_assets.assets.pose import pose_keypoints, pose_statistics, pose_subset, published_keypoints
-from danbooru_assets.assets.quality import (
+from danbooru_assets.orchestration.assets.index import danbooru_metadata, shard_index
+from danbooru_assets.orchestration.assets.pose import pose_keypoints, pose_statistics, pose_subset, published_keypoints
+from danbooru_assets.orchestration.assets.quality import (
     curated_dataset,
     labeling_queue,
     labels,
     quality_model,
     quality_predictions,
 )
-from danbooru_assets.assets.settings import settings_assets
-from danbooru_assets.clip_model import ClipModelResource
-from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.io_manager import ParquetIOManagerFactory, StorageResource
+from danbooru_assets.orchestration.assets.settings import settings_assets
+from danbooru_assets.clip.model import ClipModelResource
+from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory, StorageResource
 from danbooru_assets.labels.resource import LabelStoreResource
 from danbooru_assets.pose.resource import KEYPOINT_FILES, PoseEstimatorResource
-from danbooru_assets.sensors import build_new_data_sensor, build_retrain_sensor, settings_sensor
+from danbooru_assets.orchestration.sensors import build_new_data_sensor, build_retrain_sensor, settings_sensor
 from danbooru_assets.settings import SettingsResource
 
 
@@ -117,8 +117,8 @@ def pose_estimator_from_env(dataset_root) -> PoseEstimatorResource:
     """Sample data: its published keypoint tarball. A real dataset: ``DANBOORU_KEYPOINTS``
     (published files) if set, else ``DANBOORU_POSE_BACKEND`` (default keypoint_rcnn)."""
     keypoints = os.environ.get("DANBOORU_KEYPOINTS")
-    if environment.using_sample_data() and not keypoints and not os.environ.get("DANBOORU_POSE_BACKEND"):
-        keypoints = str(dataset_root / environment.KEYPOINTS_TARBALL)
+    if config.using_sample_data() and not keypoints and not os.environ.get("DANBOORU_POSE_BACKEND"):
+        keypoints = str(dataset_root / config.KEYPOINTS_TARBALL)
     if keypoints:
         return PoseEstimatorResource(backend=KEYPOINT_FILES, keypoint_files=keypoints)
     return PoseEstimatorResource(
@@ -128,8 +128,8 @@ def pose_estimator_from_env(dataset_root) -> PoseEstimatorResource:
     )
 
 
-dataset_root = environment.dataset_root()
-storage = StorageResource(base_path=environment.storage_base())
+dataset_root = config.dataset_root()
+storage = StorageResource(base_path=config.storage_base())
 
 defs = dg.Definitions(
     assets=[
@@ -164,9 +164,9 @@ defs = dg.Definitions(
         "dataset": DanbooruDatasetResource(root=str(dataset_root)),
         "storage": storage,
         "io_manager": ParquetIOManagerFactory(storage=storage),
-        "settings": SettingsResource(path=str(environment.settings_path())),
-        "clip_model": ClipModelResource.from_env(sample_data=environment.using_sample_data()),
+        "settings": SettingsResource(path=str(config.settings_path())),
+        "clip_model": ClipModelResource.from_env(sample_data=config.using_sample_data()),
         "pose_estimator": pose_estimator_from_env(dataset_root),
-        "label_store": LabelStoreResource(path=str(environment.labels_path())),
+        "label_store": LabelStoreResource(path=str(config.labels_path())),
     },
 )

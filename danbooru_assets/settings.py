@@ -35,9 +35,9 @@ import dagster as dg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from danbooru_assets.coco import KEYPOINT_NAMES
+from danbooru_assets.pose.coco import KEYPOINT_NAMES
 from danbooru_assets.labels.resource import LABEL_CLASSES
-from danbooru_assets.storage import atomic_write_text
+from danbooru_assets.core.tables import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class PoseRules(dg.Config):
         "nose", "shoulder_left", "shoulder_right", "elbow_left", "elbow_right",
         "wrist_left", "wrist_right", "hip_left", "hip_right",
     ]
-    """COCO keypoint names (``danbooru_assets.coco.KEYPOINT_NAMES``)."""
+    """COCO keypoint names (``danbooru_assets.pose.coco.KEYPOINT_NAMES``)."""
     allow_hips_below_frame: bool = True
     """Upper-body portraits (the seed's y >= 512 hips): hips below the frame pass the
     inside, confidence and hip-density checks."""

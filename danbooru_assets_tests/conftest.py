@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from danbooru_assets.sandbox import Sandbox
+from danbooru_assets.devtools.sandbox import Sandbox
 
 
 def jpeg_bytes(size=(40, 30), color=(200, 60, 60)) -> bytes:
@@ -89,8 +89,8 @@ class Pipeline(Sandbox):
     (tiny architecture, random weights) on the CPU, in-process data loading."""
 
     def __init__(self, base: Path, n_images: int = 90, n_shards: int = 8):
-        from danbooru_assets.clip_model import ClipModelResource
-        from danbooru_assets.sample_data import generate_sample_dataset
+        from danbooru_assets.clip.model import ClipModelResource
+        from danbooru_assets.devtools.sample_data import generate_sample_dataset
 
         root = base / "sample"
         self.summary = generate_sample_dataset(root, n_images=n_images, n_shards=n_shards, max_side=400)

@@ -256,7 +256,7 @@ def test_dagster_run_failure_message_names_file_and_key(tmp_path: Path):
 
 
 def test_materialization_says_where_its_settings_came_from(tmp_path: Path):
-    from danbooru_assets.sandbox import Sandbox
+    from danbooru_assets.devtools.sandbox import Sandbox
 
     sandbox = Sandbox(tmp_path / "dataset", tmp_path)
     path = sandbox.settings_path

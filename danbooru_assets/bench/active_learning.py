@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from danbooru_assets.quality import (CLASSES, fit_quality_model, predict_proba_frame, round_plan,
+from danbooru_assets.quality.classifier import (CLASSES, fit_quality_model, predict_proba_frame, round_plan,
                                      select_labeling_queue)
 
 

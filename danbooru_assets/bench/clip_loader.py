@@ -7,7 +7,7 @@ Danbooru originals), warms the page cache, then times on the same files, side by
 
 - naive: ``Image.open(p).convert("RGB")`` + open_clip's preprocess, one image at a time,
   no statistics (broken files are skipped);
-- ours: :func:`danbooru_assets.image_loader.make_loader` (draft-mode JPEG decoding, worker
+- ours: :func:`danbooru_assets.clip.loader.make_loader` (draft-mode JPEG decoding, worker
   processes, pixel statistics included, worker start-up included).
 
 Both produce the same 224 px model input. The tiny demo model's encode of the loader's
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import torch
 
-from danbooru_assets.clip_model import ClipModelResource
-from danbooru_assets.image_loader import default_num_workers, make_loader, split_preprocess
+from danbooru_assets.clip.model import ClipModelResource
+from danbooru_assets.clip.loader import default_num_workers, make_loader, split_preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".psd"}
 
 
 def sample_images(workdir: Path, n_images: int, min_side: int, max_side: int) -> tuple[list[Path], float]:
     """The sample generator's image files under ``workdir`` (generated unless reusable)."""
-    from danbooru_assets.sample_data import generate_sample_dataset
+    from danbooru_assets.devtools.sample_data import generate_sample_dataset
 
     started = time.perf_counter()
     generate_sample_dataset(workdir, n_images=n_images, min_side=min_side, max_side=max_side)

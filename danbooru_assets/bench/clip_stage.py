@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
-    from danbooru_assets.clip_model import ClipModelResource
-    from danbooru_assets.sample_data import generate_sample_dataset
-    from danbooru_assets.sandbox import Sandbox
+    from danbooru_assets.clip.model import ClipModelResource
+    from danbooru_assets.devtools.sample_data import generate_sample_dataset
+    from danbooru_assets.devtools.sandbox import Sandbox
 
     root = args.workdir / "dataset"
     t_gen = timed(lambda: generate_sample_dataset(root, n_images=args.images, n_shards=1, min_side=512, max_side=1500))

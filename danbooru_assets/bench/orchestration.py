@@ -12,7 +12,7 @@ b. the main job, ``danbooru-assets run``, as a subprocess (wall time);
 c. ``danbooru-assets settings set clip.keep_fraction=0.3``;
 f. import time of ``danbooru_assets.definitions`` against ``dagster`` alone, each in fresh
    subprocesses (medians of 5; measured before the servers start, so they add no noise);
-d. a real local deployment (:class:`~danbooru_assets.local_dagster.LocalDagster`:
+d. a real local deployment (:class:`~danbooru_assets.devtools.local_dagster.LocalDagster`:
    webserver + daemon) and, through GraphQL as the UI's Materialize button does, a
    backfill of ``clip_threshold`` + ``clip_subset`` over every partition: launch →
    backfill completed successfully, and how many runs it made (with where each run's
@@ -52,8 +52,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from danbooru_assets.local_dagster import ASSET_JOB, DagsterHarnessError, LocalDagster, tail
-from danbooru_assets.partitions import PLANNED_EVENTS_ENV
+from danbooru_assets.devtools.local_dagster import ASSET_JOB, DagsterHarnessError, LocalDagster, tail
+from danbooru_assets.orchestration.partitions import PLANNED_EVENTS_ENV
 
 SENSOR = "new_data_sensor"
 TARGETS = {
@@ -78,7 +78,7 @@ class Bench:
         self.root = self.work / "sample"
         self.logs = self.work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        from danbooru_assets.sample_data import KEYPOINTS_TARBALL
+        from danbooru_assets.devtools.sample_data import KEYPOINTS_TARBALL
 
         self.env: dict[str, str] = {
             "DANBOORU_ROOT": str(self.root),
@@ -150,7 +150,7 @@ class Bench:
     # ------------------------------------------------------------------ steps
     def generate(self) -> None:
         with self.step("a", f"generate {self.args.images} images over {self.args.shards} shards") as r:
-            from danbooru_assets.sample_data import generate_sample_dataset
+            from danbooru_assets.devtools.sample_data import generate_sample_dataset
 
             summary = generate_sample_dataset(
                 self.root, n_images=self.args.images, n_shards=self.args.shards, min_side=256, max_side=320

@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from danbooru_assets.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES
+from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES
 from danbooru_assets.pose.geometry import (
     LIMBS,
     PoseRules,

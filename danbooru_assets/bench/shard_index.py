@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from danbooru_assets.dataset import DanbooruDatasetResource
-from danbooru_assets.io_manager import read_arrow
-from danbooru_assets.metadata import convert_metadata_to_shards
-from danbooru_assets.partitions import shard_key
-from danbooru_assets.shard_index import build_shard_index
+from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.orchestration.io_manager import read_arrow
+from danbooru_assets.dataset.metadata import convert_metadata_to_shards
+from danbooru_assets.orchestration.partitions import shard_key
+from danbooru_assets.dataset.shard_index import build_shard_index
 
 
 def build_tree(root: Path, n_files: int, n_shards: int = 1000, metadata_fraction: float = 0.95, seed: int = 0) -> None:

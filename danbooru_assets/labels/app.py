@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pandas as pd
 
-from danbooru_assets.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON, SKELETON_COLORS
+from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON, SKELETON_COLORS
 from danbooru_assets.labels.store import LABEL_CLASSES, UNLABELED, LabelConflict, LabelStore
 
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
@@ -555,13 +555,13 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def run_label(args: argparse.Namespace) -> int:
     """Serve the labeling page until Ctrl-C; returns a process exit code."""
-    from danbooru_assets import environment
+    from danbooru_assets import config
 
     if args.queue is None:
         # The labeling_queue asset's table, where the Parquet IO manager keeps it.
-        args.queue = Path(environment.storage_base()) / "labeling_queue.parquet"
-    root = Path(args.root) if args.root is not None else environment.dataset_root()
-    store_path = Path(args.store) if args.store is not None else environment.labels_path()
+        args.queue = Path(config.storage_base()) / "labeling_queue.parquet"
+    root = Path(args.root) if args.root is not None else config.dataset_root()
+    store_path = Path(args.store) if args.store is not None else config.labels_path()
     try:
         queue = load_queue(args.queue)
     except (FileNotFoundError, ValueError) as exc:

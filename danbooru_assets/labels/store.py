@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from danbooru_assets.labels.resource import LABEL_CLASSES
-from danbooru_assets.storage import atomic_path
+from danbooru_assets.core.tables import atomic_path
 
 UNLABELED = "unlabeled"
 

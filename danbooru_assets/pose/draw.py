@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from danbooru_assets.coco import NUM_KEYPOINTS, SKELETON, SKELETON_COLORS
-from danbooru_assets.visuals import contact_sheet
+from danbooru_assets.pose.coco import NUM_KEYPOINTS, SKELETON, SKELETON_COLORS
+from danbooru_assets.core.visuals import contact_sheet
 
 
 def _usable(keypoints: np.ndarray, min_conf: float) -> np.ndarray:

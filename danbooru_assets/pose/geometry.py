@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 
 
-from danbooru_assets.coco import KEYPOINT_COLUMNS, KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS
+from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS
 from danbooru_assets.settings import PoseRules
 
 _K = KEYPOINT_INDEX
@@ -503,7 +503,7 @@ def hip_midpoint_scatter(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from danbooru_assets.visuals import figure_to_image
+    from danbooru_assets.core.visuals import figure_to_image
 
     hx = features["hip_mid_x"].to_numpy(np.float64)
     hy = features["hip_mid_y"].to_numpy(np.float64)
@@ -554,7 +554,7 @@ def feature_histograms(features: pd.DataFrame, stats: dict, k: float = 4.0, bins
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from danbooru_assets.visuals import figure_to_image
+    from danbooru_assets.core.visuals import figure_to_image
 
     names = [
         "hip_mid_x", "hip_mid_y", "shoulder_mid_x", "shoulder_mid_y", "torso_length_rel",

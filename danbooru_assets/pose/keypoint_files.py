@@ -25,8 +25,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
-from danbooru_assets.coco import KEYPOINT_COLUMNS, KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS
-from danbooru_assets.storage import add_tar_member, atomic_path, atomic_write_text
+from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS
+from danbooru_assets.core.tables import add_tar_member, atomic_path, atomic_write_text
 
 AXIS_ORDERS = ("auto", "yx", "xy")
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

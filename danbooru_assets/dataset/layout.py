@@ -1,0 +1,189 @@
+"""The Danbooru20xx folder layout, read through a Dagster resource.
+
+``<root>/<original|512px>/<bucket>/<id>.<ext>`` with ``bucket = id % 1000`` as four
+digits, and JSON-lines metadata under ``<root>/metadata/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dagster as dg
+from pydantic import Field
+
+from danbooru_assets.orchestration.partitions import SHARD_KEYS
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# JSON-lines, plain or gzip-compressed (mirrors ship posts.json.gz).
+METADATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp"})
+# The most pixels one decode may produce (~7,000 x 7,000): a 100M-pixel PNG took 11 s and
+# 1.3 GB to decode, and each loader worker may hold one; PIL itself only warns at 89M and
+# refuses at 179M. JPEGs count at the scale they are decoded at (libjpeg reduces by up to
+# 8 per side), so a big JPEG is still read, at reduced scale (image_loader.size_problem).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+class DatasetRootError(FileNotFoundError):
+    pass
+
+
+def resolve_inside(root: Path | str, rel_path: str) -> Path:
+    """``root / rel_path`` with every symbolic link followed; ``ValueError`` when that
+    leads outside ``root`` (itself resolved). Every reader of dataset files (index, exports,
+    labeling page) applies this one rule: a link inside the root is fine, one out of it is
+    never read."""
+    root = Path(root).resolve()
+    path = (root / rel_path).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{rel_path} resolves to {path}, outside the dataset root {root}")
+    return path
+
+
+@dataclass
+class ShardFiles:
+    """The files of one bucket folder as parallel arrays, sorted by image id (files whose
+    name is not an id come last, with id -1)."""
+
+    image_id: np.ndarray  # int64, -1 when the file name is not an integer id
+    name: list[str]
+    ext: list[str]
+    file_bytes: np.ndarray  # int64
+    mtime: np.ndarray  # float64
+    is_link: np.ndarray  # bool: the directory entry is a symbolic link
+
+    def __len__(self) -> int:
+        return len(self.name)
+
+
+class DanbooruDatasetResource(dg.ConfigurableResource):
+    """Where the dataset lives. ``root`` defaults to ``$DANBOORU_ROOT`` (unset: the bundled
+    sample data, generated on first use by ``danbooru-assets run``)."""
+
+    root: str = Field(description="Dataset root folder (holds original/ or 512px/, and metadata/).")
+    image_folder: str = Field(
+        default="original",
+        description="Image folder under the root: 'original' or '512px' (Danbooru20xx's downscaled copy).",
+    )
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        gt=0,
+        description="The most pixels one image decode may produce (JPEGs count at their reduced "
+        "decode scale). shard_index gives larger images the status 'too_large'; they are never decoded.",
+    )
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser()
+
+    def check_root(self) -> Path:
+        root = self.root_path
+        if not root.is_dir():
+            raise DatasetRootError(
+                f"dataset root {root} does not exist. Set the DANBOORU_ROOT environment variable "
+                "(or the `dataset` resource's `root` config) to the folder that holds "
+                f"'{self.image_folder}/' and 'metadata/', or unset it to use the bundled sample "
+                "data (`danbooru-assets sample-data DIR` creates it)."
+            )
+        return root
+
+    def image_dir(self, shard: str) -> Path:
+        return self.root_path / self.image_folder / shard
+
+    def image_path(self, rel_path: str) -> Path:
+        return self.root_path / rel_path
+
+    def outside_root_problem(self, rel_path: str) -> str:
+        """Why ``rel_path`` may not be read ("" when it may): following its links leads
+        out of the dataset root."""
+        try:
+            resolve_inside(self.root_path, rel_path)
+        except ValueError as exc:
+            return str(exc)
+        return ""
+
+    def scan_shard(self, shard: str) -> ShardFiles:
+        """Every regular file in the shard's bucket folder: one ``scandir`` pass, one
+        ``stat`` per file (size, mtime), nothing opened."""
+        import numpy as np
+
+        folder = self.image_dir(shard)
+        names: list[str] = []
+        sizes: list[int] = []
+        mtimes: list[float] = []
+        links: list[bool] = []
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or not entry.is_file():
+                        continue
+                    st = entry.stat()
+                    names.append(entry.name)
+                    sizes.append(st.st_size)
+                    mtimes.append(st.st_mtime)
+                    links.append(entry.is_symlink())  # from the directory entry: no extra syscall
+        stems = [n.partition(".")[0] for n in names]
+        ids = np.array([int(s) if s.isdigit() else -1 for s in stems], dtype=np.int64)
+        # By id, then name (123.jpg before 123.png); files without an id last.
+        name_rank = np.argsort(np.argsort(np.array(names, dtype=object))) if names else ids
+        order = np.lexsort((name_rank, ids, ids < 0))
+        return ShardFiles(
+            image_id=ids[order],
+            name=[names[i] for i in order],
+            ext=[names[i].partition(".")[2].lower() for i in order],
+            file_bytes=np.array(sizes, dtype=np.int64)[order] if names else np.zeros(0, dtype=np.int64),
+            mtime=np.array(mtimes, dtype=np.float64)[order] if names else np.zeros(0, dtype=np.float64),
+            is_link=np.array(links, dtype=bool)[order] if names else np.zeros(0, dtype=bool),
+        )
+
+    def shards_with_images(self) -> list[str]:
+        base = self.root_path / self.image_folder
+        if not base.is_dir():
+            return []
+        present = {p.name for p in base.iterdir() if p.is_dir()}
+        return [k for k in SHARD_KEYS if k in present]
+
+    def metadata_files(self) -> list[Path]:
+        folder = self.root_path / "metadata"
+        if not folder.is_dir():
+            return []
+        return sorted(
+            p for p in folder.iterdir()
+            if p.is_file() and p.name.endswith(METADATA_SUFFIXES) and not p.name.startswith(".")
+        )
+
+    def metadata_fingerprint(self) -> str:
+        """Changes when a metadata file is added, removed, resized or touched."""
+        h = hashlib.sha256()
+        for p in self.metadata_files():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()[:16]
+
+    def shard_fingerprint(self, shard: str, previous: dict | None = None) -> dict:
+        """File count, folder mtime and newest file mtime of a bucket folder.
+
+        The folder's own mtime changes when files are added or removed; only then are
+        the files stat-ed again, so an unchanged 5,000-file shard costs one listdir.
+        """
+        folder = self.image_dir(shard)
+        try:
+            dir_mtime = folder.stat().st_mtime_ns
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            return {"files": 0, "dir_mtime": 0, "newest_mtime": 0}
+        if previous and previous.get("dir_mtime") == dir_mtime and previous.get("files") == len(names):
+            return dict(previous)
+        newest = 0
+        for name in names:
+            try:
+                newest = max(newest, os.stat(folder / name).st_mtime_ns)
+            except FileNotFoundError:  # removed between listdir and stat
+                continue
+        return {"files": len(names), "dir_mtime": dir_mtime, "newest_mtime": newest}

@@ -1,0 +1,546 @@
+"""Danbooru metadata: JSON-lines in the two formats found in the wild, normalised.
+
+- API form (Danbooru2021 and the live API): ``tag_string``, ``tag_string_general``,
+  ``tag_string_character``, ``tag_string_copyright``, ``tag_string_artist``,
+  ``tag_string_meta``, ``rating``, ``score``, ``md5``, ``image_width``, …
+- Older dump form (Danbooru2017–2020): ``tags`` as a list of ``{id, name, category}``
+  objects, numbers often as strings.
+
+Both become one schema (:data:`METADATA_COLUMNS`). Ratings stay one letter in one
+column: ``g s q e`` from the API, and ``s q e`` from pre-2022 dumps, where ``s`` meant
+"safe" (today's ``g`` and ``s`` together).
+
+Files are read plain or gzip-compressed (``posts.json.gz``). Nothing bad in a file stops
+the conversion: a line without a valid id (see :func:`strict_int`) is skipped, a bad
+value is stored as null, each reported as ``file:line: <reason>``; a repeated id keeps
+its last line, counted. Spilled chunks live in a scratch folder under the storage that
+the next conversion clears if a run was killed (:func:`run_scratch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import pandas as pd
+
+
+# Tag categories of the dump form.
+_CATEGORY_COLUMN = {
+    0: "tags_general",
+    1: "tags_artist",
+    3: "tags_copyright",
+    4: "tags_character",
+    5: "tags_meta",
+}
+TAG_COLUMNS = ["tags_general", "tags_character", "tags_copyright", "tags_artist", "tags_meta"]
+METADATA_COLUMNS = [
+    "image_id",
+    "md5",
+    "rating",
+    "score",
+    "meta_width",
+    "meta_height",
+    "meta_file_ext",
+    *TAG_COLUMNS,
+    "is_deleted",
+    "created_at",
+    "metadata_format",
+]
+METADATA_DTYPES = {
+    "image_id": "int64",
+    "md5": "object",
+    "rating": "object",
+    "score": "Int64",
+    "meta_width": "Int64",
+    "meta_height": "Int64",
+    "meta_file_ext": "object",
+    **{c: "object" for c in TAG_COLUMNS},
+    "is_deleted": "boolean",
+    "created_at": "object",
+    "metadata_format": "object",
+}
+VALID_RATINGS = {"g", "s", "q", "e"}
+
+
+# What an id is: a JSON integer, or a string of ASCII digits (the older dumps quote
+# numbers), with 0 < id < 2**63 (it is stored as int64). Anything else — a float such
+# as 5042.9 or 1e20, true/false, "٤٢" (non-ASCII digits), " 42", a negative or zero id —
+# rejects the line, reported as ``file:line: <reason>``: silently turning 5042.9 into
+# 5042 would join the metadata to the wrong image.
+INT64_MAX = 2**63 - 1
+# The other integers kept (score, width, height) follow the same rule (a "-" sign is
+# allowed for score); a bad value becomes null, reported as ``file:line: <field> …``,
+# and the line is kept: a missing size is read from the image header instead.
+_TAG_STRING_KEYS = tuple((c, "tag_string_" + c.removeprefix("tags_")) for c in TAG_COLUMNS)
+_TRUE = frozenset({"true", "t", "1", "yes"})
+_FALSE = frozenset({"false", "f", "0", "no", ""})
+# A problem list keeps this many examples; the counts are always exact.
+MAX_EXAMPLES = 1000
+# Files compressed with gzip start with these two bytes (any name: a misnamed file is read too).
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass
+class MetadataProblem:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class FileSummary:
+    name: str
+    gzip: bool
+    lines: int = 0
+    records: int = 0
+    error: str | None = None  # why reading stopped early (a cut-short gzip stream)
+
+    def __str__(self) -> str:
+        text = f"{self.name}{' (gzip)' if self.gzip else ''}: {self.lines:,} lines, {self.records:,} records"
+        return text + (f"; {self.error}" if self.error else "")
+
+
+@dataclass
+class ParseReport:
+    lines: int = 0
+    records: int = 0
+    bad_lines: int = 0  # lines skipped
+    problems: list[MetadataProblem] = field(default_factory=list)  # the first MAX_EXAMPLES skipped lines
+    bad_values: int = 0  # field values stored as null, their line kept
+    value_problems: list[MetadataProblem] = field(default_factory=list)  # the first MAX_EXAMPLES of them
+    duplicates: int = 0  # lines superseded by a later line with the same id
+    duplicate_examples: list[str] = field(default_factory=list)
+    files: list[FileSummary] = field(default_factory=list)
+
+    def skip_line(self, file: str, line: int, reason: str) -> None:
+        self.bad_lines += 1
+        if len(self.problems) < MAX_EXAMPLES:
+            self.problems.append(MetadataProblem(file, line, reason))
+
+    def null_value(self, file: str, line: int, reason: str) -> None:
+        self.bad_values += 1
+        if len(self.value_problems) < MAX_EXAMPLES:
+            self.value_problems.append(MetadataProblem(file, line, reason))
+
+
+def _shown(value: Any) -> str:
+    """A value as it appeared in the JSON (containers by kind), short enough for a log line."""
+    if isinstance(value, (list, dict)):
+        return "an array" if isinstance(value, list) else "an object"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def strict_int(value: Any, minimum: int, what: str) -> int:
+    """``value`` as an int when it is a JSON integer or a string of ASCII digits (a
+    leading "-" allowed when ``minimum`` < 0) within ``minimum`` … 2**63-1; else
+    ``ValueError`` saying why. Never coerces a float, a bool or other digits."""
+    if type(value) is int:  # not isinstance: True/False are ints too
+        number = value
+    elif type(value) is str:
+        digits = value[1:] if value[:1] == "-" and minimum < 0 else value
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"{what} {_shown(value)} is not an integer (ASCII digits)")
+        if len(digits) > 19:  # longer than any int64: no int() of a huge string
+            raise ValueError(f"{what} {_shown(value)} is out of range ({minimum} to 2**63-1)")
+        number = int(value)
+    else:
+        raise ValueError(f"{what} {_shown(value)} is not an integer")
+    if not minimum <= number <= INT64_MAX:
+        raise ValueError(f"{what} {_shown(value)} is out of range ({minimum} to 2**63-1)")
+    return number
+
+
+def _strict_bool(value: Any) -> bool:
+    if type(value) is bool:
+        return value
+    if value is None:  # null: as if missing
+        return False
+    if type(value) is str:
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    elif type(value) is int and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"is_deleted {_shown(value)} is not a boolean")
+
+
+def _int_or_null(record: dict, key: str, minimum: int, value_problems: list[str]) -> int | None:
+    value = record.get(key)
+    if type(value) is int and minimum <= value <= INT64_MAX:  # the common case, first
+        return value
+    if value is None or value == "":
+        return None
+    try:
+        return strict_int(value, minimum, key)
+    except ValueError as exc:
+        value_problems.append(f"{exc}; stored as null")
+        return None
+
+
+def _str_or_null(record: dict, key: str, value_problems: list[str]) -> str | None:
+    value = record.get(key)
+    if value is None or type(value) is str:
+        return value
+    value_problems.append(f"{key} {_shown(value)} is not a string; stored as null")
+    return None
+
+
+def normalise_record(record: Any, value_problems: list[str] | None = None) -> dict[str, Any]:
+    """One raw metadata object (either format) → one row of :data:`METADATA_COLUMNS`.
+
+    Raises ``ValueError``/``KeyError`` with a reason when the record is unusable (no
+    valid id, see :func:`strict_int`). A field of the wrong type or range becomes null
+    (tag strings: empty) and its reason is appended to ``value_problems``.
+    """
+    if type(record) is not dict:
+        if type(record) is list:
+            raise ValueError("a JSON array, not an object (JSON-lines expected: one post per line)")
+        raise ValueError(f"a JSON {type(record).__name__}, not an object")
+    if "id" not in record:
+        raise KeyError("no 'id' field")
+    if value_problems is None:
+        value_problems = []
+    image_id = record["id"]
+    if not (type(image_id) is int and 0 < image_id <= INT64_MAX):
+        image_id = strict_int(image_id, 1, "id")
+    get = record.get
+    is_deleted = get("is_deleted", False)
+    if type(is_deleted) is not bool:
+        try:
+            is_deleted = _strict_bool(is_deleted)
+        except ValueError as exc:
+            value_problems.append(f"{exc}; stored as null")
+            is_deleted = None
+    rating = get("rating")
+    rating = rating.strip().lower()[:1] if type(rating) is str else None
+    row: dict[str, Any] = {
+        "image_id": image_id,
+        "md5": _str_or_null(record, "md5", value_problems),
+        "rating": rating if rating in VALID_RATINGS else None,
+        "score": _int_or_null(record, "score", -INT64_MAX, value_problems),
+        "meta_width": _int_or_null(record, "image_width", 1, value_problems),
+        "meta_height": _int_or_null(record, "image_height", 1, value_problems),
+        "meta_file_ext": _str_or_null(record, "file_ext", value_problems) or None,
+        "is_deleted": is_deleted,
+        "created_at": _str_or_null(record, "created_at", value_problems),
+    }
+    tags = get("tags")
+    if type(tags) is list:
+        row["metadata_format"] = "dump"
+        buckets: dict[str, list[str]] = {c: [] for c in TAG_COLUMNS}
+        for tag in tags:
+            category = tag.get("category", 0)
+            category = 0 if category is None else strict_int(category, 0, "tag category")
+            buckets[_CATEGORY_COLUMN.get(category, "tags_general")].append(str(tag["name"]))
+        row.update({c: " ".join(v) for c, v in buckets.items()})
+    else:
+        row["metadata_format"] = "api"
+        for column, key in _TAG_STRING_KEYS:
+            value = get(key)
+            if type(value) is not str:
+                if value is not None:
+                    value_problems.append(f"{key} {_shown(value)} is not a string; stored as empty")
+                value = ""
+            row[column] = value
+        combined = get("tag_string")
+        if type(combined) is str and combined and not any(row[c] for c in TAG_COLUMNS):
+            # Some API exports carry only the combined tag string.
+            row["tags_general"] = combined
+    return row
+
+
+def iter_metadata_records(
+    path: Path, report: ParseReport, file_index: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """Normalised rows of one JSON-lines file (plain or gzip); bad lines and bad values go
+    to ``report`` with file and line. With ``file_index``, each row also carries
+    ``source_file`` (that index) and ``source_line``, to name duplicates later."""
+    name = path.name
+    raw_file = open(path, "rb")
+    summary = FileSummary(name, raw_file.peek(2)[:2] == GZIP_MAGIC)
+    report.files.append(summary)
+    f: IO[bytes] = gzip.GzipFile(fileobj=raw_file, mode="rb") if summary.gzip else raw_file
+    line_no = 0
+    with raw_file, f:
+        try:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                report.lines += 1
+                summary.lines += 1
+                notes: list[str] = []
+                try:
+                    row = normalise_record(json.loads(raw), notes)
+                except json.JSONDecodeError as exc:
+                    report.skip_line(name, line_no, f"not JSON ({exc.msg})")
+                    continue
+                except UnicodeDecodeError:
+                    report.skip_line(name, line_no, "not JSON (not UTF-8 text)")
+                    continue
+                except RecursionError:
+                    report.skip_line(name, line_no, "not JSON (nested too deeply)")
+                    continue
+                except (KeyError, ValueError, TypeError, AttributeError) as exc:
+                    reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+                    report.skip_line(name, line_no, f"unusable record ({reason})")
+                    continue
+                for note in notes:
+                    report.null_value(name, line_no, note)
+                if file_index is not None:
+                    row["source_file"] = file_index
+                    row["source_line"] = line_no
+                report.records += 1
+                summary.records += 1
+                yield row
+        except (EOFError, OSError, zlib.error) as exc:
+            # A cut-short or corrupt gzip download: the lines before stay, the rest
+            # cannot be read. Counted as a bad line so it is never silent.
+            summary.error = f"unreadable after line {line_no} ({exc}); the rest of the file is not read"
+            report.skip_line(name, line_no + 1, f"file unreadable from here ({exc})")
+
+
+def records_to_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=METADATA_COLUMNS)
+    return df.astype(METADATA_DTYPES)
+
+
+def empty_metadata_frame() -> pd.DataFrame:
+    return records_to_frame([])
+
+
+def metadata_arrow_schema():
+    import pyarrow as pa
+
+    arrow_types = {"int64": pa.int64(), "Int64": pa.int64(), "object": pa.string(), "boolean": pa.bool_()}
+    return pa.schema([(c, arrow_types[METADATA_DTYPES[c]]) for c in METADATA_COLUMNS])
+
+
+def last_row_per_id(ids):
+    """Row positions keeping the last occurrence of each id, in ascending id order."""
+    import numpy as np
+
+    _, first_from_end = np.unique(ids[::-1], return_index=True)
+    return len(ids) - 1 - first_from_end
+
+
+# Spilled chunks carry where each row came from, to name both lines of a duplicate id.
+SOURCE_DTYPES = {"source_file": "int32", "source_line": "int64"}
+SCRATCH_DIR = ".scratch"
+
+
+def default_scratch_root(out_dir) -> Path:
+    """Where a conversion into ``out_dir`` spills its chunks (memory-mapped, so a local
+    folder): ``<storage>/.scratch/<out_dir name>/`` when the storage is a local folder,
+    else a folder under the system temp folder named after the storage URL. Either way a
+    fixed place, so the next run finds and removes what a killed run left."""
+    import hashlib
+    import tempfile
+
+    from upath import UPath
+
+    from danbooru_assets.orchestration.io_manager import _is_local
+
+    out_dir = UPath(out_dir)
+    if _is_local(out_dir):
+        return Path(out_dir.path).parent / SCRATCH_DIR / out_dir.name
+    digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"danbooru_assets-scratch-{digest}" / out_dir.name
+
+
+def _try_lock(f: IO[bytes], blocking: bool = False) -> bool:
+    """An exclusive lock on an open file: the OS drops it when its process dies, however
+    it dies, so "lockable" means "no live run holds it". Without ``fcntl`` (Windows)
+    every folder counts as stale: conversions run one at a time there."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def remove_stale_scratch(root: Path) -> list[str]:
+    """Remove the run folders under ``root`` that no live run holds; their names."""
+    import shutil
+
+    removed = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir():
+            continue
+        try:
+            with open(entry / ".lock", "rb") as lock:
+                if not _try_lock(lock):
+                    continue  # a live run's
+        except FileNotFoundError:
+            pass  # died before taking its lock
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
+
+
+@contextlib.contextmanager
+def run_scratch(root: Path) -> Iterator[Path]:
+    """A scratch folder for this run under ``root``, locked while the run lives and
+    removed when it ends; folders of dead runs (kill -9, out of memory) are removed first."""
+    import shutil
+    import tempfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "ab") as setup:
+        _try_lock(setup, blocking=True)  # sweeping and taking a folder: one run at a time
+        remove_stale_scratch(root)
+        mine = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+        held = open(mine / ".lock", "wb")
+        _try_lock(held)
+    try:
+        yield mine
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
+        held.close()
+
+
+def _duplicate_examples(table, ids, keep, file_names: list[str], limit: int) -> list[str]:
+    """``id …: file:line (w×h) superseded by file:line (w×h)`` for the first ``limit``
+    superseded rows of one shard."""
+    import numpy as np
+
+    superseded = np.ones(len(ids), dtype=bool)
+    superseded[keep] = False
+    kept_ids = ids[keep]  # ascending
+    files, lines = table["source_file"], table["source_line"]
+    width, height = table["meta_width"], table["meta_height"]
+
+    def where(i: int) -> str:
+        return f"{file_names[files[i].as_py()]}:{lines[i].as_py()} ({width[i].as_py()}×{height[i].as_py()})"
+
+    examples = []
+    for i in np.flatnonzero(superseded)[:limit]:
+        winner = keep[np.searchsorted(kept_ids, ids[i])]
+        examples.append(f"id {ids[i]}: {where(int(i))} superseded by {where(int(winner))}")
+    return examples
+
+
+def convert_metadata_to_shards(
+    files: list[Path],
+    out_dir,
+    chunk_rows: int = 500_000,
+    write_threads: int = 4,
+    scratch_root: Path | None = None,
+) -> tuple[pd.DataFrame, ParseReport]:
+    """Stream every metadata file once and write one Parquet per shard to ``out_dir``.
+
+    Memory stays bounded by ``chunk_rows``: each parsed chunk is sorted by shard and
+    spilled to a local Arrow file under ``scratch_root`` (default
+    :func:`default_scratch_root`); at the end each shard's rows are sliced from the
+    memory-mapped chunks, de-duplicated, sorted by id and written. Shard files from an
+    earlier conversion that no longer have rows are removed. Returns a per-shard summary.
+
+    Duplicate ids: the last line wins, in the order ``files`` are given (the asset gives
+    them sorted by name) and line order within a file, because mirrors append updated
+    posts after the old ones. Each superseded line is counted (``report.duplicates``),
+    with examples naming both lines.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import pyarrow as pa
+    from upath import UPath
+
+    from danbooru_assets.orchestration.io_manager import prune_shard_files, write_arrow
+    from danbooru_assets.orchestration.partitions import NUM_SHARDS
+
+    out_dir = UPath(out_dir)
+    report = ParseReport()
+    file_names = [p.name for p in files]
+    schema = metadata_arrow_schema()
+    for column, dtype in SOURCE_DTYPES.items():
+        schema = schema.append(pa.field(column, pa.from_numpy_dtype(np.dtype(dtype))))
+    frame_columns = [*METADATA_COLUMNS, *SOURCE_DTYPES]
+    frame_dtypes = {**METADATA_DTYPES, **SOURCE_DTYPES}
+    chunks: list[tuple[Path, np.ndarray]] = []  # (spilled chunk, row offset of each shard)
+
+    with run_scratch(scratch_root or default_scratch_root(out_dir)) as scratch:
+
+        def spill(rows: list[dict[str, Any]]) -> None:
+            if not rows:
+                return
+            frame = pd.DataFrame(rows, columns=frame_columns).astype(frame_dtypes)
+            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+            bucket = table["image_id"].to_numpy() % NUM_SHARDS
+            order = np.argsort(bucket, kind="stable")  # stable: line order kept within a shard
+            table = table.take(pa.array(order))
+            offsets = np.searchsorted(bucket[order], np.arange(NUM_SHARDS + 1))
+            path = scratch / f"chunk-{len(chunks):05d}.arrow"
+            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                writer.write_table(table)
+            chunks.append((path, offsets))
+            rows.clear()
+
+        rows: list[dict[str, Any]] = []
+        for file_index, path in enumerate(files):
+            for row in iter_metadata_records(path, report, file_index):
+                rows.append(row)
+                if len(rows) >= chunk_rows:
+                    spill(rows)
+        spill(rows)
+        mapped = [(pa.ipc.open_file(pa.memory_map(str(p))).read_all(), o) for p, o in chunks]
+
+        def finish_shard(bucket: int) -> tuple[str, int, int, list[str]]:
+            parts = [t.slice(o[bucket], o[bucket + 1] - o[bucket]) for t, o in mapped]
+            table = pa.concat_tables(parts)
+            ids = table["image_id"].to_numpy()
+            keep = last_row_per_id(ids)
+            superseded = len(ids) - len(keep)
+            examples = _duplicate_examples(table, ids, keep, file_names, 3) if superseded else []
+            table = table.take(pa.array(keep)).drop_columns(list(SOURCE_DTYPES))
+            shard = f"{bucket:04d}"
+            write_arrow(out_dir / f"{shard}.parquet", table)
+            return shard, table.num_rows, superseded, examples
+
+        present = [b for b in range(NUM_SHARDS) if any(o[b + 1] > o[b] for _, o in mapped)]
+        # Parquet encoding and file I/O release the GIL: threads overlap them.
+        with ThreadPoolExecutor(write_threads) as pool:
+            finished = list(pool.map(finish_shard, present))
+        mapped.clear()  # release the memory maps before the scratch folder goes
+    summary = [(shard, rows) for shard, rows, _, _ in finished]
+    for _, _, superseded, examples in finished:
+        report.duplicates += superseded
+        report.duplicate_examples.extend(examples[: 20 - len(report.duplicate_examples)])
+    prune_shard_files(out_dir, {s for s, _ in summary})
+    return pd.DataFrame(summary, columns=["shard", "rows"]), report
+
+
+def ignored_metadata_entries(folder: Path, read: list[Path]) -> list[tuple[str, str]]:
+    """``(name, why)`` for everything in the metadata folder that is not read."""
+    from danbooru_assets.dataset.layout import METADATA_SUFFIXES
+
+    if not folder.is_dir():
+        return []
+    read_names = {p.name for p in read}
+    ignored = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in read_names:
+            continue
+        if entry.is_dir():
+            why = "a folder (sub-folders are not searched)"
+        elif entry.name.startswith("."):
+            why = "a hidden file"
+        else:
+            why = f"unknown extension (read: {', '.join(METADATA_SUFFIXES)})"
+        ignored.append((entry.name, why))
+    return ignored

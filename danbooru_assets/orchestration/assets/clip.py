@@ -1,0 +1,531 @@
+"""CLIP stage: embeddings and image statistics in one decode pass, the prompts' text
+embeddings, prompt scores, a calibrated threshold and the intermediate subset (the
+seed's "600k").
+
+Two speeds: ``clip_embeddings``/``image_stats`` decode and encode each image once and
+are reused incrementally; ``prompt_embeddings`` encodes the prompt set once; everything
+after is numpy over stored tables.
+"""
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import dagster as dg
+from pydantic import Field
+
+from danbooru_assets.orchestration.assets.settings import settings_keys
+from danbooru_assets.clip.model import DEMO_WARNING, ClipModelResource
+from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
+from danbooru_assets.orchestration.io_manager import COLUMNS, ShardTables, StorageResource, read_parquet, write_parquet
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
+from danbooru_assets.settings import ImageRules, SettingsResource, prompt_lists, settings_hash, threshold_settings
+from danbooru_assets.orchestration.shard_runs import ShardLoop
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+GROUP = "clip"
+# Rows of the previous materialization are reused when these match: the same image file.
+REUSE_KEY = list(FILE_IDENTITY)
+# A transient fault (a CUDA hiccup, a network filesystem) gets one more try; stored rows
+# make the retry cost only what was not finished.
+INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)
+
+
+@dg.multi_asset(
+    outs={
+        "clip_embeddings": dg.AssetOut(
+            kinds={"pytorch", "parquet"},
+            description="L2-normalised CLIP image embeddings (float16) with the model fingerprint, "
+            "one row per readable image of the shard.",
+        ),
+        "image_stats": dg.AssetOut(
+            kinds={"parquet"},
+            description="Cheap pixel statistics from the same decode: border fractions, content "
+            "area, saturation/greyscale, edge density, original size.",
+        ),
+    },
+    ins={"shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path", "status"]})},
+    partitions_def=shard_partitions,
+    backfill_policy=INFERENCE_BACKFILL,
+    retry_policy=INFERENCE_RETRY,
+    pool="gpu",
+    group_name=GROUP,
+)
+def clip_embeddings_and_image_stats(
+    context: dg.AssetExecutionContext,
+    shard_index: ShardTables,
+    clip_model: ClipModelResource,
+    dataset: DanbooruDatasetResource,
+    storage: StorageResource,
+):
+    import pandas as pd
+
+    from danbooru_assets.clip.model import image_stats_frame
+    from danbooru_assets.core.embeddings import embedding_column
+    from danbooru_assets.clip.loader import ThroughputLogger
+    from danbooru_assets.dataset.shard_index import USABLE_STATUSES
+
+    fingerprint_id = clip_model.fingerprint_id()
+
+    # 1. Per shard: what is new. Incremental: an image is reused when both stored tables
+    # hold it for the same file (size, mtime) and the embedding is from the same model;
+    # after a kill between the two tables' writes they differ, and only what both hold
+    # counts, so the re-run encodes the rest and the two agree again.
+    plans: dict[str, dict] = {}
+    plan_errors: dict[str, Exception] = {}
+    for shard in sorted(context.partition_keys):
+        try:
+            index = shard_index[shard]
+            candidates = index.loc[index["status"].isin(USABLE_STATUSES), REUSE_KEY + ["rel_path"]]
+            emb_path = storage.asset_path("clip_embeddings", shard)
+            stats_path = storage.asset_path("image_stats", shard)
+            prev_emb = read_parquet(emb_path) if emb_path.exists() else None
+            prev_stats = read_parquet(stats_path) if stats_path.exists() else None
+            if prev_emb is not None:
+                prev_emb = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
+            reuse = plan_reuse(candidates, [prev_emb, prev_stats], REUSE_KEY)
+            plans[shard] = {
+                "todo": reuse.todo.assign(shard=shard),
+                "reused_emb": reuse.reused[0],
+                "reused_stats": reuse.reused[1],
+            }
+        except Exception as exc:  # reported by the shard loop below, with the others
+            plan_errors[shard] = exc
+
+    # 2. One pass of the model over every new image of the range: one data loader (its
+    # worker processes start once, not once per shard), full batches across shards.
+    todo_all = pd.concat([p["todo"] for p in plans.values()], ignore_index=True) if plans else None
+    encoded: dict[str, tuple] = {}
+    started = time.perf_counter()
+    if todo_all is not None and len(todo_all):
+        context.log.info(f"{len(todo_all):,} images to encode in {len(plans)} shards")
+        progress = ThroughputLogger(context.log.info, label="images")
+        # An id can sit in two bucket folders (a misplaced file); the model takes unique ids per call.
+        for part in (todo_all.loc[~todo_all["image_id"].duplicated()], todo_all.loc[todo_all["image_id"].duplicated()]):
+            if len(part):
+                paths = [dataset.image_path(p) for p in part["rel_path"]]
+                embeddings, stats = clip_model.embed_images(paths, part["image_id"].tolist(), progress=progress)
+                stats.insert(1, "shard", part["shard"].to_numpy())
+                vectors = embedding_column(embeddings)
+                for shard, rows in stats.groupby("shard").indices.items():
+                    encoded.setdefault(shard, []).append(
+                        (stats.iloc[rows].drop(columns="shard").reset_index(drop=True), [vectors[i] for i in rows])
+                    )
+    seconds_encoding = time.perf_counter() - started
+
+    # 3. Per shard: new rows + reused rows, sorted by id.
+    def assemble_shard(shard: str):
+        if shard in plan_errors:
+            raise plan_errors[shard]
+        plan = plans[shard]
+        todo, reused_emb, reused_stats = plan["todo"], plan["reused_emb"], plan["reused_stats"]
+        parts = encoded.get(shard, [])
+        stats = pd.concat([s for s, _ in parts], ignore_index=True) if parts else image_stats_frame([], [], [])
+        vectors = [v for _, vs in parts for v in vs]
+        stats = stats.merge(todo[REUSE_KEY], on="image_id", how="left")
+        new_emb = stats[REUSE_KEY + ["status"]].copy()
+        new_emb["embedding"] = [v if status == "ok" else None for v, status in zip(vectors, stats["status"])]
+        new_emb["model_fingerprint_id"] = fingerprint_id
+        emb_columns = REUSE_KEY + ["status", "embedding", "model_fingerprint_id"]
+        frames_emb = [new_emb[emb_columns]] + ([reused_emb[emb_columns]] if reused_emb is not None and len(reused_emb) else [])
+        frames_stats = [stats] + ([reused_stats[stats.columns]] if reused_stats is not None and len(reused_stats) else [])
+        embeddings_table = pd.concat(frames_emb, ignore_index=True).sort_values("image_id").reset_index(drop=True)
+        stats_table = pd.concat(frames_stats, ignore_index=True).sort_values("image_id").reset_index(drop=True)
+        failed = new_emb.loc[new_emb["status"] != "ok"]
+        for row in failed.merge(todo[["image_id", "rel_path"]], on="image_id").head(50).itertuples():
+            context.log.warning(f"{row.rel_path}: {row.status}")
+        ok_stats = stats_table.loc[stats_table["status"] == "ok"]
+        counts = {
+            "images": len(embeddings_table),
+            "encoded": len(todo),
+            "reused": 0 if reused_emb is None else len(reused_emb),
+            "unreadable": int((embeddings_table["status"] != "ok").sum()),
+            "greyscale": int(ok_stats["is_greyscale"].sum()),
+        }
+        return (embeddings_table, stats_table), counts
+
+    def keep(shard: str, tables) -> None:  # a failed range keeps what it encoded
+        write_parquet(storage.asset_path("clip_embeddings", shard), tables[0])
+        write_parquet(storage.asset_path("image_stats", shard), tables[1])
+
+    loop = ShardLoop(context, "clip_embeddings")
+    results = loop.run(assemble_shard, keep_on_failure=keep)
+    common = {
+        **loop.metadata(["images", "encoded", "reused", "unreadable"]),
+        "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
+    }
+    yield dg.Output(
+        {shard: tables[0] for shard, tables in results.items()},
+        output_name="clip_embeddings",
+        metadata={**common, **clip_model.metadata(), "embedding_dim": int(clip_model.fingerprint()["embed_dim"])},
+    )
+    ok = max(loop.totals.get("images", 0) - loop.totals.get("unreadable", 0), 0)
+    yield dg.Output(
+        {shard: tables[1] for shard, tables in results.items()},
+        output_name="image_stats",
+        metadata={**common, "greyscale_fraction": loop.totals.get("greyscale", 0) / ok if ok else 0.0},
+    )
+
+
+class PromptConfig(dg.Config):
+    """Override the settings file's prompts for one run."""
+
+    positive_prompts: list[str] | None = Field(
+        None, description="Prompts for wanted images; absent: the settings file's. An empty list is an error."
+    )
+    negative_prompts: list[str] | None = Field(
+        None, description="Prompts for rejected images; absent: the settings file's. An empty list is an error."
+    )
+
+
+@dg.asset(
+    deps=settings_keys("prompts"),
+    group_name=GROUP,
+    kinds={"pytorch", "parquet"},
+    description="The prompt set's CLIP text embeddings with the model fingerprint and logit "
+    "scale: encoded once per prompt set, so clip_scores is numpy over stored tables.",
+)
+def prompt_embeddings(
+    context: dg.AssetExecutionContext, config: PromptConfig, clip_model: ClipModelResource, settings: SettingsResource
+):
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.clip.scoring import prompt_mapping
+
+    positive, negative = prompt_lists(settings.load().clip)
+    # Absent (None) means the settings file's prompts; an empty list is a mistake, never
+    # "the defaults": with no positive (or no negative) prompt every score is the same.
+    empty = [name for name in ("positive_prompts", "negative_prompts") if getattr(config, name) == []]
+    if empty:
+        raise dg.Failure(
+            f"prompt_embeddings: run config {' and '.join(empty)} is an empty list; give at least one "
+            "prompt, or leave the field out to use the settings file's prompts"
+        )
+    overridden = config.positive_prompts is not None or config.negative_prompts is not None
+    positive = config.positive_prompts if config.positive_prompts is not None else positive
+    negative = config.negative_prompts if config.negative_prompts is not None else negative
+    table = prompt_mapping(positive, negative)
+    vectors = clip_model.encode_text(table["prompt"].tolist()) if len(table) else np.zeros((0, 0), np.float32)
+    table["embedding"] = list(vectors.astype(np.float32))  # float32: a handful of rows
+    table["model_fingerprint_id"] = clip_model.fingerprint_id()
+    table["logit_scale"] = clip_model.logit_scale()
+    table["demo_model"] = clip_model.is_demo()  # scores from it carry no meaning; clip_scores says so
+    return dg.Output(
+        pd.DataFrame(table),
+        metadata={
+            "prompts": dg.MetadataValue.md(
+                "| column | kind | prompt |\n|---|---|---|\n"
+                + "\n".join(f"| `{r.column}` | {r.kind} | {r.prompt} |" for r in table.itertuples())
+            ),
+            "prompt_set": settings_hash({"positive": positive, "negative": negative}),
+            "settings_source": "run config" if overridden else settings.source(),
+            **clip_model.metadata(),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    ins={"clip_embeddings": dg.AssetIn(metadata={COLUMNS: ["image_id", "status", "embedding", "model_fingerprint_id"]})},
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Per-prompt cosine similarities and the combined portrait_score, from stored "
+    "image embeddings and prompt_embeddings. Changing prompts never re-reads an image.",
+)
+def clip_scores(context: dg.AssetExecutionContext, clip_embeddings: ShardTables, prompt_embeddings):
+    from danbooru_assets.clip.scoring import score_embeddings
+    from danbooru_assets.core.embeddings import embedding_matrix
+
+    prompts = prompt_embeddings
+    fingerprint = str(prompts["model_fingerprint_id"].iloc[0])
+    positive = prompts.loc[prompts["kind"] == "positive"]
+    negative = prompts.loc[prompts["kind"] == "negative"]
+    text = embedding_matrix(prompts)
+
+    def score_shard(shard: str):
+        table = clip_embeddings[shard]
+        ok = table.loc[table["status"] == "ok"].reset_index(drop=True)
+        other_model = ok["model_fingerprint_id"] != fingerprint
+        if other_model.any():
+            raise RuntimeError(
+                f"{int(other_model.sum())} embeddings of shard {shard} come from another model than "
+                f"prompt_embeddings ({fingerprint}); rematerialize clip_embeddings (or prompt_embeddings) first"
+            )
+        matrix = embedding_matrix(ok, dim=text.shape[1])  # (0, D) for an empty shard
+        scores = score_embeddings(
+            matrix,
+            text[(prompts["kind"] == "positive").to_numpy()],
+            text[(prompts["kind"] == "negative").to_numpy()],
+            logit_scale=float(prompts["logit_scale"].iloc[0]),
+            positive_prompts=positive["prompt"].tolist(),
+            negative_prompts=negative["prompt"].tolist(),
+        )
+        scores.insert(0, "image_id", ok["image_id"].to_numpy())
+        return scores, {"images": len(scores), "portrait_score_sum": float(scores["portrait_score"].sum())}
+
+    loop = ShardLoop(context, "clip_scores")
+    tables = loop.run(score_shard)
+    images = loop.totals.get("images", 0)
+    return dg.Output(
+        tables,
+        metadata={
+            **loop.metadata(["images"]),
+            "mean_portrait_score": loop.totals.get("portrait_score_sum", 0.0) / images if images else 0.0,
+            "prompt_set": settings_hash(
+                {"positive": positive["prompt"].tolist(), "negative": negative["prompt"].tolist()}
+            ),
+            "model_fingerprint_id": fingerprint,
+            **({"warning": DEMO_WARNING} if bool(prompts["demo_model"].iloc[0]) else {}),
+        },
+    )
+
+
+class ClipThresholdConfig(dg.Config):
+    """Override the settings file's threshold for one run."""
+
+    keep_fraction: float | None = Field(None, description="Target fraction of scored images to keep.")
+    fixed_threshold: float | None = Field(None, description="A fixed portrait_score threshold.")
+
+
+REVIEW_SHEET_SIZE = 25
+
+
+def _review_sheet(dataset, paths: "pd.Series", rows: "pd.DataFrame", title: str):
+    """Thumbnails of ``rows`` (image_id, portrait_score) with their scores."""
+    from danbooru_assets.clip.loader import ImageDecodeError, open_image_rgb
+    from danbooru_assets.core.visuals import contact_sheet, image_markdown
+
+    images, captions = [], []
+    for row in rows.itertuples():
+        try:
+            image, _ = open_image_rgb(dataset.image_path(paths[row.image_id]), 160)
+        except (ImageDecodeError, KeyError):  # the sheet shows what it can; the cell is grey
+            image = None
+        images.append(image)
+        captions.append(f"{row.image_id} {row.portrait_score:.3f}")
+    return image_markdown(contact_sheet(images, captions, columns=5, title=title), title)
+
+
+@dg.asset(
+    ins={
+        "clip_scores": dg.AssetIn(metadata={COLUMNS: ["image_id", "portrait_score"]}),
+        "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path"]}),
+    },
+    deps=settings_keys("clip_threshold"),
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="The portrait_score threshold over all scored shards: fixed, or the one that "
+    "keeps the target fraction (the seed kept ~20%). Review sheets of images just above and "
+    "just below it let a person judge it.",
+)
+def clip_threshold(
+    context: dg.AssetExecutionContext,
+    config: ClipThresholdConfig,
+    clip_scores: ShardTables,
+    shard_index: ShardTables,
+    settings: SettingsResource,
+    dataset: DanbooruDatasetResource,
+    clip_model: ClipModelResource,
+) -> dg.Output:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from danbooru_assets.clip.scoring import threshold_for_fraction
+    from danbooru_assets.core.visuals import figure_to_image, image_markdown
+
+    wanted = threshold_settings(settings.load().clip)
+    overridden = config.keep_fraction is not None or config.fixed_threshold is not None
+    if config.keep_fraction is not None:
+        wanted = {"keep_fraction": config.keep_fraction, "fixed_threshold": None}
+    if config.fixed_threshold is not None:
+        wanted["fixed_threshold"] = config.fixed_threshold
+    scores = clip_scores.concat()
+    if scores.empty:
+        raise ValueError(
+            f"no scored images in the {len(clip_scores)} materialized clip_scores partitions: "
+            "materialize clip_scores for shards that have images first"
+        )
+    # Coverage: a threshold over a part of the dataset is a guess for the rest; say how big
+    # a part (shards with scores of the shards with an index).
+    indexed = set(shard_index)
+    scored_indexed = len(indexed & set(clip_scores))
+    unscored = sorted(indexed - set(clip_scores))
+    coverage = f"{scored_indexed} of {len(indexed)} indexed shards scored"
+    coverage_note = (
+        f"{coverage}: the threshold ignores the {len(unscored)} unscored shards ("
+        + ", ".join(unscored[:20]) + (" …" if len(unscored) > 20 else "")
+        + "); materialize clip_scores for them, then clip_threshold again"
+        if unscored
+        else f"{coverage}: every indexed shard counts"
+    )
+    if unscored:
+        context.log.warning(f"clip_threshold: {coverage_note}")
+    values = scores["portrait_score"].to_numpy()
+    if wanted["fixed_threshold"] is not None:
+        threshold, mode = float(wanted["fixed_threshold"]), "fixed"
+    else:
+        threshold, mode = float(threshold_for_fraction(values, wanted["keep_fraction"])), "keep_fraction"
+    kept = int((values >= threshold).sum())
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(values, bins=60, color="#4c72b0")
+    ax.axvline(threshold, color="#dd4444", lw=2, label=f"threshold {threshold:.4f}")
+    ax.set_xlabel("portrait_score")
+    ax.set_ylabel("images")
+    ax.set_title(f"{len(values):,} scored images, {kept:,} kept ({kept / len(values):.1%})")
+    ax.legend()
+    above = scores.loc[values >= threshold].nsmallest(REVIEW_SHEET_SIZE, "portrait_score")
+    below = scores.loc[values < threshold].nlargest(REVIEW_SHEET_SIZE, "portrait_score")
+    # Only the shards of the ~50 review images are read for their paths.
+    paths = shard_index.rows(pd.concat([above, below])["image_id"]).set_index("image_id")["rel_path"]
+    table = pd.DataFrame(
+        [{
+            "threshold": threshold,
+            "mode": mode,
+            "target_keep_fraction": wanted["keep_fraction"] if mode == "keep_fraction" else None,
+            "kept": kept,
+            "scored": len(values),
+            "kept_fraction": kept / len(values),
+            "scored_shards": len(clip_scores),
+            "indexed_shards": len(indexed),
+            "shard_coverage": scored_indexed / len(indexed) if indexed else 0.0,
+            "settings": json.dumps(wanted),
+        }]
+    )
+    return dg.Output(
+        table,
+        metadata={
+            "threshold": threshold,
+            "mode": mode,
+            "kept": kept,
+            "scored": len(values),
+            "kept_fraction": kept / len(values),
+            "scored_shards": len(clip_scores),
+            "indexed_shards": len(indexed),
+            "shard_coverage": scored_indexed / len(indexed) if indexed else 0.0,
+            "coverage": dg.MetadataValue.md(("**Partial:** " if unscored else "") + coverage_note),
+            "settings": dg.MetadataValue.json(wanted),
+            "settings_source": "run config" if overridden else settings.source(),
+            "histogram": image_markdown(figure_to_image(fig), "portrait_score histogram"),
+            "just_above_threshold": _review_sheet(dataset, paths, above, f"just above {threshold:.4f} (kept)"),
+            "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
+            **({"warning": DEMO_WARNING} if clip_model.is_demo() else {}),
+        },
+    )
+
+
+class ClipSubsetConfig(dg.Config):
+    """Override the settings file's image rules for one run."""
+
+    min_side: int | None = None
+    max_dark_border_frac: float | None = None
+    min_content_area_frac: float | None = None
+
+
+# Drop reasons of clip_subset; a row keeps every reason that applies.
+SUBSET_REASONS = ("unreadable", "below_threshold", "too_small", "dark_border_little_content")
+
+
+def _values_at(table: "pd.DataFrame", column: str, ids, fill):
+    """``table[column]`` at ``ids`` (``fill`` where an id is absent), as numpy: a sorted
+    lookup instead of a pandas merge, which costs milliseconds on a small shard."""
+    import numpy as np
+
+    keys = table["image_id"].to_numpy()
+    values = table[column].to_numpy(dtype=object if isinstance(fill, str) else float, na_value=fill)
+    if len(keys) == 0:
+        return np.full(len(ids), fill, dtype=values.dtype)
+    order = np.argsort(keys, kind="stable")
+    pos = np.clip(np.searchsorted(keys, ids, sorter=order), 0, len(keys) - 1)
+    found = keys[order[pos]] == ids
+    return np.where(found, values[order[pos]], fill)
+
+
+def apply_clip_rules(
+    index: "pd.DataFrame", stats: "pd.DataFrame", scores: "pd.DataFrame", threshold: float, rules: ImageRules
+) -> "tuple[pd.DataFrame, dict[str, int]]":
+    """Every usable row of the shard with ``kept`` and its ``drop_reasons`` ("|"-joined),
+    and how many rows each reason dropped."""
+    import numpy as np
+
+    from danbooru_assets.dataset.shard_index import USABLE_STATUSES
+
+    rows = index.loc[index["status"].isin(USABLE_STATUSES), ["image_id", "rel_path", "width", "height"]]
+    rows = rows.reset_index(drop=True)
+    ids = rows["image_id"].to_numpy()
+    score = _values_at(scores, "portrait_score", ids, np.nan)
+    dark = _values_at(stats, "border_black_rows_frac", ids, 0.0) + _values_at(stats, "border_black_cols_frac", ids, 0.0)
+    content = _values_at(stats, "content_area_frac", ids, 1.0)
+    failed = {
+        "unreadable": _values_at(stats, "status", ids, "missing") != "ok",
+        "below_threshold": ~(score >= threshold),
+        "too_small": np.minimum(rows["width"].to_numpy(dtype=float), rows["height"].to_numpy(dtype=float)) < rules.min_side,
+        "dark_border_little_content": (dark > rules.max_dark_border_frac) & (content < rules.min_content_area_frac),
+    }
+    reasons = np.full(len(rows), "", dtype=object)
+    for name in SUBSET_REASONS:
+        hit = failed[name]
+        reasons[hit] = np.where(reasons[hit] == "", name, reasons[hit] + "|" + name)
+    out = rows.assign(portrait_score=score.astype(np.float32), kept=reasons == "", drop_reasons=reasons)
+    return out, {f"dropped_{name}": int(failed[name].sum()) for name in SUBSET_REASONS}
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    ins={
+        "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "status"]}),
+        "image_stats": dg.AssetIn(
+            metadata={COLUMNS: ["image_id", "status", "border_black_rows_frac", "border_black_cols_frac", "content_area_frac"]}
+        ),
+        "clip_scores": dg.AssetIn(metadata={COLUMNS: ["image_id", "portrait_score"]}),
+    },
+    # The threshold section too: a new threshold changes the subset, so the UI marks it
+    # stale at once (Dagster's staleness follows direct dependencies only).
+    deps=settings_keys("image_rules", "clip_threshold"),
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="The intermediate subset (the seed's 600k): images at or above the threshold that "
+    "pass the image-statistic rules. Dropped rows keep their reasons. Touches no image.",
+)
+def clip_subset(
+    context: dg.AssetExecutionContext,
+    config: ClipSubsetConfig,
+    shard_index: ShardTables,
+    image_stats: ShardTables,
+    clip_scores: ShardTables,
+    clip_threshold,
+    settings: SettingsResource,
+) -> dg.Output:
+    rules = settings.load().clip.image_rules
+    overrides = config.model_dump(exclude_none=True)
+    rules = rules.model_copy(update=overrides)
+    threshold = float(clip_threshold["threshold"].iloc[0])
+
+    def subset_shard(shard: str):
+        subset, dropped = apply_clip_rules(
+            shard_index[shard], image_stats[shard], clip_scores[shard], threshold, rules
+        )
+        return subset, {"rows": len(subset), "kept": int(subset["kept"].sum()), **dropped}
+
+    loop = ShardLoop(context, "clip_subset", images_key="rows")
+    tables = loop.run(subset_shard)
+    rows = loop.totals.get("rows", 0)
+    return dg.Output(
+        tables,
+        metadata={
+            **loop.metadata(["rows", "kept", *(f"dropped_{n}" for n in SUBSET_REASONS)]),
+            "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
+            "threshold": threshold,
+            "rules": dg.MetadataValue.json(rules.model_dump()),
+            "settings_source": "run config" if overrides else settings.source(),
+        },
+    )

@@ -1,0 +1,182 @@
+"""Raw data: the metadata dump split by shard, and one index table per shard."""
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import dagster as dg
+
+from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.orchestration.io_manager import StorageResource, read_arrow
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, shard_key, shard_partitions
+from danbooru_assets.orchestration.shard_runs import ShardLoop
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+METADATA_SHARDS_DIR = "danbooru_metadata_shards"
+
+
+@dg.asset(
+    group_name="raw",
+    kinds={"parquet"},
+    description="The dataset's metadata JSON-lines (API and dump forms, plain or .gz) converted "
+    "once to Parquet and split by shard, so each shard's index reads only its own slice. Bad "
+    "lines are skipped and bad values nulled, each reported as file:line; for a duplicate id "
+    "the last line wins.",
+)
+def danbooru_metadata(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource):
+    from danbooru_assets.dataset.layout import METADATA_SUFFIXES
+    from danbooru_assets.dataset.metadata import convert_metadata_to_shards, ignored_metadata_entries
+
+    dataset.check_root()
+    folder = dataset.root_path / "metadata"
+    # Taken before reading: a file that changes during the conversion makes the
+    # new_data_sensor convert again.
+    fingerprint = dataset.metadata_fingerprint()
+    files = dataset.metadata_files()
+    ignored = ignored_metadata_entries(folder, files)
+    if not files:
+        context.log.warning(f"no metadata files (*{', *'.join(METADATA_SUFFIXES)}) under {folder}")
+    for name, why in ignored:
+        context.log.warning(f"metadata/{name} not read: {why}")
+    summary, report = convert_metadata_to_shards(files, storage.path(METADATA_SHARDS_DIR))
+    for file in report.files:
+        if file.error:
+            context.log.warning(f"metadata file cut short: {file}")
+    for problem in report.problems[:50]:
+        context.log.warning(f"metadata line skipped: {problem}")
+    for problem in report.value_problems[:20]:
+        context.log.warning(f"metadata value nulled: {problem}")
+    if report.duplicates:
+        context.log.warning(
+            f"{report.duplicates} metadata line(s) repeat an earlier line's id; the later line wins, e.g. "
+            + "; ".join(report.duplicate_examples[:5])
+        )
+
+    def md_list(lines) -> dg.MetadataValue:
+        return dg.MetadataValue.md("\n".join(f"- {line}" for line in lines) or "none")
+
+    context.add_output_metadata(
+        {
+            "files": md_list(f"`{file}`" for file in report.files),
+            "ignored_files": md_list(f"`{name}`: {why}" for name, why in ignored),
+            "metadata_fingerprint": fingerprint,
+            "lines": report.lines,
+            "records": report.records,
+            "bad_lines": report.bad_lines,
+            "bad_line_examples": md_list(f"`{p}`" for p in report.problems[:20]),
+            "bad_values": report.bad_values,
+            "bad_value_examples": md_list(f"`{p}`" for p in report.value_problems[:20]),
+            "duplicate_ids": report.duplicates,
+            "duplicate_id_examples": md_list(f"`{e}`" for e in report.duplicate_examples[:10]),
+            "shards_with_metadata": len(summary),
+        }
+    )
+    return summary
+
+
+def load_shard_metadata(storage: StorageResource, shard: str) -> "pa.Table | None":
+    path = storage.path(METADATA_SHARDS_DIR, f"{shard}.parquet")
+    return read_arrow(path) if path.exists() else None
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    group_name="raw",
+    kinds={"parquet"},
+    deps=[danbooru_metadata],
+    check_specs=[
+        dg.AssetCheckSpec("schema", asset="shard_index", description="Documented columns and statuses."),
+        dg.AssetCheckSpec("unique_ids", asset="shard_index", description="No image id appears twice."),
+        dg.AssetCheckSpec("ids_in_bucket", asset="shard_index", description="Every id lies in its bucket (id % 1000)."),
+    ],
+    description="One row per image file of the shard: id, path, extension, bytes, width and "
+    "height (metadata, else the image header), the metadata joined by id, and a status.",
+)
+def shard_index(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource):
+    from danbooru_assets.dataset.shard_index import STATUSES, build_shard_index
+
+    dataset.check_root()
+    checks: dict[str, dict[str, dg.AssetCheckResult]] = {c.__name__: {} for c in SHARD_INDEX_CHECKS}
+    problems: list[str] = []
+
+    def index_one(shard: str):
+        metadata = load_shard_metadata(storage, shard)
+        index, report = build_shard_index(dataset, shard, metadata)
+        if not report.files:
+            context.log.debug(f"shard {shard}: no files in {dataset.image_dir(shard)}")
+        for rel_path in report.bad_names[:20]:
+            context.log.warning(f"{rel_path}: file name is not an image id; not indexed")
+        bad = index.loc[index["status"] != "ok", ["rel_path", "status", "problem"]]
+        for row in bad.head(50).itertuples():
+            context.log.warning(f"{row.rel_path}: {row.status} ({row.problem})")
+        problems.extend(f"- `{r.rel_path}`: {r.status} — {r.problem}" for r in bad.head(25).itertuples())
+        for check in SHARD_INDEX_CHECKS:
+            checks[check.__name__][shard] = check(index)
+        statuses = Counter(index["status"])
+        return index, {
+            "files": report.files,
+            "indexed": len(index),
+            **{f"status_{s}": int(statuses.get(s, 0)) for s in STATUSES},
+            "bad_file_names": len(report.bad_names),
+            "metadata_rows": 0 if metadata is None else metadata.num_rows,
+            "metadata_without_file": report.metadata_without_file,
+            "header_reads": report.header_reads,
+            "total_bytes": int(index["file_bytes"].sum()) if len(index) else 0,
+        }
+
+    loop = ShardLoop(context, "shard_index", images_key="files")
+    tables = loop.run(index_one)
+    yield dg.Output(
+        tables,
+        metadata={**loop.metadata(), "problems": dg.MetadataValue.md("\n".join(problems[:25]) or "none")},
+    )
+    for name, per_shard in checks.items():
+        yield combine_check_results(per_shard)
+
+
+def combine_check_results(per_shard: dict[str, dg.AssetCheckResult]) -> dg.AssetCheckResult:
+    """One result for a range: passed when every shard passed; failing shards listed."""
+    first = next(iter(per_shard.values()))
+    failed = {s: r for s, r in per_shard.items() if not r.passed}
+    if len(per_shard) == 1:
+        return first
+    metadata = {"shards_checked": len(per_shard), "failed_shards": str(sorted(failed)[:50])}
+    for shard, result in list(failed.items())[:1]:  # the first failure's details
+        metadata.update({f"{shard}/{k}": v for k, v in result.metadata.items()})
+    return dg.AssetCheckResult(check_name=first.check_name, passed=not failed, metadata=metadata)
+
+
+def check_schema(index: "pd.DataFrame") -> dg.AssetCheckResult:
+    from danbooru_assets.dataset.shard_index import INDEX_COLUMNS, STATUSES
+
+    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+    unknown_status = sorted(set(index["status"]) - set(STATUSES)) if "status" in index else []
+    return dg.AssetCheckResult(
+        check_name="schema",
+        passed=not missing and not unknown_status,
+        metadata={"missing_columns": str(missing), "unknown_statuses": str(unknown_status)},
+    )
+
+
+def check_unique_ids(index: "pd.DataFrame") -> dg.AssetCheckResult:
+    dupes = index.loc[index["image_id"].duplicated(keep=False), "rel_path"]
+    return dg.AssetCheckResult(
+        check_name="unique_ids",
+        passed=dupes.empty,
+        metadata={"duplicate_rows": len(dupes), "examples": str(dupes.head(10).tolist())},
+    )
+
+
+def check_ids_in_bucket(index: "pd.DataFrame") -> dg.AssetCheckResult:
+    wrong = index.loc[[shard_key(i) != s for i, s in zip(index["image_id"], index["shard"])], "rel_path"]
+    return dg.AssetCheckResult(
+        check_name="ids_in_bucket",
+        passed=wrong.empty,
+        metadata={"misplaced_rows": len(wrong), "examples": str(wrong.head(10).tolist())},
+    )
+
+
+SHARD_INDEX_CHECKS = (check_schema, check_unique_ids, check_ids_in_bucket)

@@ -1,0 +1,433 @@
+"""Pose stage: COCO-17 keypoints for the CLIP subset, their statistics, and the geometric
+filter (the seed's 600k → 363k).
+
+Coordinates are stored in one convention everywhere: x to the right, y down, in
+original-image pixels.
+"""
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import dagster as dg
+
+from danbooru_assets.orchestration.assets.clip import INFERENCE_RETRY
+from danbooru_assets.orchestration.assets.settings import settings_keys
+from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
+from danbooru_assets.orchestration.io_manager import (
+    COLUMNS,
+    ShardTables,
+    StorageResource,
+    prune_shard_files,
+    read_parquet,
+    write_bytes,
+    write_parquet,
+)
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, NUM_SHARDS, shard_partitions
+from danbooru_assets.pose.resource import PoseEstimatorResource
+from danbooru_assets.settings import PoseRules, SettingsResource
+from danbooru_assets.orchestration.shard_runs import ShardLoop
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+GROUP = "pose"
+PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
+# Written last by an import: the backend fingerprint of the files it read. pose_keypoints
+# compares it with the files now, so an import that is missing, interrupted or older than
+# the files is never taken for the current one.
+IMPORT_RECORD = "import.json"
+NO_POSE = "no_pose"
+REUSE_KEY = list(FILE_IDENTITY)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Published keypoint JSON files (one per image id, a folder or a tarball, as the "
+    "seed's author published hers) imported once and split by shard. Empty unless the pose "
+    "backend is `keypoint_files`.",
+)
+def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseEstimatorResource, storage: StorageResource):
+    import pandas as pd
+
+    from danbooru_assets.pose.keypoint_files import read_keypoint_files
+
+    out_dir = storage.path(PUBLISHED_SHARDS_DIR)
+    if not pose_estimator.uses_files():
+        context.add_output_metadata({"note": f"backend is {pose_estimator.backend}: no keypoint files to import"})
+        return pd.DataFrame({"shard": pd.Series(dtype=str), "rows": pd.Series(dtype="int64")})
+    pose_estimator.check()
+    record = out_dir / IMPORT_RECORD
+    if record.exists():  # from here until the new record is written, no import is current
+        record.unlink()
+    # Taken before reading: a file changed during the import makes the record stale, not wrong.
+    fingerprint = pose_estimator.fingerprint()
+    started = time.perf_counter()
+    keypoints, report = read_keypoint_files(pose_estimator.keypoint_files, axis_order=pose_estimator.axis_order)
+    for name, reason in report.malformed[:50]:
+        context.log.warning(f"{pose_estimator.keypoint_files}: {name}: {reason}")
+    shard_of = keypoints["image_id"] % NUM_SHARDS
+    summary = []
+    for bucket, part in keypoints.groupby(shard_of):
+        shard = f"{int(bucket):04d}"
+        write_parquet(out_dir / f"{shard}.parquet", part.reset_index(drop=True))
+        summary.append((shard, len(part)))
+    prune_shard_files(out_dir, {s for s, _ in summary})
+    write_bytes(record, json.dumps({"backend_fingerprint": fingerprint}).encode())
+    context.add_output_metadata(
+        {
+            "source": pose_estimator.keypoint_files,
+            "backend_fingerprint": fingerprint,
+            "files_seen": report.files_seen,
+            "files_read": report.files_read,
+            "malformed": len(report.malformed),
+            "malformed_examples": dg.MetadataValue.md(
+                "\n".join(f"- `{n}`: {r}" for n, r in report.malformed[:20]) or "none"
+            ),
+            "axis_order": report.axis_order,
+            "axis_evidence": dg.MetadataValue.json(report.axis_evidence),
+            "files_per_s": round(report.files_seen / max(time.perf_counter() - started, 1e-9)),
+        }
+    )
+    return pd.DataFrame(summary, columns=["shard", "rows"])
+
+
+def check_import_is_current(storage: StorageResource, fingerprint: str, source: str) -> None:
+    """Fail unless published_keypoints imported exactly the keypoint files there are now
+    (``fingerprint``): keypoints from an older import would be stored under the new
+    fingerprint and reused as if current."""
+    record = storage.path(PUBLISHED_SHARDS_DIR, IMPORT_RECORD)
+    if not record.exists():
+        raise dg.Failure(
+            f"published_keypoints has not imported the keypoint files {source} (never materialized, "
+            "or its import was interrupted): materialize published_keypoints (prepare_job) first",
+            allow_retries=False,  # a retry cannot help; only the import can
+        )
+    imported = json.loads(record.read_bytes())["backend_fingerprint"]
+    if imported != fingerprint:
+        raise dg.Failure(
+            f"the keypoint files {source} changed since published_keypoints imported them "
+            f"(imported {imported}, now {fingerprint}): materialize published_keypoints (prepare_job) first",
+            allow_retries=False,
+        )
+
+
+def _keypoints_from_files(
+    storage: StorageResource, shard: str, ids: "np.ndarray", fingerprint: str
+) -> "pd.DataFrame":
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
+    from danbooru_assets.pose.geometry import keypoint_array, keypoint_frame
+
+    path = storage.path(PUBLISHED_SHARDS_DIR, f"{shard}.parquet")
+    published = read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", *KEYPOINT_COLUMNS])
+    rows = pd.DataFrame({"image_id": ids}).merge(published, on="image_id", how="left")
+    kps = keypoint_array(rows)
+    found = np.isfinite(kps[:, :, 0]).any(axis=1)
+    status = np.where(found, "ok", "no_keypoint_file")
+    return keypoint_frame(ids, kps, None, backend="keypoint_files", backend_fingerprint=fingerprint, status=list(status))
+
+
+def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, dataset: DanbooruDatasetResource, todo):
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
+    from danbooru_assets.clip.loader import ImageDecodeError, ThroughputLogger, open_image_rgb
+    from danbooru_assets.pose.backends import run_estimator
+
+    frames = []
+    progress = ThroughputLogger(context.log.debug, label="images (pose)")
+    for start in range(0, len(todo), batch_size):
+        batch = todo.iloc[start : start + batch_size]
+        images, scales = [], []
+        for row in batch.itertuples():
+            try:
+                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), input_size)
+                images.append(image)
+                scales.append((w / image.width, h / image.height))
+            except ImageDecodeError as exc:
+                context.log.warning(str(exc))
+                images.append(None)
+                scales.append((1.0, 1.0))
+        frame = run_estimator(estimator, batch["image_id"].tolist(), images)
+        # Back to original-image pixels (the decode may have been reduced).
+        sx = np.array([s[0] for s in scales])
+        sy = np.array([s[1] for s in scales])
+        for name_x in [c for c in KEYPOINT_COLUMNS if c.endswith("_x")] + ["box_x0", "box_x1"]:
+            frame[name_x] = frame[name_x].to_numpy() * sx
+        for name_y in [c for c in KEYPOINT_COLUMNS if c.endswith("_y")] + ["box_y0", "box_y1"]:
+            frame[name_y] = frame[name_y].to_numpy() * sy
+        frames.append(frame)
+        progress(start + len(batch), len(todo))
+    return pd.concat(frames, ignore_index=True)
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=INFERENCE_BACKFILL,
+    retry_policy=INFERENCE_RETRY,
+    ins={
+        "clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "kept"]}),
+        # The image files' identity (size, mtime): a replaced image is estimated again.
+        "shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path"]}),
+    },
+    deps=[published_keypoints],
+    pool="gpu",
+    group_name=GROUP,
+    kinds={"pytorch", "parquet"},
+    description="17 COCO keypoints (x right, y down, original-image pixels, confidence) and the "
+    "person box for each image of clip_subset, from the configured backend. Incremental: rows "
+    "of the same image file (size, mtime) with the same backend fingerprint are reused.",
+)
+def pose_keypoints(
+    context: dg.AssetExecutionContext,
+    clip_subset: ShardTables,
+    shard_index: ShardTables,
+    pose_estimator: PoseEstimatorResource,
+    dataset: DanbooruDatasetResource,
+    storage: StorageResource,
+) -> dg.Output:
+    import numpy as np
+    import pandas as pd
+
+    from danbooru_assets.pose.coco import NUM_KEYPOINTS
+    from danbooru_assets.pose.geometry import keypoint_frame
+
+    fingerprint = pose_estimator.fingerprint()
+    if pose_estimator.uses_files():
+        check_import_is_current(storage, fingerprint, pose_estimator.keypoint_files)
+    estimator = None  # a model loads once per run, on the first shard that needs it
+    seconds_estimating = 0.0
+
+    def estimate_shard(shard: str):
+        nonlocal estimator, seconds_estimating
+        subset = clip_subset[shard]
+        wanted = subset.loc[subset["kept"], ["image_id", "rel_path", "width", "height"]]
+        # An id missing from the index now has no identity: it never matches, and is estimated.
+        wanted = wanted.merge(shard_index[shard], on=["image_id", "rel_path"], how="left")
+        previous_path = storage.asset_path("pose_keypoints", shard)
+        previous = read_parquet(previous_path) if previous_path.exists() else None
+        if previous is not None:
+            previous = previous.loc[previous["backend_fingerprint"] == fingerprint]
+        reuse = plan_reuse(wanted, [previous], REUSE_KEY)
+        todo = reuse.todo
+        reused = reuse.reused[0] if reuse.reused[0] is not None else pd.DataFrame()
+        if len(reused):  # the image sizes of now (the same file; the metadata may have changed)
+            sizes = wanted[[*REUSE_KEY, "width", "height"]].drop_duplicates(REUSE_KEY)
+            reused = reused.drop(columns=["width", "height"]).merge(sizes, on=REUSE_KEY)
+        started = time.perf_counter()
+        if todo.empty:
+            fresh = pd.DataFrame()
+        elif pose_estimator.uses_files():
+            fresh = _keypoints_from_files(storage, shard, todo["image_id"].to_numpy(), fingerprint)
+        else:
+            estimator = estimator or pose_estimator.estimator()
+            fresh = _keypoints_from_model(
+                context, estimator, pose_estimator.batch_size, pose_estimator.input_size, dataset, todo
+            )
+        seconds_estimating += time.perf_counter() - started
+        if len(fresh):
+            fresh = fresh.merge(todo[["image_id", "file_bytes", "mtime", "width", "height"]], on="image_id")
+        parts = [f for f in (reused, fresh) if len(f)]
+        if parts:
+            table = pd.concat(parts, ignore_index=True)
+        else:
+            table = keypoint_frame(np.zeros(0, dtype=np.int64), np.zeros((0, NUM_KEYPOINTS, 3)), None,
+                                   backend=pose_estimator.backend, backend_fingerprint=fingerprint, status=[])
+            table["file_bytes"] = pd.Series(dtype="int64")
+            table["mtime"] = pd.Series(dtype="float64")
+            table["width"] = pd.Series(dtype="int64")
+            table["height"] = pd.Series(dtype="int64")
+        table = table.sort_values("image_id").reset_index(drop=True)
+        counts = {"images": len(table), "estimated": len(todo), "reused": len(reused)}
+        counts.update({f"status_{k}": int(v) for k, v in table["status"].value_counts().items()})
+        return table, counts
+
+    loop = ShardLoop(context, "pose_keypoints")
+    tables = loop.run(estimate_shard, keep_on_failure=lambda shard, table: write_parquet(
+        storage.asset_path("pose_keypoints", shard), table))
+    estimated = loop.totals.get("estimated", 0)
+    return dg.Output(
+        tables,
+        metadata={
+            **loop.metadata(),
+            "backend": pose_estimator.backend,
+            "backend_fingerprint": fingerprint,
+            "images_per_s": round(estimated / seconds_estimating, 1) if estimated and seconds_estimating > 0 else 0.0,
+        },
+    )
+
+
+def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
+    from danbooru_assets.pose.geometry import pose_features
+
+    ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
+    return pose_features(ok, ok["width"].to_numpy(), ok["height"].to_numpy())
+
+
+@dg.asset(
+    ins={"pose_keypoints": dg.AssetIn()},
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Distributions of keypoints normalised by image size and torso length over all "
+    "shards: the hip-midpoint scatter the seed shows, limb-ratio histograms, and the robust "
+    "statistics (median, MAD, density regions) that pose_subset's rules use.",
+)
+def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTables) -> dg.Output:
+    import pandas as pd
+
+    from danbooru_assets.pose.geometry import feature_histograms, hip_midpoint_scatter, robust_statistics
+    from danbooru_assets.core.visuals import image_markdown
+
+    parts = pose_keypoints
+    keypoints = pose_keypoints.concat()
+    if keypoints.empty or not (keypoints["status"] == "ok").any():
+        raise ValueError("no keypoints with status ok: materialize pose_keypoints for some shards first")
+    features = _ok_features(keypoints)
+    stats = robust_statistics(features)
+    medians = {k: v.get("median") for k, v in stats.get("features", {}).items() if isinstance(v, dict)}
+    table = pd.DataFrame(
+        [{"images": len(features), "shards": len(parts), "statistics_json": json.dumps(stats)}]
+    )
+    return dg.Output(
+        table,
+        metadata={
+            "images": len(features),
+            "shards": len(parts),
+            "hip_midpoint_scatter": image_markdown(
+                hip_midpoint_scatter(features, stats, dbscan=True), "hip midpoint (normalised), DBSCAN colours"
+            ),
+            "feature_histograms": image_markdown(feature_histograms(features, stats), "normalised pose features"),
+            "medians": dg.MetadataValue.json({k: v for k, v in medians.items() if v is not None}),
+        },
+    )
+
+
+DENSITY_MODELS = {"hip_mid": "hip_midpoint_outlier", "shoulder_mid": "shoulder_midpoint_outlier"}
+
+
+def density_rule_status(rules: PoseRules, stats: dict) -> str:
+    """What became of the midpoint density rule: "applied", "off" (a setting), or
+    "skipped: …" naming each density model pose_statistics could not learn (no pose had
+    that midpoint). Skipping keeps the other rules' result; it is said, never silent."""
+    if not rules.check_midpoint_density:
+        return "off (pose.check_midpoint_density is false)"
+    density = stats.get("density", {})
+    missing = [name for name in DENSITY_MODELS if not density.get(name, {}).get("n")]
+    if not missing:
+        return "applied"
+    return "skipped: " + "; ".join(
+        f"{DENSITY_MODELS[name]} not checked, pose_statistics has no {name} density model "
+        "(no pose with that midpoint)"
+        for name in missing
+    )
+
+
+class PoseSubsetConfig(dg.Config):
+    """Override the settings file's pose rules for one run (all fields, as in settings)."""
+
+    rules: PoseRules | None = None
+
+
+EXAMPLES_PER_SHEET = 10
+
+
+@dg.asset(
+    partitions_def=shard_partitions,
+    backfill_policy=CHEAP_BACKFILL,
+    ins={"clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "portrait_score"]})},
+    deps=settings_keys("pose_rules"),
+    group_name=GROUP,
+    kinds={"parquet"},
+    description="Images whose keypoints pass the geometric rules (the seed's 363k). Every "
+    "dropped row keeps every reason; kept and dropped examples are drawn with skeletons.",
+)
+def pose_subset(
+    context: dg.AssetExecutionContext,
+    config: PoseSubsetConfig,
+    pose_keypoints: ShardTables,
+    pose_statistics,
+    clip_subset: ShardTables,
+    settings: SettingsResource,
+    dataset: DanbooruDatasetResource,
+) -> dg.Output:
+    import pandas as pd
+
+    from danbooru_assets.pose.geometry import REASONS, apply_pose_rules, reason_counts, select_examples
+    from danbooru_assets.core.visuals import image_markdown
+
+    rules = config.rules or settings.load().pose
+    stats = json.loads(pose_statistics["statistics_json"].iloc[0])
+    density_rule = density_rule_status(rules, stats)
+    if density_rule.startswith("skipped"):
+        context.log.warning(f"pose_subset: midpoint density rule {density_rule}")
+    examples: dict[str, list] = {"kept": [], "dropped": []}  # (keypoint row, decision row, subset)
+
+    def filter_shard(shard: str):
+        keypoints = pose_keypoints[shard]
+        subset_rows = clip_subset[shard]
+        ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
+        decisions = apply_pose_rules(_ok_features(keypoints), rules, stats)
+        not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
+        subset = (
+            pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
+            .merge(subset_rows, on="image_id", how="left")
+            .sort_values("image_id")
+            .reset_index(drop=True)
+        )
+        reasons = reason_counts(decisions)
+        reasons[NO_POSE] = len(not_ok)
+        if len(decisions):  # examples for the sheets, at most EXAMPLES_PER_SHEET of each overall
+            for label, rows in zip(("kept", "dropped"), select_examples(decisions, n=EXAMPLES_PER_SHEET)):
+                room = EXAMPLES_PER_SHEET - len(examples[label])
+                examples[label].extend((ok.iloc[[r]], decisions.iloc[[r]], subset_rows) for r in rows[:room])
+        counts = {"rows": len(subset), "kept": int(subset["keep"].sum())}
+        counts.update({f"dropped_{name}": int(reasons.get(name, 0)) for name in (*REASONS, NO_POSE)})
+        return subset, counts
+
+    loop = ShardLoop(context, "pose_subset", images_key="rows")
+    tables = loop.run(filter_shard)
+    rows = loop.totals.get("rows", 0)
+    metadata = {
+        **loop.metadata(["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE))]),
+        "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
+        "rules": dg.MetadataValue.json(rules.model_dump()),
+        "density_rule": density_rule,
+        "settings_source": "run config" if config.rules else settings.source(),
+    }
+    for label, picked in examples.items():
+        if picked:
+            metadata[f"{label}_examples"] = image_markdown(_sheet(dataset, picked, label), f"{label} examples")
+    return dg.Output(tables, metadata=metadata)
+
+
+def _sheet(dataset, picked: list, label: str):
+    """A skeleton contact sheet of (keypoint row, decision row, clip_subset rows) examples."""
+    import pandas as pd
+
+    from danbooru_assets.clip.loader import ImageDecodeError, open_image_rgb
+    from danbooru_assets.pose.draw import skeleton_sheet
+    from danbooru_assets.pose.geometry import keypoint_array
+
+    keypoints = pd.concat([k for k, _, _ in picked], ignore_index=True)
+    decisions = pd.concat([d for _, d, _ in picked], ignore_index=True)
+    images, sizes = [], []
+    for (_, _, subset_rows), row in zip(picked, keypoints.itertuples()):
+        paths = subset_rows.set_index("image_id")["rel_path"]
+        try:
+            image, size = open_image_rgb(dataset.image_path(paths[row.image_id]), 160)
+            # Skeletons are in original pixels; draw on an image of that size.
+            images.append(image.resize(size) if image.size != size else image)
+        except (ImageDecodeError, KeyError):
+            images.append(None)
+        sizes.append((int(row.width), int(row.height)))
+    captions = [
+        f"{i} {r or 'kept'}"[:40] for i, r in zip(decisions["image_id"], decisions["drop_reasons"])
+    ]
+    return skeleton_sheet(images, keypoint_array(keypoints), captions, sizes=sizes, columns=5, title=f"{label} examples")

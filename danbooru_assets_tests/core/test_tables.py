@@ -1,0 +1,66 @@
+"""Atomic writes and the removal of what a killed write left behind."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from danbooru_assets.core.tables import (
+    STALE_TEMP_AGE_S,
+    atomic_write_bytes,
+    remove_stale_temps,
+    temp_sibling,
+    temp_target,
+)
+
+
+def _age(path: Path, seconds: float) -> Path:
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+    return path
+
+
+def test_temp_names_say_their_target():
+    tmp = temp_sibling(Path("/x/0001.parquet"))
+    assert tmp.parent == Path("/x") and temp_target(tmp.name) == "0001.parquet"
+    assert temp_target("0001.parquet") is None
+    assert temp_target(".0001.parquet.tmp-nothex!") is None
+
+
+def test_stale_temps_go_young_ones_and_other_files_stay(tmp_path: Path):
+    stale = temp_sibling(tmp_path / "0001.parquet")
+    stale.write_bytes(b"PAR1 half")
+    _age(stale, STALE_TEMP_AGE_S + 60)
+    young = temp_sibling(tmp_path / "0002.parquet")
+    young.write_bytes(b"PAR1 being written")  # a live writer's: must stay
+    other_kind = temp_sibling(tmp_path / "notes.json")
+    other_kind.write_bytes(b"{")
+    _age(other_kind, STALE_TEMP_AGE_S + 60)
+    table = tmp_path / "0003.parquet"
+    table.write_bytes(b"PAR1 whole")
+    _age(table, STALE_TEMP_AGE_S + 60)
+
+    removed = remove_stale_temps(tmp_path, target_suffix=".parquet")
+    assert removed == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, other_kind.name, table.name])
+    # target_name narrows to one file's temporaries (a folder shared by several tables)
+    assert remove_stale_temps(tmp_path, target_name="other.json") == []
+    assert remove_stale_temps(tmp_path, target_name="notes.json") == [other_kind]
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch):
+    target = tmp_path / "a.bin"
+    atomic_write_bytes(target, b"old")
+
+    def boom(self, data):  # half the bytes reach the disk, then the write fails
+        with open(self, "wb") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_bytes", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new content")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]

@@ -1,0 +1,56 @@
+"""The dataset resource: scanning a bucket folder, the one rule for links, the pixel limit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from danbooru_assets.dataset.layout import DEFAULT_MAX_PIXELS, DanbooruDatasetResource, resolve_inside
+
+
+def _root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "original" / "0001").mkdir(parents=True)
+    return root
+
+
+def test_scan_shard_marks_links_and_orders_by_id(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    folder = root / "original" / "0001"
+    (folder / "2001.jpg").write_bytes(b"x" * 5)
+    (folder / "1001.png").write_bytes(b"y" * 3)
+    (folder / "notes.txt").write_text("z")
+    (folder / ".hidden.jpg").write_bytes(b"h")
+    os.symlink(folder / "1001.png", folder / "3001.png")
+    os.symlink(tmp_path / "missing.jpg", folder / "4001.jpg")  # dangling: not a file, not listed
+    files = DanbooruDatasetResource(root=str(root)).scan_shard("0001")
+    assert files.name == ["1001.png", "2001.jpg", "3001.png", "notes.txt"]
+    assert files.image_id.tolist() == [1001, 2001, 3001, -1]
+    assert files.is_link.tolist() == [False, False, True, False]
+    assert files.file_bytes.tolist() == [3, 5, 3, 1]  # a link's size is its target's
+    empty = DanbooruDatasetResource(root=str(root)).scan_shard("0999")
+    assert len(empty) == 0 and empty.is_link.dtype == bool
+
+
+def test_resolve_inside_follows_links(tmp_path: Path) -> None:
+    root = _root(tmp_path)
+    (tmp_path / "secret.jpg").write_bytes(b"s")
+    (root / "a.jpg").write_bytes(b"a")
+    os.symlink(tmp_path / "secret.jpg", root / "out.jpg")
+    os.symlink(root / "a.jpg", root / "in.jpg")
+    assert resolve_inside(root, "in.jpg") == (root / "a.jpg").resolve()
+    for rel in ("out.jpg", "../secret.jpg"):
+        with pytest.raises(ValueError, match="outside the dataset root"):
+            resolve_inside(root, rel)
+    dataset = DanbooruDatasetResource(root=str(root))
+    assert dataset.outside_root_problem("in.jpg") == ""
+    assert "secret.jpg" in dataset.outside_root_problem("out.jpg")
+
+
+def test_max_pixels_is_resource_config(tmp_path: Path) -> None:
+    assert DanbooruDatasetResource(root=str(tmp_path)).max_pixels == DEFAULT_MAX_PIXELS
+    assert DanbooruDatasetResource(root=str(tmp_path), max_pixels=10).max_pixels == 10
+    with pytest.raises(ValueError, match="greater than 0"):  # pydantic's ValidationError
+        DanbooruDatasetResource(root=str(tmp_path), max_pixels=0)

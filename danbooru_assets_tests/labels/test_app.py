@@ -1,0 +1,523 @@
+"""The labeling page: JSON API validation, path safety, Host/Origin checks, tabs as sessions,
+the CLI entry, and real browser runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
+from danbooru_assets.labels.app import LabelingServer, add_label_arguments, make_app, run_label, split_host
+from danbooru_assets.labels.store import LabelStore
+
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+IDS = [101, 202, 303, 404, 505]
+
+
+def _queue(root: Path) -> pd.DataFrame:
+    rows = []
+    rng = np.random.default_rng(0)
+    for rank, image_id in enumerate(IDS):
+        rel = f"original/{image_id % 1000:04d}/{image_id}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (200, 300), (40 * rank, 90, 160)).save(root / rel)
+        row: dict[str, Any] = {"image_id": image_id, "rel_path": rel, "portrait_score": 0.3 + 0.1 * rank,
+                               "predicted_class": "good", "p_good": 0.5, "p_questionable": 0.3, "p_bad": 0.2,
+                               "queue_rank": rank}
+        # an upright stick figure in the middle of the 200×300 image
+        for i, value in enumerate(rng.uniform(40, 160, size=len(KEYPOINT_COLUMNS))):
+            row[KEYPOINT_COLUMNS[i]] = value if i % 3 != 2 else 0.9
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def app(tmp_path: Path) -> Iterator[LabelingServer]:
+    root = tmp_path / "dataset"
+    queue = _queue(root)
+    (tmp_path / "secret.png").write_bytes(b"not yours")
+    # a queue row whose path tries to leave the dataset root, and one whose file is a symlink out
+    queue = pd.concat([queue, pd.DataFrame([
+        {"image_id": 666, "rel_path": "../secret.png", "queue_rank": 98},
+        {"image_id": 777, "rel_path": "original/0777/777.png", "queue_rank": 99},
+    ])], ignore_index=True)
+    (root / "original/0777").mkdir(parents=True)
+    (root / "original/0777/777.png").symlink_to(tmp_path / "secret.png")
+    store = LabelStore(tmp_path / "labels.sqlite")
+    server = make_app(store, root, queue, round=2, labeler="tester").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _call(server: LabelingServer, path: str, body: Any = None, raw: bytes | None = None,
+          ctype: str = "application/json", session: str | None = None) -> tuple[int, Any]:
+    if session is not None and isinstance(body, dict):
+        body = {"session": session, **body}
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(server.url.rstrip("/") + path, data=data, method="POST" if data is not None else "GET")
+    if data is not None:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            payload = resp.read()
+            return resp.status, json.loads(payload) if resp.headers["Content-Type"] == "application/json" else payload
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _open(server: LabelingServer) -> tuple[str, dict[str, Any]]:
+    """A page load: a new session and its first state."""
+    status, state = _call(server, "/api/session", {})
+    assert status == 200, state
+    return state["session"], state
+
+
+def _raw(server: LabelingServer, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """Send one hand-written HTTP request (forged headers that urllib would not send)."""
+    with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    header, _, payload = response.partition(b"\r\n\r\n")
+    status = int(header.split()[1])
+    return status, json.loads(payload) if b"application/json" in header else {"bytes": payload}
+
+
+def test_api_labels_skips_undoes(app: LabelingServer) -> None:
+    store = app.page.store
+    session, state = _open(app)
+    assert state["item"]["image_id"] == 101 and state["total"] == 7 and state["round"] == 2
+    assert state["item"]["keypoints"] is not None and len(state["item"]["keypoints"]) == 17
+    status, state = _call(app, f"/api/state?session={session}")
+    assert status == 200 and state["item"]["image_id"] == 101  # the tab keeps its image
+    status, state = _call(app, "/api/label", {"image_id": 101, "label": "good"}, session=session)
+    assert status == 200 and state["item"]["image_id"] == 202 and state["labeled"] == 1
+    status, state = _call(app, "/api/skip", {"image_id": 202}, session=session)
+    assert state["item"]["image_id"] == 303 and state["skipped"] == 1
+    status, state = _call(app, "/api/undo", {}, session=session)
+    assert status == 200 and state["retracted"]["image_id"] == 101 and state["item"]["image_id"] == 101
+    assert store.latest().empty and store.history()["round"].tolist() == [2, 2]
+    status, payload = _call(app, "/api/undo", {}, session=session)
+    assert status == 409 and "nothing to undo" in payload["error"]
+    status, img = _call(app, "/images/303")
+    assert status == 200 and img[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path,body,status,message", [
+    ("/api/label", {"image_id": 999, "label": "good"}, 404, "unknown image id"),
+    ("/api/label", {"image_id": "101; drop", "label": "good"}, 400, "image_id"),
+    ("/api/label", {"image_id": True, "label": "good"}, 400, "image_id"),
+    ("/api/label", {"image_id": 101, "label": "excellent"}, 400, "unknown class"),
+    ("/api/label", {"image_id": 101}, 400, "unknown class"),
+    ("/api/label", [1, 2], 400, "JSON object"),
+    ("/api/skip", {"image_id": 5}, 404, "unknown image id"),
+    ("/api/label", {"image_id": 101, "label": "good", "overwrite": "yes"}, 400, "overwrite must be"),
+    ("/api/nope", {}, 404, "no such action"),
+    ("/api/label", {"session": None, "image_id": 101, "label": "good"}, 400, "missing session"),
+    ("/api/label", {"session": "made-up", "image_id": 101, "label": "good"}, 404, "unknown session"),
+    ("/api/undo", {"session": ["x"]}, 404, "unknown session"),
+])
+def test_api_refuses_bad_input(app: LabelingServer, path: str, body: Any, status: int, message: str) -> None:
+    session, _ = _open(app)
+    if isinstance(body, dict) and "session" not in body:
+        body = {"session": session, **body}
+    code, payload = _call(app, path, body)
+    assert code == status and message in payload["error"], payload
+    assert app.page.store.history().empty
+
+
+def test_api_refuses_non_json_and_escaping_paths(app: LabelingServer) -> None:
+    assert _call(app, "/api/label", raw=b"{not json", ctype="application/json")[0] == 400
+    assert _call(app, "/api/state")[0] == 400  # no session
+    # a form post (what a foreign web page can send without a preflight) is refused
+    assert _call(app, "/api/label", raw=b"image_id=101&label=good", ctype="application/x-www-form-urlencoded")[0] == 415
+    for path, code in [("/images/666", 403), ("/images/777", 403), ("/images/..%2F..%2Fetc%2Fpasswd", 400),
+                       ("/images/../../secret.png", 400), ("/images/12345", 404), ("/etc/passwd", 404)]:
+        status, payload = _call(app, path)
+        assert status == code, (path, payload)
+        assert "error" in payload
+    assert app.page.store.history().empty
+
+
+def test_run_label_validates_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = add_label_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--queue", str(tmp_path / "missing.parquet"), "--root", str(tmp_path)])
+    assert args.host == "127.0.0.1"
+    assert run_label(args) == 2
+    assert "labeling_queue" in capsys.readouterr().err
+
+
+def test_label_command_serves_until_interrupted(tmp_path: Path) -> None:
+    root = tmp_path / "dataset"
+    _queue(root).to_parquet(tmp_path / "queue.parquet")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "danbooru_assets.labels.app", "--queue", str(tmp_path / "queue.parquet"),
+         "--root", str(root), "--store", str(tmp_path / "l.sqlite"), "--port", "0", "--labeler", "cli"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = lines[1].split()[1]
+        assert url.startswith("http://127.0.0.1:")
+        assert proc.stderr is not None and not proc.stderr.closed
+        req = urllib.request.Request(url + "api/session", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            state = json.loads(resp.read())
+        assert state["labeler"] == "cli" and state["total"] == len(IDS) and state["item"]["image_id"] == IDS[0]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert "WARNING" not in proc.stderr.read()  # loopback: nothing to warn about
+    finally:
+        proc.kill()
+        proc.communicate(timeout=20)
+
+
+def _browser():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    return sync_api
+
+
+def test_page_in_real_browser(app: LabelingServer) -> None:
+    sync_api = _browser()
+    store = app.page.store
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            # bypass_csp: the page forbids eval, which Playwright's wait_for_function polling uses
+            page = browser.new_page(viewport={"width": 1000, "height": 700}, bypass_csp=True)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(app.url)
+
+            def current() -> str:
+                page.wait_for_function("window.labeling && window.labeling.pending === 0 && document.body.dataset.imageId !== undefined")
+                return page.evaluate("document.body.dataset.imageId")
+
+            def skeleton_pixels() -> int:
+                page.wait_for_function("document.getElementById('img').complete && document.getElementById('img').naturalWidth > 0")
+                return page.evaluate("""() => { const c = document.getElementById('overlay');
+                    if (c.style.display === 'none' || !c.width) return 0;
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""")
+
+            assert current() == "101"
+            assert page.text_content("#progress").startswith("0 / 7 labeled")
+            assert page.text_content("#pred") == "good"
+            assert skeleton_pixels() > 200  # drawn on load
+            page.keyboard.press("k")
+            assert page.evaluate("document.body.dataset.skeleton") == "off" and skeleton_pixels() == 0
+            page.keyboard.press("k")
+            assert skeleton_pixels() > 200
+
+            page.keyboard.press("1")
+            assert current() == "202"
+            page.keyboard.press("3")
+            assert current() == "303"
+            page.keyboard.press("s")  # skip 303
+            assert current() == "404"
+            page.keyboard.press("2")
+            assert current() == "505"
+            page.keyboard.press("z")  # undo the "questionable" on 404: it comes back
+            assert current() == "404"
+            assert "undid questionable on 404" in page.text_content("#last")
+            page.keyboard.press("2")
+            page.keyboard.press("1")  # typed fast: queued, labels 505 after 404 is done
+            assert current() == "666"
+            assert page.text_content("#progress").startswith("4 / 7 labeled · 1 skipped")
+            assert errors == []
+        finally:
+            browser.close()
+    latest = store.latest().set_index("image_id")["label"].to_dict()
+    assert latest == {101: "good", 202: "bad", 404: "questionable", 505: "good"}
+    hist = store.history()
+    assert len(hist) == 6 and set(hist.labeler) == {"tester"} and set(hist["round"]) == {2}
+    assert hist.source.tolist().count("undo") == 1
+
+
+# ---- Host / Origin checks (DNS rebinding, cross-site requests) ----------------------------
+
+def test_forged_host_or_origin_is_refused(app: LabelingServer) -> None:
+    port = app.port
+    store = app.page.store
+    own = f"127.0.0.1:{port}"
+    status, payload = _raw(app, f"POST /api/session HTTP/1.1\nHost: {own}\nContent-Type: application/json\n"
+                                f"Content-Length: 2\nOrigin: http://{own}\n", b"{}")
+    assert status == 200, payload
+    session = payload["session"]
+    label = json.dumps({"session": session, "image_id": 101, "label": "bad"}).encode()
+
+    def post_label(host: str, origin: str | None) -> tuple[int, dict[str, Any]]:
+        origin_line = f"Origin: {origin}\n" if origin is not None else ""
+        return _raw(app, f"POST /api/label HTTP/1.1\nHost: {host}\nContent-Type: application/json\n"
+                         f"Content-Length: {len(label)}\n{origin_line}", label)
+
+    # What a DNS-rebinding page sends: its own name in Host (evil.example resolved to us).
+    for host in [f"evil.example:{port}", "evil.example", f"127.0.0.1:{port + 1}", f"localhost.evil.example:{port}",
+                 f"127.0.0.1:{port}@evil.example", ""]:
+        status, payload = _raw(app, f"GET /images/101 HTTP/1.1\nHost: {host}\n")
+        assert status == 403 and "Host" in payload["error"] and "bytes" not in payload, (host, payload)
+        status, payload = post_label(host, f"http://{host}")
+        assert status == 403 and "Host" in payload["error"], (host, payload)
+    status, payload = _raw(app, "GET / HTTP/1.0\n")  # no Host at all
+    assert status == 403 and "Host" in payload["error"]
+    # The right Host but another site's page (or a sandboxed one: "null") as Origin.
+    for origin in [f"http://evil.example:{port}", "null", f"https://{own}", f"http://127.0.0.1:{port + 1}",
+                   f"http://{own}/path"]:
+        status, payload = post_label(own, origin)
+        assert status == 403 and "Origin" in payload["error"], (origin, payload)
+        status, payload = _raw(app, f"GET /images/101 HTTP/1.1\nHost: {own}\nOrigin: {origin}\n")
+        assert status == 403 and "Origin" in payload["error"], (origin, payload)
+    assert store.history().empty
+    # The page's own origin, under each loopback name, is served.
+    for host in [own, f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}"]:
+        status, payload = _raw(app, f"GET /images/101 HTTP/1.1\nHost: {host}\n")
+        assert status == 200 and payload["bytes"][:8] == b"\x89PNG\r\n\x1a\n", host
+    assert post_label(f"localhost:{port}", f"http://localhost:{port}")[0] == 200
+    assert post_label(own, None)[0] == 200  # no Origin at all (curl, scripts): allowed
+    assert store.history()["label"].tolist() == ["bad", "bad"]
+
+
+@pytest.mark.parametrize("value,host,port", [
+    ("127.0.0.1:8765", "127.0.0.1", 8765), ("LocalHost:80", "localhost", 80), ("example.org", "example.org", 80),
+    ("[::1]:9", "::1", 9), ("[0:0::1]:9", "::1", 9), ("[::1", None, None), ("a:b", None, None),
+    (":80", None, None), ("a:-1", None, None), ("a:8080:1", None, None),
+])
+def test_split_host(value: str, host: str | None, port: int | None) -> None:
+    assert split_host(value) == (None if host is None else (host, port))
+
+
+def test_wildcard_bind_accepts_ip_literals_not_names(tmp_path: Path) -> None:
+    root = tmp_path / "dataset"
+    server = make_app(LabelStore(tmp_path / "l.sqlite"), root, _queue(root), round=1, labeler="me", host="0.0.0.0")
+    try:
+        port = server.port
+        assert server.accepts_host(f"192.168.1.7:{port}") and server.accepts_host(f"localhost:{port}")
+        assert server.accepts_host(f"{socket.gethostname()}:{port}")
+        assert server.url == f"http://127.0.0.1:{port}/"  # a URL a browser opens
+        assert not server.accepts_host(f"evil.example:{port}") and not server.accepts_host(f"192.168.1.7:{port + 1}")
+    finally:
+        server.server_close()
+
+
+def test_ipv6_loopback_bind(tmp_path: Path) -> None:
+    root = tmp_path / "dataset"
+    try:
+        server = make_app(LabelStore(tmp_path / "l.sqlite"), root, _queue(root), round=1, labeler="me", host="::1")
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    server.start()
+    try:
+        assert server.url == f"http://[::1]:{server.port}/"
+        assert _raw(server, f"GET /images/101 HTTP/1.1\nHost: [::1]:{server.port}\n")[0] == 200
+        assert _raw(server, f"GET /images/101 HTTP/1.1\nHost: localhost:{server.port}\n")[0] == 200
+        assert _raw(server, f"GET /images/101 HTTP/1.1\nHost: evil.example:{server.port}\n")[0] == 403
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("length,status,message", [
+    ("-1", 400, "invalid Content-Length"), ("-70000", 400, "invalid Content-Length"),
+    ("abc", 400, "invalid Content-Length"), ("+2", 400, "invalid Content-Length"),
+    ("2, 2", 400, "invalid Content-Length"), ("1e3", 400, "invalid Content-Length"),
+    ("99999999", 413, "body larger than 65536 bytes"),
+])
+def test_bad_content_length(app: LabelingServer, length: str, status: int, message: str) -> None:
+    code, payload = _raw(app, f"POST /api/session HTTP/1.1\nHost: 127.0.0.1:{app.port}\n"
+                              f"Content-Type: application/json\nContent-Length: {length}\n", b"{}")
+    assert code == status and message in payload["error"], payload
+    assert not app.page.sessions
+
+
+def test_bind_beyond_loopback_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "dataset"
+    _queue(root).to_parquet(tmp_path / "queue.parquet")
+    served: list[LabelingServer] = []
+
+    def serve_once(server: LabelingServer) -> None:
+        served.append(server)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LabelingServer, "serve_forever", serve_once)
+    parser = add_label_arguments(argparse.ArgumentParser())
+    common = ["--queue", str(tmp_path / "queue.parquet"), "--root", str(root), "--store", str(tmp_path / "l.sqlite"),
+              "--port", "0", "--labeler", "owner"]
+    assert run_label(parser.parse_args(common)) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    assert run_label(parser.parse_args([*common, "--host", "0.0.0.0"])) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "EVERY network interface" in err and "127.0.0.1" in err
+    assert served[-1].page.labeler == "owner"
+
+
+def test_labeler_is_the_servers_not_the_requests(app: LabelingServer) -> None:
+    session, _ = _open(app)
+    status, _ = _call(app, "/api/label", {"image_id": 101, "label": "good", "labeler": "mallory"}, session=session)
+    assert status == 200
+    assert app.page.store.history()["labeler"].tolist() == ["tester"]
+
+
+# ---- tabs: one session per page load --------------------------------------------------------
+
+def test_two_tabs_get_different_images_and_undo_their_own(app: LabelingServer) -> None:
+    store = app.page.store
+    tab1, state1 = _open(app)
+    tab2, state2 = _open(app)
+    assert tab1 != tab2
+    assert state1["item"]["image_id"] == 101 and state2["item"]["image_id"] == 202
+    status, state1 = _call(app, "/api/label", {"image_id": 101, "label": "good"}, session=tab1)
+    assert status == 200 and state1["item"]["image_id"] == 303  # 202 is on tab 2's screen
+    status, state2 = _call(app, "/api/label", {"image_id": 202, "label": "bad"}, session=tab2)
+    assert status == 200 and state2["item"]["image_id"] == 404
+    # undo in tab 1 retracts tab 1's last label, not tab 2's newer one
+    status, state1 = _call(app, "/api/undo", {}, session=tab1)
+    assert status == 200 and state1["retracted"]["image_id"] == 101 and state1["item"]["image_id"] == 101
+    assert store.latest().set_index("image_id")["label"].to_dict() == {202: "bad"}
+    status, payload = _call(app, "/api/undo", {}, session=tab1)
+    assert status == 409 and "nothing to undo in this tab" in payload["error"]
+    # skips are per tab too
+    status, state2 = _call(app, "/api/skip", {"image_id": 404}, session=tab2)
+    assert state2["skipped"] == 1 and _call(app, f"/api/state?session={tab1}")[1]["skipped"] == 0
+
+
+def test_label_on_an_image_changed_since_the_tab_saw_it_is_a_conflict(app: LabelingServer) -> None:
+    store = app.page.store
+    tab1, state1 = _open(app)
+    tab2, _ = _open(app)
+    assert state1["item"]["image_id"] == 101
+    assert _call(app, "/api/label", {"image_id": 101, "label": "bad"}, session=tab2)[0] == 200
+    status, payload = _call(app, "/api/label", {"image_id": 101, "label": "good"}, session=tab1)
+    assert status == 409
+    conflict = payload["conflict"]
+    assert conflict["image_id"] == 101 and conflict["label"] == "bad" and conflict["yours"] == "good"
+    assert conflict["labeler"] == "tester" and conflict["where"] == "in another tab of this page"
+    assert "'bad'" in payload["error"] and "another tab" in payload["error"]
+    assert store.label_of(101) == "bad" and len(store.history()) == 1
+    # another labeler (another process on the same store) counts too
+    tab3, state3 = _open(app)
+    shown = state3["item"]["image_id"]
+    store.add(shown, "questionable", "bob", 2)
+    status, payload = _call(app, "/api/label", {"image_id": shown, "label": "good"}, session=tab3)
+    assert status == 409 and payload["conflict"]["labeler"] == "bob" and "bob" in payload["error"]
+    # a confirmed overwrite replaces the label and keeps both rows in the history
+    status, _ = _call(app, "/api/label", {"image_id": 101, "label": "good", "overwrite": True}, session=tab1)
+    assert status == 200 and store.label_of(101) == "good"
+    assert store.history(101)["label"].tolist() == ["bad", "good"]
+    # a tab's own earlier label is no conflict
+    assert _call(app, "/api/label", {"image_id": 101, "label": "questionable"}, session=tab1)[0] == 200
+
+
+def test_simultaneous_labels_of_one_id_one_wins_others_conflict(app: LabelingServer) -> None:
+    tabs = [_open(app)[0] for _ in range(3)]
+    barrier = threading.Barrier(len(tabs))
+    results: dict[str, tuple[int, Any]] = {}
+
+    def send(tab: str, label: str) -> None:
+        barrier.wait(timeout=10)
+        results[tab] = _call(app, "/api/label", {"image_id": 303, "label": label}, session=tab)
+
+    threads = [threading.Thread(target=send, args=(tab, label)) for tab, label in zip(tabs, ["good", "bad", "questionable"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    codes = sorted(code for code, _ in results.values())
+    assert codes == [200, 409, 409]
+    winner = next(tab for tab, (code, _) in results.items() if code == 200)
+    hist = app.page.store.history(303)
+    assert len(hist) == 1
+    for tab, (code, payload) in results.items():
+        if code == 409:
+            assert payload["conflict"]["label"] == hist["label"].iloc[0]
+    assert winner in tabs
+
+
+def test_two_tabs_and_a_rebinding_page_in_real_browser(app: LabelingServer) -> None:
+    sync_api = _browser()
+    store = app.page.store
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run",
+            # what a DNS-rebinding attack achieves: the attacker's name resolves to this machine
+            "--host-resolver-rules=MAP evil.example 127.0.0.1"])
+        try:
+            context = browser.new_context(viewport={"width": 1000, "height": 700}, bypass_csp=True)
+            errors: list[str] = []
+            tab1, tab2 = context.new_page(), context.new_page()
+            for tab in (tab1, tab2):
+                tab.on("pageerror", lambda exc: errors.append(str(exc)))
+
+            def current(tab: Any) -> str:
+                tab.wait_for_function("window.labeling && window.labeling.session && window.labeling.pending === 0")
+                return tab.evaluate("document.body.dataset.imageId")
+
+            tab1.goto(app.url)
+            assert current(tab1) == "101"
+            tab2.goto(app.url)
+            assert current(tab2) == "202"  # not the image tab 1 shows
+
+            store.add(101, "bad", "bob", 2)  # another labeler, after tab 1 was shown 101
+            tab1.keyboard.press("1")
+            assert current(tab1) == "101"  # not saved, still on screen
+            assert tab1.is_visible("#conflict") and "bob" in tab1.text_content("#conflict-text")
+            assert "was not saved" in tab1.text_content("#msg")
+            assert store.label_of(101) == "bad"
+            tab1.keyboard.press("o")  # confirm: overwrite bob's label
+            assert current(tab1) == "303" and not tab1.is_visible("#conflict")
+            assert "overwrote 101 good" in tab1.text_content("#last")
+
+            tab2.keyboard.press("3")  # tab 2 labels 202
+            assert current(tab2) == "404"
+            tab1.keyboard.press("z")  # undoes tab 1's overwrite only
+            assert current(tab1) == "303"  # 101 is bob's again, so nothing comes back
+            assert "undid good on 101" in tab1.text_content("#last")
+            assert store.label_of(101) == "bad" and store.label_of(202) == "bad"
+
+            # the rebinding page: same server, but addressed by the attacker's name
+            evil = context.new_page()
+            response = evil.goto(f"http://evil.example:{app.port}/")
+            assert response is not None and response.status == 403
+            assert "evil.example" in evil.text_content("body")
+            assert errors == []
+        finally:
+            browser.close()
+    hist = store.history(101)
+    assert hist["label"].tolist() == ["bad", "good", "bad"] and hist["labeler"].tolist() == ["bob", "tester", "tester"]
+    assert len(store.history()) == 4
+
+
+def test_least_recently_used_tab_is_forgotten_beyond_the_limit(app: LabelingServer,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("danbooru_assets.labels.app.MAX_SESSIONS", 2)
+    first, _ = _open(app)
+    second, _ = _open(app)
+    assert _call(app, f"/api/state?session={first}")[0] == 200  # first is now the more recently used
+    _open(app)
+    assert _call(app, f"/api/state?session={first}")[0] == 200
+    status, payload = _call(app, f"/api/state?session={second}")
+    assert status == 404 and "reload the page" in payload["error"]

@@ -1,0 +1,207 @@
+"""The CLIP stage's assets end to end on generated sample data, on the CPU."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from danbooru_assets.clip.model import DEMO_WARNING
+from danbooru_assets.clip.scoring import prompt_column
+from danbooru_assets.core.embeddings import embedding_matrix
+from danbooru_assets.devtools.sample_data import read_ground_truth
+from danbooru_assets.settings import CurationSettings, save_settings, set_setting
+
+INGEST = ["shard_index", "clip_embeddings", "image_stats", "clip_scores"]
+
+
+@pytest.fixture(scope="module")
+def ingested(pipeline):
+    pipeline.run_through("clip")
+    return pipeline
+
+
+def _forbid_image_reads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was opened")
+
+    monkeypatch.setattr(Image, "open", refuse)
+
+
+def test_embeddings_are_normalised_float16_with_fingerprint_and_demo_warning(ingested):
+    shard = ingested.shards[0]
+    emb = ingested.table("clip_embeddings", shard)
+    ok = emb.loc[emb["status"] == "ok"]
+    matrix = embedding_matrix(ok)
+    assert ok["embedding"].iloc[0].dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=2e-3)
+    assert ok["model_fingerprint_id"].nunique() == 1
+    stats = ingested.table("image_stats", shard)
+    assert set(stats["image_id"]) == set(emb["image_id"])
+    result = ingested.materialize(["clip_scores"], shard)
+    assert ingested.metadata(result, "clip_scores")["warning"] == DEMO_WARNING
+
+
+def test_second_run_encodes_nothing_and_a_new_image_encodes_one(ingested):
+    shard = ingested.shards[1]
+    result = ingested.materialize(INGEST, shard)
+    meta = ingested.metadata(result, "clip_embeddings")
+    assert meta["encoded"] == 0 and meta["reused"] == meta["images"] > 0
+
+    source = next(p for p in sorted((ingested.root / "original" / shard).iterdir()) if p.suffix == ".jpg")
+    new_id = int(source.stem) + 1000 * 997  # same bucket, unused id
+    (source.parent / f"{new_id}.jpg").write_bytes(source.read_bytes())
+    result = ingested.materialize(INGEST, shard)
+    meta = ingested.metadata(result, "clip_embeddings")
+    assert meta["encoded"] == 1
+    assert new_id in set(ingested.table("clip_embeddings", shard)["image_id"])
+    (source.parent / f"{new_id}.jpg").unlink()
+    ingested.materialize(INGEST, shard)
+
+
+def test_corrupt_images_get_a_status_not_a_crash(ingested):
+    truncated = ingested.summary.broken_ids["truncated"][0]
+    shard = f"{truncated % 1000:04d}"
+    emb = ingested.table("clip_embeddings", shard).set_index("image_id")
+    assert emb.loc[truncated, "status"].startswith("unreadable")
+    assert emb.loc[truncated, "embedding"] is None
+    assert (emb["status"] == "ok").sum() >= len(emb) - 2
+    subset = ingested.table("clip_subset", shard).set_index("image_id")
+    assert "unreadable" in subset.loc[truncated, "drop_reasons"]
+    # zero-byte and unknown-extension files never reach the decoder
+    zero = ingested.summary.broken_ids["zero_bytes"][0]
+    assert zero not in set(ingested.table("clip_embeddings", f"{zero % 1000:04d}")["image_id"])
+
+
+def test_prompt_change_rescores_without_reading_images(ingested, monkeypatch):
+    shard = ingested.shards[2]
+    before = ingested.table("clip_scores", shard)
+    _forbid_image_reads(monkeypatch)
+    prompts = {"positive_prompts": ["a knight in leather armour"], "negative_prompts": ["a bowl of fruit"]}
+    try:
+        result = ingested.materialize(["prompt_embeddings"], run_config={"ops": {"prompt_embeddings": {"config": prompts}}})
+        assert ingested.metadata(result, "prompt_embeddings")["settings_source"] == "run config"
+        ingested.materialize(["clip_scores"], shard)
+        after = ingested.table("clip_scores", shard)
+    finally:  # back to the settings file's prompts for the module's other tests
+        monkeypatch.undo()
+        ingested.materialize(["prompt_embeddings"])
+        ingested.materialize(["clip_scores"], shard)
+    assert len(after) == len(before)
+    sims = [c for c in after.columns if c.startswith("sim_")]
+    assert sims == [prompt_column(p) for p in prompts["positive_prompts"] + prompts["negative_prompts"]]
+    assert not np.allclose(after["portrait_score"], before["portrait_score"])
+
+
+def test_threshold_keeps_target_fraction_and_settings_file_change_is_used(ingested, monkeypatch):
+    threshold = ingested.table("clip_threshold")
+    scored = threshold["scored"].iloc[0]
+    assert abs(threshold["kept"].iloc[0] - 0.2 * scored) <= 2
+    # The user sets a new target in the durable settings; later runs (sensor, backfill) use it.
+    save_settings(ingested.settings_path, set_setting(CurationSettings(), "clip.keep_fraction", "0.5"))
+    result = ingested.materialize(["clip_threshold"])
+    meta = ingested.metadata(result, "clip_threshold")
+    assert meta["settings_source"] == "settings file"
+    assert abs(meta["kept"] - 0.5 * scored) <= 2
+    for key in ("histogram", "just_above_threshold", "just_below_threshold"):
+        assert "data:image/png;base64," in meta[key]
+    # Rematerializing a shard's subset after the change touches no image.
+    shard = ingested.shards[0]
+    _forbid_image_reads(monkeypatch)
+    result = ingested.materialize(["clip_subset"], shard)
+    subset = ingested.table("clip_subset", shard)
+    new_threshold = ingested.table("clip_threshold")["threshold"].iloc[0]
+    kept_by_score = subset["portrait_score"] >= new_threshold
+    assert (subset["kept"] <= kept_by_score).all()
+    assert ingested.metadata(result, "clip_subset")["threshold"] == pytest.approx(new_threshold)
+    monkeypatch.undo()
+    ingested.settings_path.unlink()
+    ingested.materialize(["clip_threshold"])
+
+
+def test_fixed_threshold_from_run_config(ingested):
+    result = ingested.materialize(["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": {"fixed_threshold": 0.0}}}})
+    meta = ingested.metadata(result, "clip_threshold")
+    assert meta["mode"] == "fixed" and meta["kept"] == meta["scored"]
+    ingested.materialize(["clip_threshold"])
+
+
+def test_subset_rules_record_every_reason(ingested):
+    import pandas as pd
+
+    subset = pd.concat([ingested.table("clip_subset", s) for s in ingested.shards])
+    assert set(subset.loc[subset["kept"], "drop_reasons"]) == {""}
+    reasons = set("|".join(subset["drop_reasons"]).split("|")) - {""}
+    assert {"below_threshold", "dark_border_little_content"} <= reasons
+    # The generator's mostly-black images with little content are caught by the image rule.
+    truth = read_ground_truth(ingested.root).set_index("image_id")
+    black = subset.loc[subset["image_id"].map(truth["kind"]) == "black_border"]
+    assert len(black) and black["drop_reasons"].str.contains("dark_border_little_content").mean() >= 0.8
+
+
+def test_a_kill_between_the_two_tables_writes_loses_no_image(ingested):
+    """kill -9 after clip_embeddings was renamed into place, before image_stats was: the
+    re-run must give two tables with the same images and drop no readable image."""
+    from danbooru_assets.orchestration.io_manager import read_parquet, write_parquet
+
+    shard = ingested.shards[3]
+    stats_path = ingested.storage.asset_path("image_stats", shard)
+    stats_before = read_parquet(stats_path)
+    folder = ingested.root / "original" / shard
+    sources = [p for p in sorted(folder.iterdir()) if p.suffix == ".jpg"][:3]
+    new_ids = [int(p.stem) + 1000 * (990 + i) for i, p in enumerate(sources)]  # same bucket, unused ids
+    for source, new_id in zip(sources, new_ids):
+        (folder / f"{new_id}.jpg").write_bytes(source.read_bytes())
+    try:
+        ingested.materialize(INGEST, shard)
+        # The state the kill leaves: the new images' embeddings stored, their statistics not.
+        write_parquet(stats_path, stats_before)
+        assert set(new_ids) <= set(ingested.table("clip_embeddings", shard)["image_id"])
+
+        result = ingested.materialize(INGEST, shard)
+        meta = ingested.metadata(result, "clip_embeddings")
+        assert meta["encoded"] == len(new_ids) and meta["reused"] == meta["images"] - len(new_ids)
+        emb = ingested.table("clip_embeddings", shard)
+        stats = ingested.table("image_stats", shard)
+        assert emb["image_id"].tolist() == stats["image_id"].tolist()
+        assert (stats.set_index("image_id").loc[new_ids, "status"] == "ok").all()
+        ingested.materialize(["clip_subset"], shard)
+        subset = ingested.table("clip_subset", shard).set_index("image_id")
+        assert not subset.loc[new_ids, "drop_reasons"].str.contains("unreadable").any()
+    finally:
+        for new_id in new_ids:
+            (folder / f"{new_id}.jpg").unlink()
+        ingested.materialize(INGEST, shard)
+        ingested.materialize(["clip_subset"], shard)
+
+
+def test_an_empty_prompt_list_is_an_error_not_the_defaults(ingested):
+    before = ingested.table("prompt_embeddings")
+    for field in ("positive_prompts", "negative_prompts"):
+        config = {"ops": {"prompt_embeddings": {"config": {field: []}}}}
+        with pytest.raises(Exception, match=f"{field} is an empty list"):
+            ingested.materialize(["prompt_embeddings"], run_config=config)
+    assert ingested.table("prompt_embeddings").equals(before)
+
+
+def test_threshold_says_how_many_indexed_shards_it_covers(ingested):
+    import shutil
+
+    result = ingested.materialize(["clip_threshold"])
+    meta = ingested.metadata(result, "clip_threshold")
+    n = len(ingested.shards)
+    assert meta["indexed_shards"] == n and meta["shard_coverage"] == 1.0
+    assert "every indexed shard counts" in meta["coverage"]
+    # A shard indexed but not scored yet: the threshold says it left that shard out.
+    index_folder = ingested.storage.path("shard_index")
+    unscored = next(k for k in (f"{i:04d}" for i in range(999, 0, -1)) if k not in ingested.shards)
+    extra = index_folder / f"{unscored}.parquet"
+    shutil.copy(str(index_folder / f"{ingested.shards[0]}.parquet"), str(extra))
+    try:
+        result = ingested.materialize(["clip_threshold"])
+        meta = ingested.metadata(result, "clip_threshold")
+        assert meta["indexed_shards"] == n + 1 and meta["shard_coverage"] == pytest.approx(n / (n + 1))
+        assert meta["coverage"].startswith("**Partial:**") and unscored in meta["coverage"]
+        table = ingested.table("clip_threshold")
+        assert table["indexed_shards"].iloc[0] == n + 1
+    finally:
+        extra.unlink()
+        ingested.materialize(["clip_threshold"])
