@@ -64,3 +64,10 @@ def ensure_dagster_home() -> Path:
     if not (home / "dagster.yaml").exists() and project_yaml.exists():
         shutil.copyfile(project_yaml, home / "dagster.yaml")
     return home
+
+
+# The most pixels one decode may produce (~7,000 x 7,000): a 100M-pixel PNG took 11 s and
+# 1.3 GB to decode, and each loader worker may hold one; PIL itself only warns at 89M and
+# refuses at 179M. JPEGs count at the scale they are decoded at (libjpeg reduces by up to
+# 8 per side), so a big JPEG is still read, at reduced scale (core.images.size_problem).
+DEFAULT_MAX_PIXELS = 50_000_000

@@ -4,7 +4,7 @@ They catch the bad cases CLIP is blind to (the seed's "too much black borders wi
 little content"): letterboxed scans, tiny figures on empty canvases, monochrome sketches.
 Everything is vectorised numpy over a small (<= 256 px) copy of the image, so the
 statistics add a fraction of a millisecond per image to the decode pass. The image is the
-project's one decode (:func:`danbooru_assets.clip.loader.open_image_rgb`): 8-bit RGB in
+project's one decode (:func:`danbooru_assets.core.images.open_image_rgb`): 8-bit RGB in
 the displayed frame, so "rows" are the rows a viewer sees (EXIF orientation applied) and a
 16-bit greyscale image is measured at its true brightness.
 """

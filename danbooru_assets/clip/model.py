@@ -35,6 +35,8 @@ from urllib.parse import urlparse
 
 import dagster as dg
 
+from danbooru_assets.config import DEFAULT_MAX_PIXELS
+
 if TYPE_CHECKING:  # torch, numpy and pandas load when the model does, not with the code location
     import numpy as np
     import pandas as pd
@@ -463,6 +465,7 @@ class ClipModelResource(dg.ConfigurableResource):
         paths: Sequence[Path | str],
         image_ids: Sequence[int],
         progress: Callable[[int, int], None] | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> tuple[np.ndarray, pd.DataFrame]:
         """Decode each image once: embeddings and pixel statistics, aligned with the input.
 
@@ -499,6 +502,7 @@ class ClipModelResource(dg.ConfigurableResource):
                 # a few batches decode faster in this process.
                 num_workers=default_num_workers(self.num_workers) if n > 2 * self.batch_size else 0,
                 target_short_side=loaded.image_size,
+                max_pixels=max_pixels,
                 pin_memory=loaded.device.type == "cuda",
             )
             done = 0

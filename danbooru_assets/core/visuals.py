@@ -1,31 +1,18 @@
-"""Pictures for the Dagster UI: contact sheets and plots as Markdown metadata.
-
-The UI renders Markdown metadata, including images given as base64 data URIs, so a
-person sees samples and distributions right on the materialization page.
-"""
+"""Pictures a person reads: contact sheets and rendered plots, as PIL images
+(:mod:`danbooru_assets.orchestration.ui_metadata` puts them on materializations)."""
 
 from __future__ import annotations
 
-import base64
 import io
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
-
-import dagster as dg
 
 
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
-
-
-def image_markdown(image: Image.Image, title: str = "") -> dg.MetadataValue:
-    """A PNG embedded in Markdown metadata, shown inline in the Dagster UI."""
-    b64 = base64.b64encode(png_bytes(image)).decode("ascii")
-    heading = f"**{title}**\n\n" if title else ""
-    return dg.MetadataValue.md(f"{heading}![{title}](data:image/png;base64,{b64})")
 
 
 def figure_to_image(fig) -> Image.Image:

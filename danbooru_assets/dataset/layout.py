@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
+from danbooru_assets.config import DEFAULT_MAX_PIXELS
 from danbooru_assets.orchestration.partitions import SHARD_KEYS
 
 if TYPE_CHECKING:
@@ -23,11 +24,6 @@ if TYPE_CHECKING:
 # JSON-lines, plain or gzip-compressed (mirrors ship posts.json.gz).
 METADATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp"})
-# The most pixels one decode may produce (~7,000 x 7,000): a 100M-pixel PNG took 11 s and
-# 1.3 GB to decode, and each loader worker may hold one; PIL itself only warns at 89M and
-# refuses at 179M. JPEGs count at the scale they are decoded at (libjpeg reduces by up to
-# 8 per side), so a big JPEG is still read, at reduced scale (image_loader.size_problem).
-DEFAULT_MAX_PIXELS = 50_000_000
 
 
 class DatasetRootError(FileNotFoundError):

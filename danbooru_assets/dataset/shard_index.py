@@ -2,7 +2,7 @@
 
 Width and height come from the metadata when it describes the same file (the
 ``original/`` folder, same extension); otherwise from the image header
-(:func:`danbooru_assets.clip.loader.read_image_header`: the header only, never pixels),
+(:func:`danbooru_assets.core.images.read_image_header`: the header only, never pixels),
 in the displayed frame, EXIF orientation applied. Danbooru's metadata sizes are the stored
 frame (exiftool's ``File:ImageWidth``); they differ only for a JPEG whose EXIF turns it by
 90 degrees, and the CLIP stage's decode reports the displayed size (``image_stats``'
@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 
 from danbooru_assets.dataset.layout import IMAGE_EXTENSIONS, DanbooruDatasetResource
-from danbooru_assets.clip.loader import (
+from danbooru_assets.core.images import (
     STATUS_TOO_LARGE as DECODE_TOO_LARGE,
     ImageDecodeError,
     pil_pixel_ceiling,

@@ -29,7 +29,7 @@ import pandas as pd
 
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
 from danbooru_assets.dataset.layout import resolve_inside
-from danbooru_assets.clip.loader import open_image_rgb, read_image_header
+from danbooru_assets.core.images import open_image_rgb, read_image_header
 from danbooru_assets.labels.store import LABEL_CLASSES
 from danbooru_assets.pose.keypoint_files import keypoint_json
 from danbooru_assets.core.tables import add_tar_member, atomic_path, atomic_write_parquet

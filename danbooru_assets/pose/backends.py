@@ -14,9 +14,9 @@ Backends:
 
 Every estimator returns ``(keypoints [N,17,3] (x, y, conf), boxes [N,4] (x0, y0, x1, y1))``
 in pixels of the images it is given, NaN where nothing was found. Images come from the
-project's one decode (:func:`danbooru_assets.clip.loader.open_image_rgb`: EXIF
+project's one decode (:func:`danbooru_assets.core.images.open_image_rgb`: EXIF
 orientation applied, 8-bit RGB); any other image is brought to 8-bit RGB by the same
-:func:`~danbooru_assets.clip.loader.to_rgb8` (16-bit scaled, transparency over white).
+:func:`~danbooru_assets.core.images.to_rgb8` (16-bit scaled, transparency over white).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import pandas as pd
 from PIL import Image
 
 from danbooru_assets.pose.coco import NUM_KEYPOINTS
-from danbooru_assets.clip.loader import to_rgb8
+from danbooru_assets.core.images import to_rgb8
 from danbooru_assets.pose.resource import BACKENDS
 
 BIZARRE_POSE_URL = "https://github.com/ShuhongChen/bizarre-pose-estimator"

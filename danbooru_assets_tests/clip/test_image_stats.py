@@ -119,7 +119,8 @@ def test_rejects_bad_input() -> None:
 
 def _decoded_stats(path) -> dict:
     """Statistics the way the CLIP stage computes them: the one decode, then a <= 256 px copy."""
-    from danbooru_assets.clip.loader import open_image_rgb, stats_array
+    from danbooru_assets.clip.loader import stats_array
+    from danbooru_assets.core.images import open_image_rgb
 
     return compute_image_stats(stats_array(open_image_rgb(path, 224)[0]))
 

@@ -10,17 +10,16 @@ import torch
 from PIL import Image
 
 from danbooru_assets.clip.loader import (
-    ImageDecodeError,
     LoaderBatch,
     ShardImageDataset,
-    ThroughputLogger,
     collate_samples,
     default_num_workers,
     make_loader,
-    open_image_rgb,
     split_preprocess,
     stats_array,
 )
+from danbooru_assets.core.progress import ThroughputLogger
+from danbooru_assets.core.images import ImageDecodeError, open_image_rgb
 from danbooru_assets.clip.image_stats import STATS_COLUMNS
 
 
@@ -268,7 +267,7 @@ def png_header_only(width: int, height: int) -> bytes:
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("target", [None, 100])
 def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, target: int | None) -> None:
-    from danbooru_assets.clip.loader import read_image_header
+    from danbooru_assets.core.images import read_image_header
 
     # 640x400 stored; with a 100 px target the JPEG is drafted at 1/4 (160x100) first.
     path = save_oriented_jpeg(tmp_path / f"o{orientation}.jpg", orientation, (640, 400), block=160)
@@ -292,7 +291,7 @@ def test_orientation_reaches_loader_sizes_and_stats(tmp_path: Path) -> None:
 
 
 def test_sixteen_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:
-    from danbooru_assets.clip.loader import to_rgb8
+    from danbooru_assets.core.images import to_rgb8
 
     # a full-range 16-bit gradient: 0..65535 left to right
     gradient = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (32, 1))
@@ -328,7 +327,7 @@ def test_png_over_the_pixel_limit_is_never_decoded(tmp_path: Path, monkeypatch) 
 
 
 def test_header_bomb_is_too_large_not_a_crash(tmp_path: Path) -> None:
-    from danbooru_assets.clip.loader import read_image_header
+    from danbooru_assets.core.images import read_image_header
 
     path = tmp_path / "bomb.png"
     path.write_bytes(png_header_only(30000, 30000))  # PIL refuses to open 900M pixels at all

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from danbooru_assets.dataset.layout import DEFAULT_MAX_PIXELS, DanbooruDatasetResource, resolve_inside
+from danbooru_assets.dataset.layout import DanbooruDatasetResource, resolve_inside
+from danbooru_assets.config import DEFAULT_MAX_PIXELS
 
 
 def _root(tmp_path: Path) -> Path:

@@ -65,7 +65,7 @@ def clip_embeddings_and_image_stats(
 
     from danbooru_assets.clip.model import image_stats_frame
     from danbooru_assets.core.embeddings import embedding_column
-    from danbooru_assets.clip.loader import ThroughputLogger
+    from danbooru_assets.core.progress import ThroughputLogger
     from danbooru_assets.dataset.shard_index import USABLE_STATUSES
 
     fingerprint_id = clip_model.fingerprint_id()
@@ -107,7 +107,9 @@ def clip_embeddings_and_image_stats(
         for part in (todo_all.loc[~todo_all["image_id"].duplicated()], todo_all.loc[todo_all["image_id"].duplicated()]):
             if len(part):
                 paths = [dataset.image_path(p) for p in part["rel_path"]]
-                embeddings, stats = clip_model.embed_images(paths, part["image_id"].tolist(), progress=progress)
+                embeddings, stats = clip_model.embed_images(
+                    paths, part["image_id"].tolist(), progress=progress, max_pixels=dataset.max_pixels
+                )
                 stats.insert(1, "shard", part["shard"].to_numpy())
                 vectors = embedding_column(embeddings)
                 for shard, rows in stats.groupby("shard").indices.items():
@@ -297,17 +299,15 @@ REVIEW_SHEET_SIZE = 25
 
 def _review_sheet(dataset, paths: "pd.Series", rows: "pd.DataFrame", title: str):
     """Thumbnails of ``rows`` (image_id, portrait_score) with their scores."""
-    from danbooru_assets.clip.loader import ImageDecodeError, open_image_rgb
-    from danbooru_assets.core.visuals import contact_sheet, image_markdown
+    from danbooru_assets.core.thumbnails import load_thumbnails
+    from danbooru_assets.core.visuals import contact_sheet
+    from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    images, captions = [], []
-    for row in rows.itertuples():
-        try:
-            image, _ = open_image_rgb(dataset.image_path(paths[row.image_id]), 160)
-        except (ImageDecodeError, KeyError):  # the sheet shows what it can; the cell is grey
-            image = None
-        images.append(image)
-        captions.append(f"{row.image_id} {row.portrait_score:.3f}")
+    images = load_thumbnails(
+        [dataset.image_path(paths[i]) if i in paths.index else None for i in rows["image_id"]],
+        max_pixels=dataset.max_pixels,
+    )
+    captions = [f"{row.image_id} {row.portrait_score:.3f}" for row in rows.itertuples()]
     return image_markdown(contact_sheet(images, captions, columns=5, title=title), title)
 
 
@@ -339,7 +339,8 @@ def clip_threshold(
     import pandas as pd
 
     from danbooru_assets.clip.scoring import threshold_for_fraction
-    from danbooru_assets.core.visuals import figure_to_image, image_markdown
+    from danbooru_assets.core.visuals import figure_to_image
+    from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     wanted = threshold_settings(settings.load().clip)
     overridden = config.keep_fraction is not None or config.fixed_threshold is not None

@@ -138,7 +138,8 @@ def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, 
     import pandas as pd
 
     from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
-    from danbooru_assets.clip.loader import ImageDecodeError, ThroughputLogger, open_image_rgb
+    from danbooru_assets.core.progress import ThroughputLogger
+    from danbooru_assets.core.images import ImageDecodeError, open_image_rgb
     from danbooru_assets.pose.backends import run_estimator
 
     frames = []
@@ -148,7 +149,7 @@ def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, 
         images, scales = [], []
         for row in batch.itertuples():
             try:
-                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), input_size)
+                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), input_size, dataset.max_pixels)
                 images.append(image)
                 scales.append((w / image.width, h / image.height))
             except ImageDecodeError as exc:
@@ -283,7 +284,7 @@ def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTabl
     import pandas as pd
 
     from danbooru_assets.pose.geometry import feature_histograms, hip_midpoint_scatter, robust_statistics
-    from danbooru_assets.core.visuals import image_markdown
+    from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     parts = pose_keypoints
     keypoints = pose_keypoints.concat()
@@ -360,7 +361,7 @@ def pose_subset(
     import pandas as pd
 
     from danbooru_assets.pose.geometry import REASONS, apply_pose_rules, reason_counts, select_examples
-    from danbooru_assets.core.visuals import image_markdown
+    from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     rules = config.rules or settings.load().pose
     stats = json.loads(pose_statistics["statistics_json"].iloc[0])
@@ -411,22 +412,19 @@ def _sheet(dataset, picked: list, label: str):
     """A skeleton contact sheet of (keypoint row, decision row, clip_subset rows) examples."""
     import pandas as pd
 
-    from danbooru_assets.clip.loader import ImageDecodeError, open_image_rgb
+    from danbooru_assets.core.thumbnails import load_thumbnails
     from danbooru_assets.pose.draw import skeleton_sheet
     from danbooru_assets.pose.geometry import keypoint_array
 
     keypoints = pd.concat([k for k, _, _ in picked], ignore_index=True)
     decisions = pd.concat([d for _, d, _ in picked], ignore_index=True)
-    images, sizes = [], []
+    paths = []
     for (_, _, subset_rows), row in zip(picked, keypoints.itertuples()):
-        paths = subset_rows.set_index("image_id")["rel_path"]
-        try:
-            image, size = open_image_rgb(dataset.image_path(paths[row.image_id]), 160)
-            # Skeletons are in original pixels; draw on an image of that size.
-            images.append(image.resize(size) if image.size != size else image)
-        except (ImageDecodeError, KeyError):
-            images.append(None)
-        sizes.append((int(row.width), int(row.height)))
+        rel_paths = subset_rows.set_index("image_id")["rel_path"]
+        paths.append(dataset.image_path(rel_paths[row.image_id]) if row.image_id in rel_paths.index else None)
+    images = load_thumbnails(paths, max_pixels=dataset.max_pixels)
+    # Keypoints are in full-size pixels: skeleton_sheet scales them to each thumbnail.
+    sizes = [(int(w), int(h)) for w, h in zip(keypoints["width"], keypoints["height"])]
     captions = [
         f"{i} {r or 'kept'}"[:40] for i, r in zip(decisions["image_id"], decisions["drop_reasons"])
     ]

@@ -100,7 +100,7 @@ def quality_model(
         single_clip_model,
         train_quality_model,
     )
-    from danbooru_assets.core.visuals import image_markdown
+    from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     quality = settings.load().quality
     store = label_store.store()
@@ -290,7 +290,7 @@ def labeling_queue(
     import pandas as pd
 
     from danbooru_assets.core.embeddings import embedding_matrix
-    from danbooru_assets.clip.loader import ImageDecodeError, open_image_rgb
+    from danbooru_assets.core.thumbnails import load_thumbnails
     from danbooru_assets.quality.classifier import (
         current_round,
         labels_needed,
@@ -299,7 +299,8 @@ def labeling_queue(
         select_labeling_queue,
         single_clip_model,
     )
-    from danbooru_assets.core.visuals import contact_sheet, image_markdown
+    from danbooru_assets.core.visuals import contact_sheet
+    from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     quality = settings.load().quality
     candidates = quality_predictions.concat()
@@ -345,12 +346,7 @@ def labeling_queue(
     }
     if len(queue):
         head = queue.head(QUEUE_SHEET_SIZE)
-        images = []
-        for rel_path in head["rel_path"]:
-            try:
-                images.append(open_image_rgb(dataset.image_path(rel_path), 160)[0])
-            except ImageDecodeError:
-                images.append(None)
+        images = load_thumbnails([dataset.image_path(p) for p in head["rel_path"]], max_pixels=dataset.max_pixels)
         captions = [
             f"{i} u={u:.2f}" if pd.notna(u) else str(i) for i, u in zip(head["image_id"], head["uncertainty"])
         ]
