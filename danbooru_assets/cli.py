@@ -65,13 +65,10 @@ class ProgressBar(logging.Handler):
 
 
 def run_main_job(args: argparse.Namespace) -> int:
-    import os
-
     from danbooru_assets import config
-    from danbooru_assets.orchestration.partitions import PLANNED_EVENTS_ENV
 
     home = config.ensure_dagster_home()
-    os.environ.setdefault(PLANNED_EVENTS_ENV, "true")  # one planned event per asset and range run
+    config.set_planned_events_default()
     if config.using_sample_data():
         from danbooru_assets.devtools.sample_data import generate_sample_dataset
 
@@ -82,18 +79,19 @@ def run_main_job(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
-    from danbooru_assets.dataset.layout import DatasetRootError
+    from danbooru_assets.dataset.layout import DatasetLayout, DatasetRootError
     from danbooru_assets.definitions import RUN_STAGES, defs
+    from danbooru_assets.orchestration.assets.settings import section_observations
     from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
-    from danbooru_assets.settings import SettingsError, load_settings, section_observations
     from danbooru_assets.orchestration.shard_runs import progress_logger
+    from danbooru_assets.settings import SettingsError, load_settings
 
     try:  # a bad settings file stops the run here, in one line, before any job starts
-        settings = load_settings(defs.resources["settings"].path)
+        settings = load_settings(config.settings_path())
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dataset = defs.resources["dataset"]
+    dataset = DatasetLayout(config.dataset_root())
     try:
         dataset.check_root()
     except DatasetRootError as exc:
@@ -216,7 +214,8 @@ def report_settings_change(before, after) -> list[str]:
     """Record the new data version of each changed settings section in the Dagster
     instance (``$DAGSTER_HOME``, default ``.dagster_home``), so staleness shows at once."""
     from danbooru_assets import config
-    from danbooru_assets.settings import section_asset_name, section_hashes, section_observations
+    from danbooru_assets.orchestration.assets.settings import section_observations
+    from danbooru_assets.settings import section_asset_name, section_hashes
 
     old, new = (section_hashes(before) if before is not None else {}), section_hashes(after)
     changed = [name for name in new if old.get(name) != new[name]]
@@ -236,12 +235,13 @@ def export_command(args: argparse.Namespace) -> int:
     """The curated dataset as a manifest, keypoint JSON files (+ tarball) and WebDataset shards."""
     from pathlib import Path
 
-    from danbooru_assets.definitions import defs
+    from danbooru_assets import config
     from danbooru_assets.export.curated import export_curated
+    from danbooru_assets.orchestration.resources import StorageResource
 
     try:
         counts = export_curated(
-            defs.resources["storage"], defs.resources["dataset"].root_path, Path(args.out), args.samples_per_shard
+            StorageResource(base_path=config.storage_base()), config.dataset_root(), Path(args.out), args.samples_per_shard
         )
     except LookupError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -253,42 +253,48 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_command(sub, name: str, func, add_arguments, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description)
+    add_arguments(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="WebDataset samples per tar (default 1000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from danbooru_assets.devtools.sample_data import add_sample_data_arguments, run_sample_data
+    from danbooru_assets.labels.app import add_label_arguments, run_label
 
     parser = argparse.ArgumentParser(prog="danbooru-assets", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("sample-data", help="generate the deterministic sample dataset in DIR")
-    add_sample_data_arguments(p)
-    p.set_defaults(func=run_sample_data)
-
-    p = sub.add_parser(
+    _add_command(
+        sub, "sample-data", run_sample_data, add_sample_data_arguments, "generate the deterministic sample dataset in DIR"
+    )
+    _add_command(
+        sub,
         "run",
-        help="materialize every asset for every shard with data (the main job)",
-        description="Materialize the asset graph stage by stage for every shard with data, "
+        run_main_job,
+        _add_run_arguments,
+        "materialize every asset for every shard with data (the main job)",
+        "Materialize the asset graph stage by stage for every shard with data, "
         "recording runs in the Dagster instance at $DAGSTER_HOME (default .dagster_home). "
         "With DANBOORU_ROOT unset, the bundled sample dataset is generated first if absent.",
     )
-    _add_run_arguments(p)
-    p.set_defaults(func=run_main_job)
-
-    from danbooru_assets.labels.app import add_label_arguments, run_label
-
-    p = sub.add_parser(
+    _add_command(
+        sub,
         "label",
-        help="serve the labeling page for the current labeling_queue",
-        description="Serve the labeling page (localhost by default): keys 1 good, 2 questionable, "
+        run_label,
+        add_label_arguments,
+        "serve the labeling page for the current labeling_queue",
+        "Serve the labeling page (localhost by default): keys 1 good, 2 questionable, "
         "3 bad, z undo, s skip, k skeleton (after a conflict: o overwrite, n keep theirs). Each tab is its "
         "own session. Labels go to the SQLite label store.",
     )
-    add_label_arguments(p)
-    p.set_defaults(func=run_label)
-
-    p = sub.add_parser("export", help="export the curated dataset for training")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="WebDataset samples per tar (default 1000)")
-    p.set_defaults(func=export_command)
+    _add_command(sub, "export", export_command, _add_export_arguments, "export the curated dataset for training")
 
     p = sub.add_parser("settings", help="show or change the durable curation settings")
     settings_sub = p.add_subparsers(dest="settings_action", required=True)

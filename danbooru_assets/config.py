@@ -1,26 +1,78 @@
-"""Where things live by default, from environment variables.
-
-| variable | default | what |
-| --- | --- | --- |
-| ``DANBOORU_ROOT`` | the bundled sample data, ``data/sample`` | the dataset root |
-| ``DANBOORU_STORAGE`` | ``data/storage`` | asset tables (a folder or an fsspec URL) |
-| ``DANBOORU_SETTINGS`` | ``data/settings.yaml`` | durable curation settings |
-| ``DANBOORU_LABELS`` | ``data/labels.sqlite`` | the human label store |
-| ``DAGSTER_HOME`` | ``.dagster_home`` (set by the CLI) | Dagster's SQLite instance |
+"""Every environment variable the project reads, with its default, read here and nowhere
+else (:data:`ENVIRONMENT`). Modules ask the functions below; ``definitions.py`` wires a
+resource field to ``dg.EnvVar(NAME)`` where :func:`is_set` (so the UI names the variable
+and a run resolves it when it starts) and to the default here where not.
 
 Relative defaults are under the working directory, the project folder in the README's
-commands.
+commands. The defaults are read when called, never at import.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 
+@dataclass(frozen=True)
+class EnvVariable:
+    name: str
+    default: str  # as the README states it
+    meaning: str
+
+
+ENVIRONMENT: dict[str, EnvVariable] = {
+    v.name: v
+    for v in (
+        EnvVariable("DANBOORU_ROOT", "the bundled sample data (DANBOORU_SAMPLE_ROOT)", "the dataset root"),
+        EnvVariable("DANBOORU_SAMPLE_ROOT", "data/sample", "where the bundled sample data is generated and read while DANBOORU_ROOT is unset"),
+        EnvVariable("DANBOORU_STORAGE", "data/storage", "asset tables: a folder or any fsspec URL"),
+        EnvVariable("DANBOORU_SETTINGS", "data/settings.yaml", "durable curation settings"),
+        EnvVariable("DANBOORU_LABELS", "data/labels.sqlite", "the human label store"),
+        EnvVariable("DANBOORU_CLIP_MODEL", "demo on sample data, ViT-B-32 on real data", "the CLIP architecture"),
+        EnvVariable("DANBOORU_CLIP_PRETRAINED", "the model's hub tag", "CLIP weights: hub tag or local file ('' = random)"),
+        EnvVariable("DANBOORU_POSE_BACKEND", "keypoint_files on sample data, else keypoint_rcnn", "the pose estimator"),
+        EnvVariable("DANBOORU_KEYPOINTS", "the sample's tarball on sample data", "published keypoint files to import (sets the backend to keypoint_files)"),
+        EnvVariable("DANBOORU_POSE_CHECKPOINT", "the backend's own weights", "pose model checkpoint"),
+        EnvVariable("DANBOORU_BIZARRE_POSE_REPO", "none", "checkout of ShuhongChen/bizarre-pose-estimator (backend bizarre_pose)"),
+        EnvVariable("DANBOORU_INFERENCE_SHARDS_PER_RUN", "50", "shards per run of a backfill of the inference assets"),
+        EnvVariable("DANBOORU_SENSOR_INTERVAL_S", "300", "seconds between new_data_sensor checks (at least 5)"),
+        EnvVariable("DAGSTER_HOME", ".dagster_home (set by the CLI)", "Dagster's SQLite instance"),
+        EnvVariable("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true (set by the CLI)", "one planned event per asset of a range run"),
+    )
+}
+
+# Dagster's switch for recording a range run's plan as ONE "materialization planned" event
+# per asset instead of one per shard (~20 ms each on SQLite: 20 s for 1,000 shards). The
+# cost: shards of a failed range run are not marked "failed" on the asset page (the run
+# and its backfill say which shards failed). The CLI sets it; the README recommends it.
+PLANNED_EVENTS_ENV = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
+
+DEFAULT_POSE_BACKEND = "keypoint_rcnn"
+DEFAULT_INFERENCE_SHARDS_PER_RUN = 50
+DEFAULT_SENSOR_INTERVAL_S = 300
+MIN_SENSOR_INTERVAL_S = 5
+
 # Where the sample dataset keeps its published keypoints (the seed's tarball format).
 KEYPOINTS_TARBALL = "keypoints/keypoints.tar.gz"
+
+# The most pixels one decode may produce (~7,000 x 7,000): a 100M-pixel PNG took 11 s and
+# 1.3 GB to decode, and each loader worker may hold one; PIL itself only warns at 89M and
+# refuses at 179M. JPEGs count at the scale they are decoded at (libjpeg reduces by up to
+# 8 per side), so a big JPEG is still read, at reduced scale (core.images.size_problem).
+DEFAULT_MAX_PIXELS = 50_000_000
+
+
+def env(name: str) -> str:
+    """The variable's value, ``""`` when unset (an empty value counts as unset)."""
+    if name not in ENVIRONMENT:
+        raise KeyError(f"{name} is not one of the project's environment variables (config.ENVIRONMENT)")
+    return os.environ.get(name, "")
+
+
+def is_set(name: str) -> bool:
+    return bool(env(name))
 
 
 def data_dir() -> Path:
@@ -28,31 +80,72 @@ def data_dir() -> Path:
 
 
 def using_sample_data() -> bool:
-    return not os.environ.get("DANBOORU_ROOT")
+    return not is_set("DANBOORU_ROOT")
 
 
 def dataset_root() -> Path:
     if not using_sample_data():
-        return Path(os.environ["DANBOORU_ROOT"]).expanduser()
+        return Path(env("DANBOORU_ROOT")).expanduser()
     return default_sample_root()
 
 
 def default_sample_root() -> Path:
     """Bundled sample location: ``$DANBOORU_SAMPLE_ROOT`` or ``./data/sample``."""
-    env = os.environ.get("DANBOORU_SAMPLE_ROOT")
-    return Path(env) if env else data_dir() / "sample"
+    return Path(env("DANBOORU_SAMPLE_ROOT") or data_dir() / "sample").expanduser()
 
 
 def storage_base() -> str:
-    return os.environ.get("DANBOORU_STORAGE") or str(data_dir() / "storage")
+    return env("DANBOORU_STORAGE") or str(data_dir() / "storage")
 
 
 def settings_path() -> Path:
-    return Path(os.environ.get("DANBOORU_SETTINGS") or data_dir() / "settings.yaml")
+    return Path(env("DANBOORU_SETTINGS") or data_dir() / "settings.yaml")
 
 
 def labels_path() -> Path:
-    return Path(os.environ.get("DANBOORU_LABELS") or data_dir() / "labels.sqlite")
+    return Path(env("DANBOORU_LABELS") or data_dir() / "labels.sqlite")
+
+
+@dataclass(frozen=True)
+class PoseEnvironment:
+    """The pose estimator's settings from the environment: published keypoint files when
+    ``keypoint_files`` is set (``DANBOORU_KEYPOINTS``, or the sample's tarball on sample
+    data unless a backend is named), else ``backend`` with its checkpoint."""
+
+    keypoint_files: str
+    backend: str
+    checkpoint: str
+    bizarre_pose_repo: str
+
+
+def pose_environment() -> PoseEnvironment:
+    keypoints = env("DANBOORU_KEYPOINTS")
+    if using_sample_data() and not keypoints and not is_set("DANBOORU_POSE_BACKEND"):
+        keypoints = str(dataset_root() / KEYPOINTS_TARBALL)
+    return PoseEnvironment(
+        keypoint_files=keypoints,
+        backend=env("DANBOORU_POSE_BACKEND") or DEFAULT_POSE_BACKEND,
+        checkpoint=env("DANBOORU_POSE_CHECKPOINT"),
+        bizarre_pose_repo=env("DANBOORU_BIZARRE_POSE_REPO"),
+    )
+
+
+def _whole_number(name: str, default: int, minimum: int) -> int:
+    value = env(name)
+    try:
+        return max(minimum, int(value)) if value else default
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected a whole number") from None
+
+
+def inference_shards_per_run() -> int:
+    """Shards per run when the inference assets backfill (``clip_embeddings``, ``pose_keypoints``)."""
+    return _whole_number("DANBOORU_INFERENCE_SHARDS_PER_RUN", DEFAULT_INFERENCE_SHARDS_PER_RUN, 1)
+
+
+def sensor_interval_s() -> int:
+    """Seconds between new-data checks."""
+    return _whole_number("DANBOORU_SENSOR_INTERVAL_S", DEFAULT_SENSOR_INTERVAL_S, MIN_SENSOR_INTERVAL_S)
 
 
 def ensure_dagster_home() -> Path:
@@ -66,8 +159,13 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-# The most pixels one decode may produce (~7,000 x 7,000): a 100M-pixel PNG took 11 s and
-# 1.3 GB to decode, and each loader worker may hold one; PIL itself only warns at 89M and
-# refuses at 179M. JPEGs count at the scale they are decoded at (libjpeg reduces by up to
-# 8 per side), so a big JPEG is still read, at reduced scale (core.images.size_problem).
-DEFAULT_MAX_PIXELS = 50_000_000
+def set_planned_events_default() -> None:
+    """One planned event per asset and range run, unless the user chose otherwise."""
+    os.environ.setdefault(PLANNED_EVENTS_ENV, "true")
+
+
+def clip_model_env() -> tuple[str, str | None]:
+    """``DANBOORU_CLIP_MODEL`` (``""`` when unset) and ``DANBOORU_CLIP_PRETRAINED`` (``None``
+    when unset; ``""`` means random weights): the CLIP model's environment, turned into the
+    model's fields by :func:`danbooru_assets.clip.model.model_fields`."""
+    return os.environ.get("DANBOORU_CLIP_MODEL", ""), os.environ.get("DANBOORU_CLIP_PRETRAINED")

@@ -1,4 +1,6 @@
-"""The code location: assets, resources, jobs and sensors, configured from the environment.
+"""The code location: assets, resources, jobs and sensors, wired together. Nothing else
+lives here: resources are configured from :mod:`danbooru_assets.config` (``dg.EnvVar`` for
+a variable that is set, so the UI shows it and a run resolves it when it starts).
 
 ``dagster dev`` (workspace.yaml), ``dagster dev -m danbooru_assets``, ``dg dev`` and
 ``danbooru-assets run`` all load ``defs`` from here.
@@ -11,8 +13,6 @@ another in that process, and no step pays for a subprocess and a second import.
 """
 
 from __future__ import annotations
-
-import os
 
 import dagster as dg
 
@@ -34,13 +34,17 @@ from danbooru_assets.orchestration.assets.quality import (
     quality_predictions,
 )
 from danbooru_assets.orchestration.assets.settings import settings_assets
-from danbooru_assets.clip.model import ClipModelResource
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
-from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory, StorageResource
-from danbooru_assets.labels.resource import LabelStoreResource
-from danbooru_assets.pose.resource import KEYPOINT_FILES, PoseEstimatorResource
+from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory
+from danbooru_assets.orchestration.resources import (
+    ClipModelResource,
+    DanbooruDatasetResource,
+    LabelStoreResource,
+    PoseEstimatorResource,
+    SettingsResource,
+    StorageResource,
+)
 from danbooru_assets.orchestration.sensors import build_new_data_sensor, build_retrain_sensor, settings_sensor
-from danbooru_assets.settings import SettingsResource
+from danbooru_assets.pose.backend_names import KEYPOINT_FILES
 
 
 # The main job runs in stages: a per-shard stage over every shard's range, then the
@@ -113,23 +117,26 @@ RUN_STAGES = [
 ]
 
 
-def pose_estimator_from_env(dataset_root) -> PoseEstimatorResource:
-    """Sample data: its published keypoint tarball. A real dataset: ``DANBOORU_KEYPOINTS``
-    (published files) if set, else ``DANBOORU_POSE_BACKEND`` (default keypoint_rcnn)."""
-    keypoints = os.environ.get("DANBOORU_KEYPOINTS")
-    if config.using_sample_data() and not keypoints and not os.environ.get("DANBOORU_POSE_BACKEND"):
-        keypoints = str(dataset_root / config.KEYPOINTS_TARBALL)
-    if keypoints:
-        return PoseEstimatorResource(backend=KEYPOINT_FILES, keypoint_files=keypoints)
+def env_or(name: str, default: str) -> str:
+    """``dg.EnvVar(name)`` where the variable is set (the UI names it; a run resolves it
+    when it starts), else ``default`` (from :mod:`danbooru_assets.config`)."""
+    return dg.EnvVar(name) if config.is_set(name) else default
+
+
+def pose_estimator_resource() -> PoseEstimatorResource:
+    """Published keypoint files when there are some to import (``DANBOORU_KEYPOINTS``, or
+    the sample's tarball), else the model backend (``config.pose_environment``)."""
+    pose = config.pose_environment()
+    if pose.keypoint_files:
+        return PoseEstimatorResource(backend=KEYPOINT_FILES, keypoint_files=env_or("DANBOORU_KEYPOINTS", pose.keypoint_files))
     return PoseEstimatorResource(
-        backend=os.environ.get("DANBOORU_POSE_BACKEND", "keypoint_rcnn"),
-        checkpoint=os.environ.get("DANBOORU_POSE_CHECKPOINT", ""),
-        bizarre_pose_repo=os.environ.get("DANBOORU_BIZARRE_POSE_REPO", ""),
+        backend=env_or("DANBOORU_POSE_BACKEND", pose.backend),
+        checkpoint=env_or("DANBOORU_POSE_CHECKPOINT", pose.checkpoint),
+        bizarre_pose_repo=env_or("DANBOORU_BIZARRE_POSE_REPO", pose.bizarre_pose_repo),
     )
 
 
-dataset_root = config.dataset_root()
-storage = StorageResource(base_path=config.storage_base())
+storage = StorageResource(base_path=env_or("DANBOORU_STORAGE", config.storage_base()))
 
 defs = dg.Definitions(
     assets=[
@@ -161,12 +168,12 @@ defs = dg.Definitions(
     ],
     executor=dg.in_process_executor,
     resources={
-        "dataset": DanbooruDatasetResource(root=str(dataset_root)),
+        "dataset": DanbooruDatasetResource(root=env_or("DANBOORU_ROOT", str(config.dataset_root()))),
         "storage": storage,
         "io_manager": ParquetIOManagerFactory(storage=storage),
-        "settings": SettingsResource(path=str(config.settings_path())),
+        "settings": SettingsResource(path=env_or("DANBOORU_SETTINGS", str(config.settings_path()))),
         "clip_model": ClipModelResource.from_env(sample_data=config.using_sample_data()),
-        "pose_estimator": pose_estimator_from_env(dataset_root),
-        "label_store": LabelStoreResource(path=str(config.labels_path())),
+        "pose_estimator": pose_estimator_resource(),
+        "label_store": LabelStoreResource(path=env_or("DANBOORU_LABELS", str(config.labels_path()))),
     },
 )

@@ -29,14 +29,14 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal
+from typing import Annotated, Any, Callable
 
-import dagster as dg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from danbooru_assets.pose.coco import KEYPOINT_NAMES
-from danbooru_assets.labels.resource import LABEL_CLASSES
+from danbooru_assets.labels.classes import LABEL_CLASSES
+from danbooru_assets.quality.kinds import CLASSIFIER_KINDS, ClassifierKind
 from danbooru_assets.core.tables import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -93,11 +93,11 @@ DEFAULT_NEGATIVE_PROMPTS: list[str] = [
 ]
 
 
-class PoseRules(dg.Config):
+class PoseRules(BaseModel):
     """Geometric rules a pose must pass to enter ``pose_subset`` (all configurable).
 
-    A pydantic model (Dagster ``Config``), so it nests in run config and settings; the
-    same constraints hold for both.
+    A pydantic model; run config nests it through a Dagster ``Config`` subclass
+    (``orchestration.assets.pose``), so the same constraints hold for both.
     """
 
     model_config = STRICT
@@ -207,7 +207,7 @@ class QualitySettings(BaseModel):
         20, ge=1, description="A round asks for at least this many labels (a classifier needs a few per class)."
     )
     # The kinds quality.make_pipeline builds.
-    classifier: Literal["logreg", "mlp"] = Field("logreg", description="'logreg' (default) or 'mlp' (scikit-learn).")
+    classifier: ClassifierKind = Field("logreg", description=f"One of {', '.join(CLASSIFIER_KINDS)} (scikit-learn).")
     retrain_min_new_labels: int = Field(
         20, ge=1, description="The retrain sensor requests a new quality_model after this many new labels."
     )
@@ -462,37 +462,3 @@ def section_asset_name(section: str) -> str:
 def section_hashes(settings: CurationSettings) -> dict[str, str]:
     """``{section: hash}`` for every section: the data versions of the settings assets."""
     return {name: settings_hash(part(settings)) for name, part in SECTIONS.items()}
-
-
-def section_observations(settings: CurationSettings, source: str) -> list[dg.AssetObservation]:
-    """One observation per section, carrying its hash as the data version (what the
-    settings sensor, ``settings set`` and ``danbooru-assets run`` record)."""
-    return [
-        dg.AssetObservation(
-            asset_key=section_asset_name(name),
-            metadata={"hash": digest, "observed_by": source},
-            tags={"dagster/data_version": digest},
-        )
-        for name, digest in section_hashes(settings).items()
-    ]
-
-
-class SettingsResource(dg.ConfigurableResource):
-    """Reads the durable settings file at run time (so a sensor's run sees the latest)."""
-
-    path: str
-
-    def load(self) -> CurationSettings:
-        return self._failing_run(load_settings)
-
-    def source(self) -> str:
-        """``settings file``, or ``defaults (…)`` when there is no file or it is empty."""
-        return self._failing_run(settings_source)
-
-    def _failing_run(self, read: Callable[[str], Any]) -> Any:
-        # A dg.Failure: the run's failure message is the one line naming the file and key.
-        try:
-            return read(self.path)
-        except SettingsError as exc:
-            metadata = {"settings_file": self.path, **({"key": exc.key} if exc.key else {})}
-            raise dg.Failure(description=str(exc), metadata=metadata, allow_retries=False) from None

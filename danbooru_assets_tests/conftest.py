@@ -89,7 +89,7 @@ class Pipeline(Sandbox):
     (tiny architecture, random weights) on the CPU, in-process data loading."""
 
     def __init__(self, base: Path, n_images: int = 90, n_shards: int = 8):
-        from danbooru_assets.clip.model import ClipModelResource
+        from danbooru_assets.orchestration.resources import ClipModelResource
         from danbooru_assets.devtools.sample_data import generate_sample_dataset
 
         root = base / "sample"

@@ -10,13 +10,13 @@ from danbooru_assets.settings import (
     CurationSettings,
     PoseRules,
     SettingsError,
-    SettingsResource,
     load_settings,
     save_settings,
     set_setting,
     setting_keys,
     settings_source,
 )
+from danbooru_assets.orchestration.resources import SettingsResource
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -20,8 +20,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from danbooru_assets.quality.classifier import (CLASSES, fit_quality_model, predict_proba_frame, round_plan,
-                                     select_labeling_queue)
+from danbooru_assets.quality.classifier import CLASSES, fit_quality_model, predict_proba_frame
+from danbooru_assets.quality.queue import round_plan, select_labeling_queue
 
 
 @dataclass

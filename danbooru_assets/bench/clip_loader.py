@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from danbooru_assets.clip.model import ClipModelResource
+from danbooru_assets.clip.model import ClipModel
 from danbooru_assets.clip.loader import default_num_workers, make_loader, split_preprocess
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".psd"}
@@ -89,7 +89,7 @@ def run_loader(
     ok = failed = kept = 0
     kept_batches: list[torch.Tensor] = []
     started = time.perf_counter()
-    # Exactly what ClipModelResource.embed_images does: uint8 from the workers, batch
+    # Exactly what clip.image_pass.embed_images_with_stats does: uint8 from the workers, batch
     # normalisation in the consumer (counted in this figure).
     worker_transform, normalize = split_preprocess(preprocess)
     loader = make_loader(
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = warm_cache(paths)
     print(f"{len(paths)} files ({nbytes / 2**20:,.0f} MiB) in {args.workdir}; generation/reuse took {gen_s:.1f} s")
 
-    clip = ClipModelResource.demo()
+    clip = ClipModel.demo()
     loaded = clip.load()
     preprocess = loaded.preprocess
 

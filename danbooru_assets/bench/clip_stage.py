@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
 
-    from danbooru_assets.clip.model import ClipModelResource
+    from danbooru_assets.orchestration.resources import ClipModelResource
     from danbooru_assets.devtools.sample_data import generate_sample_dataset
     from danbooru_assets.devtools.sandbox import Sandbox
 
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     sandbox = Sandbox(root, Path(tempfile.mkdtemp(prefix="clip-stage-", dir=args.workdir)), clip_model=clip)
     shard = sorted(p.name for p in (root / "original").iterdir())[0]
     print(f"{args.images} images in shard {shard} ({t_gen:.1f}s to generate or reuse); model {clip.model_name} "
-          f"{'(demo, random weights)' if clip.is_demo() else clip.pretrained}; {os.cpu_count()} CPUs")
+          f"{'(demo, random weights)' if clip.model().is_demo() else clip.pretrained}; {os.cpu_count()} CPUs")
     sandbox.materialize(["danbooru_metadata", "prompt_embeddings"])
     sandbox.materialize(["shard_index"], shard)
-    clip.load()  # model loading is a once-per-process cost, not per shard
+    clip.model().load()  # model loading is a once-per-process cost, not per shard
 
     t_embed = timed(lambda: sandbox.materialize(["clip_embeddings", "image_stats"], shard))
     n = len(sandbox.table("clip_embeddings", shard))

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from danbooru_assets.devtools.local_dagster import ASSET_JOB, DagsterHarnessError, LocalDagster, tail
-from danbooru_assets.orchestration.partitions import PLANNED_EVENTS_ENV
+from danbooru_assets.config import PLANNED_EVENTS_ENV
 
 SENSOR = "new_data_sensor"
 TARGETS = {

@@ -29,14 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES
-from danbooru_assets.pose.geometry import (
-    LIMBS,
-    PoseRules,
-    apply_pose_rules,
-    pose_features,
-    robust_statistics,
-    synthetic_poses,
-)
+from danbooru_assets.settings import PoseRules
+from danbooru_assets.pose.synthetic import synthetic_poses
+from danbooru_assets.pose.rules import apply_pose_rules
+from danbooru_assets.pose.features import LIMBS, pose_features, robust_statistics
 from danbooru_assets.pose.keypoint_files import read_keypoint_files, write_keypoint_files
 
 

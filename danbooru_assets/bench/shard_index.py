@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
-from danbooru_assets.orchestration.io_manager import read_arrow
+from danbooru_assets.orchestration.resources import DanbooruDatasetResource
+from danbooru_assets.core.tables import read_arrow
 from danbooru_assets.dataset.metadata import convert_metadata_to_shards
-from danbooru_assets.orchestration.partitions import shard_key
+from danbooru_assets.core.shards import shard_key
 from danbooru_assets.dataset.shard_index import build_shard_index
 
 

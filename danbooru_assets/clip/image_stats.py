@@ -11,7 +11,12 @@ the displayed frame, so "rows" are the rows a viewer sees (EXIF orientation appl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STATS_COLUMNS: list[str] = [
     "border_black_rows_frac",
@@ -23,6 +28,8 @@ STATS_COLUMNS: list[str] = [
     "is_greyscale",
     "edge_density",
 ]
+# The image_stats table: the decode's outcome, the displayed size, then the statistics.
+FRAME_COLUMNS: list[str] = ["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS]
 
 # A pixel is near-black when all channels are <= BLACK_MAX, near-white when all are >= WHITE_MIN.
 # JPEG noise around pure black/white stays well inside these margins.
@@ -117,3 +124,23 @@ def compute_image_stats(rgb: np.ndarray) -> dict[str, float | bool]:
         "is_greyscale": bool(coloured_frac < GREY_MAX_COLOURED_FRAC),
         "edge_density": edge_density,
     }
+
+
+def image_stats_frame(
+    ids: list[int], status: list[str], stats: list[dict[str, Any] | None]
+) -> pd.DataFrame:
+    """The per-image frame (:data:`FRAME_COLUMNS`) of ``ids`` with their decode ``status``
+    and statistics (``None`` for an unreadable image: its row holds nulls; nullable dtypes
+    keep the Parquet types)."""
+    import pandas as pd
+
+    columns: dict[str, Any] = {
+        "image_id": pd.Series(ids, dtype="int64"),
+        "status": pd.Series(status, dtype="object"),
+    }
+    for col in ("orig_width", "orig_height"):
+        columns[col] = pd.array([s[col] if s else None for s in stats], dtype="Int64")
+    for col in STATS_COLUMNS:
+        values = [s[col] if s else None for s in stats]
+        columns[col] = pd.array(values, dtype="boolean" if col == "is_greyscale" else "Float32")
+    return pd.DataFrame(columns, columns=FRAME_COLUMNS)

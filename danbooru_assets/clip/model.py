@@ -1,14 +1,17 @@
-"""The CLIP model as a Dagster resource: open_clip weights, one load per process.
+"""The CLIP model: open_clip weights, loaded once per process, as a plain object.
 
-Configuration (resource fields; :meth:`ClipModelResource.from_env` reads the environment):
+:class:`ClipModel` holds what identifies and runs a model (no Dagster; the code
+location's ``ClipModelResource`` in :mod:`danbooru_assets.orchestration.resources` is a
+thin face over it):
 
 - ``model_name`` (env ``DANBOORU_CLIP_MODEL``): an open_clip architecture, default
   ``ViT-B-32``; ``danbooru-demo-tiny`` is a tiny architecture registered by this module for
   offline demos and tests.
 - ``pretrained`` (env ``DANBOORU_CLIP_PRETRAINED``): an open_clip pretrained tag (default
-  ``laion2b_s34b_b79k``, downloaded from the Hugging Face hub on first use), the path of a
-  local checkpoint file (a state dict, as open_clip loads it), or ``""`` for random weights,
-  which is only accepted with ``allow_random_weights=True`` (the demo sets it).
+  ``laion2b_s34b_b79k``, downloaded from the Hugging Face hub on first use, see
+  :mod:`danbooru_assets.clip.hub`), the path of a local checkpoint file (a state dict, as
+  open_clip loads it), or ``""`` for random weights, which is only accepted with
+  ``allow_random_weights=True`` (the demo sets it).
 - ``device`` (``auto`` = CUDA when present), ``precision`` (``auto`` = bf16/fp16 autocast
   on CUDA, fp32 on CPU), ``batch_size`` and ``num_workers`` (``-1`` = ``min(4, cpus)``).
 
@@ -16,38 +19,45 @@ Rule: sample data runs the demo model unless configured otherwise; a real datase
 real model, and if its weights cannot be had the run fails fast with a message saying how
 to give a local file. It never falls back to random weights silently; every embedding
 carries the model fingerprint, and demo output says :data:`DEMO_WARNING`.
+
+The model turns text and batches of decoded pixels into embeddings; the pass that decodes
+images (once each, with their statistics) is :mod:`danbooru_assets.clip.image_pass`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
 import json
 import os
-import socket
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
-from urllib.parse import urlparse
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import dagster as dg
+from danbooru_assets.clip.hub import HubUnavailable, hf_offline, prepare_hub_download
 
-from danbooru_assets.config import DEFAULT_MAX_PIXELS
-
-if TYPE_CHECKING:  # torch, numpy and pandas load when the model does, not with the code location
+if TYPE_CHECKING:  # torch and numpy load when the model does, not with the code location
     import numpy as np
-    import pandas as pd
     import torch
 
 DEMO_MODEL_NAME = "danbooru-demo-tiny"
 DEMO_WARNING = "demo model, random weights: scores carry no meaning"
+# The variables' names, for messages; config.clip_model_env reads them.
 ENV_MODEL = "DANBOORU_CLIP_MODEL"
 ENV_PRETRAINED = "DANBOORU_CLIP_PRETRAINED"
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "laion2b_s34b_b79k"
+# The demo: the tiny architecture with random weights, for sample data and tests.
+DEMO_FIELDS: dict[str, Any] = {
+    "model_name": DEMO_MODEL_NAME,
+    "pretrained": "",
+    "allow_random_weights": True,
+    "batch_size": 32,
+}
 
 # Small widths keep the demo fast on a laptop CPU; image_size stays 224 so the
 # preprocessing (and the loader's draft decoding) is exactly the real models'.
@@ -97,6 +107,26 @@ def checkpoint_sha256(path: Path | str, length: int = 16) -> str:
     return _HASH_CACHE[key][:length]
 
 
+def model_fields(env_model: str, env_pretrained: str | None, sample_data: bool) -> dict[str, Any]:
+    """The model's fields from the environment's values (see ``config.clip_model_env``).
+
+    Nothing set: the demo on sample data, else the real default model (a real dataset
+    never gets the demo implicitly, and a run without its weights fails fast in
+    :meth:`ClipModel.load`). The demo architecture without weights gets random weights.
+    """
+    model = env_model.strip()
+    if not model and env_pretrained is None:
+        return dict(DEMO_FIELDS) if sample_data else {}
+    fields: dict[str, Any] = {"model_name": model or DEFAULT_MODEL}
+    if env_pretrained is not None:
+        fields["pretrained"] = env_pretrained.strip()
+    elif fields["model_name"] == DEMO_MODEL_NAME:
+        fields["pretrained"] = ""
+    if fields["model_name"] == DEMO_MODEL_NAME and fields.get("pretrained") == "":
+        fields["allow_random_weights"] = True
+    return fields
+
+
 def _looks_like_path(value: str) -> bool:
     return (
         os.sep in value
@@ -107,7 +137,8 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
-def _how_to_give_weights(model_name: str) -> str:
+def how_to_give_weights(model_name: str) -> str:
+    """The instructions every weights failure ends with."""
     return (
         f"To run without network access, download the weights once on a machine with internet "
         f"(e.g. `python -c \"import open_clip; open_clip.create_model_and_transforms('{model_name}', "
@@ -115,67 +146,6 @@ def _how_to_give_weights(model_name: str) -> str:
         f"Hugging Face cache, ~/.cache/huggingface/hub), and set `pretrained` in the clip "
         f"resource config (or the {ENV_PRETRAINED} environment variable) to that file's path."
     )
-
-
-def _hub_reachable(url: str, timeout_s: float = 3.0) -> bool:
-    """Whether a TCP connection to ``url``'s host opens; proxied setups are trusted as is."""
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    parsed = urlparse(url)
-    host = parsed.hostname or "huggingface.co"
-    port = parsed.port or (443 if parsed.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _hub_weights_cached(pretrained_cfg: dict[str, Any]) -> bool:
-    """Whether the hub weights of an open_clip pretrained config are in the local HF cache."""
-    hub = pretrained_cfg.get("hf_hub", "")
-    if not hub:
-        return False
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    repo_id, filename = os.path.split(hub)
-    names = [filename] if filename else [
-        "open_clip_model.safetensors",
-        "open_clip_pytorch_model.bin",
-    ]
-    return any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in names)
-
-
-@contextlib.contextmanager
-def _hf_offline(enabled: bool) -> Iterator[None]:
-    """Temporarily put huggingface_hub in offline mode, so a missing file fails at once.
-
-    ``HF_HUB_OFFLINE`` is read when huggingface_hub is imported, so the module constant is
-    set as well as the environment variable; both are restored afterwards.
-    """
-    if not enabled:
-        yield
-        return
-    try:
-        from huggingface_hub import constants as hf_constants
-    except ImportError:
-        hf_constants = None
-    old_env = os.environ.get("HF_HUB_OFFLINE")
-    old_const = getattr(hf_constants, "HF_HUB_OFFLINE", None)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if hf_constants is not None:
-        hf_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if old_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old_env
-        if hf_constants is not None:
-            hf_constants.HF_HUB_OFFLINE = old_const
 
 
 @dataclass
@@ -189,6 +159,10 @@ class LoadedClip:
     dtype: torch.dtype  # compute dtype: fp32, or the autocast dtype (fp16/bf16)
     image_size: int
     embed_dim: int
+    # ``preprocess`` split (clip.loader.split_preprocess): the part loader workers run on
+    # each image (to uint8), and the normalisation run once per batch on the device.
+    worker_transform: Callable[[Any], torch.Tensor]
+    normalize: Callable[[torch.Tensor], torch.Tensor]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to :attr:`dtype` when it is a reduced precision, else a no-op."""
@@ -199,12 +173,9 @@ class LoadedClip:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
-class ClipModelResource(dg.ConfigurableResource):
-    """open_clip model for image embeddings and prompt scoring (see the module docstring).
-
-    Environment variables (read by :meth:`from_env`): ``DANBOORU_CLIP_MODEL``,
-    ``DANBOORU_CLIP_PRETRAINED``.
-    """
+@dataclass(frozen=True)
+class ClipModel:
+    """An open_clip model for image embeddings and prompt scoring (see the module docstring)."""
 
     model_name: str = DEFAULT_MODEL
     pretrained: str = DEFAULT_PRETRAINED
@@ -215,30 +186,12 @@ class ClipModelResource(dg.ConfigurableResource):
     allow_random_weights: bool = False
 
     @classmethod
-    def demo(cls) -> "ClipModelResource":
+    def demo(cls) -> "ClipModel":
         """The tiny random-weights model for sample data and tests (no download)."""
-        return cls(model_name=DEMO_MODEL_NAME, pretrained="", allow_random_weights=True, batch_size=32)
+        return cls(**DEMO_FIELDS)
 
-    @classmethod
-    def from_env(cls, sample_data: bool, **overrides: Any) -> "ClipModelResource":
-        """The resource for a run: env vars win; otherwise the demo on sample data, else the real model.
-
-        A real dataset never gets the demo model implicitly: without configuration it gets
-        ViT-B-32/laion2b weights, and a run without them fails fast in :meth:`load`.
-        """
-        model = os.environ.get(ENV_MODEL, "").strip()
-        pretrained = os.environ.get(ENV_PRETRAINED)
-        if not model and pretrained is None:
-            return cls.demo().model_copy(update=overrides) if sample_data else cls(**overrides)
-        fields: dict[str, Any] = {"model_name": model or DEFAULT_MODEL}
-        if pretrained is not None:
-            fields["pretrained"] = pretrained.strip()
-        elif fields["model_name"] == DEMO_MODEL_NAME:
-            fields["pretrained"] = ""
-        if fields["model_name"] == DEMO_MODEL_NAME and fields.get("pretrained") == "":
-            fields["allow_random_weights"] = True
-        fields.update(overrides)
-        return cls(**fields)
+    def replace(self, **changes: Any) -> "ClipModel":
+        return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- validation
     def _checked_model_name(self) -> str:
@@ -349,7 +302,7 @@ class ClipModelResource(dg.ConfigurableResource):
         return self.model_name == DEMO_MODEL_NAME or not self.pretrained.strip()
 
     def metadata(self) -> dict[str, Any]:
-        """Dagster metadata describing the model (with :data:`DEMO_WARNING` for the demo)."""
+        """What describes the model in the assets' metadata (with :data:`DEMO_WARNING` for the demo)."""
         fp = self.fingerprint()
         meta: dict[str, Any] = {f"clip_{k}": v for k, v in fp.items()}
         meta["clip_fingerprint"] = self.fingerprint_id()
@@ -379,15 +332,20 @@ class ClipModelResource(dg.ConfigurableResource):
 
         import open_clip
 
+        from danbooru_assets.clip.loader import split_preprocess
+
         pretrained: str | None = None
         offline = False
         if kind == "path":
             pretrained = str(Path(self.pretrained.strip()).expanduser())
         elif kind == "tag":
             pretrained = self.pretrained.strip()
-            offline = self._prepare_hub_download(name, pretrained)
+            try:
+                offline = prepare_hub_download(name, pretrained)
+            except HubUnavailable as exc:
+                raise RuntimeError(f"{exc} " + how_to_give_weights(name)) from exc
         try:
-            with _hf_offline(offline), torch.random.fork_rng(devices=[]):
+            with hf_offline(offline), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=pretrained, precision="fp32", device=device
@@ -396,7 +354,7 @@ class ClipModelResource(dg.ConfigurableResource):
             if kind == "tag":
                 raise RuntimeError(
                     f"Could not get the weights {name}/{pretrained} from the hub ({exc}). "
-                    + _how_to_give_weights(name)
+                    + how_to_give_weights(name)
                 ) from exc
             if kind == "path":
                 raise RuntimeError(
@@ -409,6 +367,7 @@ class ClipModelResource(dg.ConfigurableResource):
         cfg = open_clip.get_model_config(name) or {}
         image_size = model.visual.image_size
         image_size = int(max(image_size)) if isinstance(image_size, (tuple, list)) else int(image_size)
+        worker_transform, normalize = split_preprocess(preprocess)
         return LoadedClip(
             model=model,
             preprocess=preprocess,
@@ -417,29 +376,9 @@ class ClipModelResource(dg.ConfigurableResource):
             dtype=dtype,
             image_size=image_size,
             embed_dim=int(cfg.get("embed_dim", 0)),
+            worker_transform=worker_transform,
+            normalize=normalize,
         )
-
-    def _prepare_hub_download(self, name: str, tag: str) -> bool:
-        """Decide whether to load a tag offline; fail fast when the weights cannot be had.
-
-        Returns True when the weights are already cached (no network needed).
-        """
-        import open_clip
-
-        cfg = open_clip.get_pretrained_cfg(name, tag) or {}
-        if cfg.get("file") or _hub_weights_cached(cfg):
-            return True
-        env_offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-        # open_clip prefers the hub when a tag has both a hub repo and a plain URL.
-        hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        url = hub if cfg.get("hf_hub") or not cfg.get("url") else cfg["url"]
-        if env_offline or not _hub_reachable(url):
-            why = "HF_HUB_OFFLINE is set" if env_offline else f"{urlparse(url).hostname} is unreachable"
-            raise RuntimeError(
-                f"The weights {name}/{tag} are not in the local cache and {why}. "
-                + _how_to_give_weights(name)
-            )
-        return False
 
     # -------------------------------------------------------------------- encode
     def encode_text(self, prompts: Sequence[str]) -> np.ndarray:
@@ -456,106 +395,36 @@ class ClipModelResource(dg.ConfigurableResource):
             feats = loaded.model.encode_text(tokens)
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
-    def logit_scale(self) -> float:
-        """The model's learned softmax temperature (``exp(logit_scale)``, ~100 for real CLIP)."""
-        return float(self.load().model.logit_scale.exp().item())
-
-    def embed_images(
-        self,
-        paths: Sequence[Path | str],
-        image_ids: Sequence[int],
-        progress: Callable[[int, int], None] | None = None,
-        max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    ) -> tuple[np.ndarray, pd.DataFrame]:
-        """Decode each image once: embeddings and pixel statistics, aligned with the input.
-
-        Returns float16 L2-normalised embeddings ``[N, D]`` (zero rows for unreadable files)
-        and a frame with ``image_id``, ``status`` (``"ok"`` or ``"unreadable: <reason>"``),
-        ``orig_width``, ``orig_height`` and :data:`STATS_COLUMNS`, rows in input order.
-        ``progress(done, total)`` is called after every batch (see ``ThroughputLogger``).
-        """
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """L2-normalised float16 embeddings ``[B, D]`` of a batch from the loader (the
+        ``uint8`` output of :attr:`LoadedClip.worker_transform`, stacked)."""
         import numpy as np
         import torch
         import torch.nn.functional as F
 
-        from danbooru_assets.clip.loader import default_num_workers, make_loader, split_preprocess
-
-        ids = [int(i) for i in image_ids]
-        if len(paths) != len(ids):
-            raise ValueError(f"{len(paths)} paths but {len(ids)} image ids")
-        if len(set(ids)) != len(ids):
-            raise ValueError("image_ids must be unique within one call")
         loaded = self.load()
-        n = len(ids)
-        embeddings = np.zeros((n, loaded.embed_dim), dtype=np.float16)
-        row_of = {image_id: row for row, image_id in enumerate(ids)}
-        status = ["unreadable: not processed"] * n
-        stats: list[dict[str, Any] | None] = [None] * n
-        if n:
-            worker_transform, normalize = split_preprocess(loaded.preprocess)
-            loader = make_loader(
-                paths,
-                ids,
-                worker_transform,
-                batch_size=self.batch_size,
-                # Worker processes take seconds to start (a spawned one imports torch again);
-                # a few batches decode faster in this process.
-                num_workers=default_num_workers(self.num_workers) if n > 2 * self.batch_size else 0,
-                target_short_side=loaded.image_size,
-                max_pixels=max_pixels,
-                pin_memory=loaded.device.type == "cuda",
-            )
-            done = 0
-            with torch.inference_mode(), loaded.autocast():
-                for batch in loader:
-                    if batch.image_ids:
-                        pixels = normalize(batch.pixels.to(loaded.device, non_blocking=True))
-                        feats = F.normalize(loaded.model.encode_image(pixels).float(), dim=-1)
-                        rows = [row_of[i] for i in batch.image_ids]
-                        embeddings[rows] = feats.cpu().numpy().astype(np.float16)
-                        for row, row_stats in zip(rows, batch.stats):
-                            status[row] = "ok"
-                            stats[row] = row_stats
-                    for image_id, reason in batch.failures:
-                        status[row_of[image_id]] = reason
-                    done += len(batch.image_ids) + len(batch.failures)
-                    if progress is not None:
-                        progress(done, n)
-        return embeddings, image_stats_frame(ids, status, stats)
+        with torch.inference_mode(), loaded.autocast():
+            batch = loaded.normalize(pixels.to(loaded.device, non_blocking=True))
+            feats = F.normalize(loaded.model.encode_image(batch).float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float16)
 
-
-def image_stats_frame(
-    ids: list[int], status: list[str], stats: list[dict[str, Any] | None]
-) -> pd.DataFrame:
-    """The per-image frame; unreadable rows hold nulls (nullable dtypes keep Parquet types)."""
-    import pandas as pd
-
-    from danbooru_assets.clip.image_stats import STATS_COLUMNS
-
-    columns: dict[str, Any] = {
-        "image_id": pd.Series(ids, dtype="int64"),
-        "status": pd.Series(status, dtype="object"),
-    }
-    for col in ("orig_width", "orig_height"):
-        columns[col] = pd.array([s[col] if s else None for s in stats], dtype="Int64")
-    for col in STATS_COLUMNS:
-        values = [s[col] if s else None for s in stats]
-        if col == "is_greyscale":
-            columns[col] = pd.array(values, dtype="boolean")
-        else:
-            columns[col] = pd.array(values, dtype="Float32")
-    return pd.DataFrame(columns, columns=["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS])
+    def logit_scale(self) -> float:
+        """The model's learned softmax temperature (``exp(logit_scale)``, ~100 for real CLIP)."""
+        return float(self.load().model.logit_scale.exp().item())
 
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_PRETRAINED",
+    "DEMO_FIELDS",
     "DEMO_MODEL_CONFIG",
     "DEMO_MODEL_NAME",
     "DEMO_WARNING",
     "ENV_MODEL",
     "ENV_PRETRAINED",
-    "ClipModelResource",
+    "ClipModel",
     "LoadedClip",
     "checkpoint_sha256",
-    "image_stats_frame",
+    "model_fields",
     "register_demo_model",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import pandas as pd
@@ -98,6 +98,51 @@ def score_embeddings(
     return frame
 
 
+def prompt_embeddings_table(model: Any, positive: Sequence[str], negative: Sequence[str]) -> pd.DataFrame:
+    """The ``prompt_embeddings`` table: :func:`prompt_mapping`'s rows with each prompt's
+    ``embedding`` (float32: a handful of rows), the ``model_fingerprint_id``, the model's
+    ``logit_scale`` and ``demo_model`` (scores from a demo model carry no meaning).
+    ``model`` is a :class:`~danbooru_assets.clip.model.ClipModel`."""
+    table = prompt_mapping(positive, negative)
+    vectors = model.encode_text(table["prompt"].tolist()) if len(table) else np.zeros((0, 0), np.float32)
+    table["embedding"] = list(vectors.astype(np.float32))
+    table["model_fingerprint_id"] = model.fingerprint_id()
+    table["logit_scale"] = model.logit_scale()
+    table["demo_model"] = model.is_demo()
+    return table
+
+
+def score_stored(embeddings: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFrame:
+    """:func:`score_embeddings` of a shard's stored ``clip_embeddings`` (its readable rows)
+    against the stored ``prompts`` (:func:`prompt_embeddings_table`), ``image_id`` first.
+
+    An embedding from another model than the prompts' is an error, never a score.
+    """
+    from danbooru_assets.core.embeddings import embedding_matrix
+
+    fingerprint = str(prompts["model_fingerprint_id"].iloc[0])
+    ok = embeddings.loc[embeddings["status"] == "ok"].reset_index(drop=True)
+    other_model = ok["model_fingerprint_id"] != fingerprint
+    if other_model.any():
+        raise RuntimeError(
+            f"{int(other_model.sum())} embeddings come from another model than prompt_embeddings "
+            f"({fingerprint}); rematerialize clip_embeddings (or prompt_embeddings) first"
+        )
+    text = embedding_matrix(prompts)
+    positive = (prompts["kind"] == "positive").to_numpy()
+    negative = (prompts["kind"] == "negative").to_numpy()
+    scores = score_embeddings(
+        embedding_matrix(ok, dim=text.shape[1]),  # (0, D) for an empty shard
+        text[positive],
+        text[negative],
+        logit_scale=float(prompts["logit_scale"].iloc[0]),
+        positive_prompts=prompts.loc[positive, "prompt"].tolist(),
+        negative_prompts=prompts.loc[negative, "prompt"].tolist(),
+    )
+    scores.insert(0, "image_id", ok["image_id"].to_numpy())
+    return scores
+
+
 def score_with_model(
     clip: Any,
     image_embeddings: np.ndarray,
@@ -105,7 +150,8 @@ def score_with_model(
     negative_prompts: Sequence[str] = DEFAULT_NEGATIVE_PROMPTS,
     logit_scale: float | None = None,
 ) -> pd.DataFrame:
-    """Encode the prompts with ``clip`` (a ``ClipModelResource``) and score the embeddings.
+    """Encode the prompts with ``clip`` (a :class:`~danbooru_assets.clip.model.ClipModel`)
+    and score the embeddings.
 
     ``logit_scale=None`` uses the model's own learned temperature.
     """
@@ -138,6 +184,36 @@ def threshold_for_fraction(scores: np.ndarray, keep_fraction: float) -> float:
     return float(np.partition(values, values.size - k)[values.size - k])
 
 
+def threshold_summary(
+    scores: np.ndarray,
+    keep_fraction: float | None,
+    fixed_threshold: float | None,
+    scored_shards: Collection[str],
+    indexed_shards: Collection[str],
+) -> dict[str, Any]:
+    """The ``clip_threshold`` row: the threshold (``fixed_threshold`` when given, else the
+    one keeping ``keep_fraction`` of ``scores``), what it keeps, and its shard coverage
+    (a threshold over part of the dataset is a guess for the rest: how big a part)."""
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    if fixed_threshold is not None:
+        threshold, mode = float(fixed_threshold), "fixed"
+    else:
+        threshold, mode = float(threshold_for_fraction(values, keep_fraction)), "keep_fraction"
+    kept = int((values >= threshold).sum())
+    indexed = set(indexed_shards)
+    return {
+        "threshold": threshold,
+        "mode": mode,
+        "target_keep_fraction": keep_fraction if mode == "keep_fraction" else None,
+        "kept": kept,
+        "scored": len(values),
+        "kept_fraction": kept / len(values) if len(values) else 0.0,
+        "scored_shards": len(set(scored_shards)),
+        "indexed_shards": len(indexed),
+        "shard_coverage": len(indexed & set(scored_shards)) / len(indexed) if indexed else 0.0,
+    }
+
+
 def kept_fraction(scores: np.ndarray, threshold: float) -> float:
     """Share of non-NaN scores ``>= threshold`` (for metadata next to the threshold)."""
     values = np.asarray(scores, dtype=np.float64).ravel()
@@ -151,8 +227,11 @@ __all__ = [
     "PORTRAIT_SCORE",
     "kept_fraction",
     "prompt_column",
+    "prompt_embeddings_table",
     "prompt_mapping",
     "score_embeddings",
+    "score_stored",
     "score_with_model",
     "threshold_for_fraction",
+    "threshold_summary",
 ]

@@ -1,4 +1,5 @@
-"""The Danbooru20xx folder layout, read through a Dagster resource.
+"""The Danbooru20xx folder layout (:class:`DatasetLayout`; the code location's
+``dataset`` resource configures one).
 
 ``<root>/<original|512px>/<bucket>/<id>.<ext>`` with ``bucket = id % 1000`` as four
 digits, and JSON-lines metadata under ``<root>/metadata/``.
@@ -12,11 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import dagster as dg
-from pydantic import Field
-
 from danbooru_assets.config import DEFAULT_MAX_PIXELS
-from danbooru_assets.orchestration.partitions import SHARD_KEYS
+from danbooru_assets.core.shards import SHARD_KEYS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,21 +56,21 @@ class ShardFiles:
         return len(self.name)
 
 
-class DanbooruDatasetResource(dg.ConfigurableResource):
-    """Where the dataset lives. ``root`` defaults to ``$DANBOORU_ROOT`` (unset: the bundled
-    sample data, generated on first use by ``danbooru-assets run``)."""
+@dataclass(frozen=True)
+class DatasetLayout:
+    """Where the dataset lives and how its folders are read.
 
-    root: str = Field(description="Dataset root folder (holds original/ or 512px/, and metadata/).")
-    image_folder: str = Field(
-        default="original",
-        description="Image folder under the root: 'original' or '512px' (Danbooru20xx's downscaled copy).",
-    )
-    max_pixels: int = Field(
-        default=DEFAULT_MAX_PIXELS,
-        gt=0,
-        description="The most pixels one image decode may produce (JPEGs count at their reduced "
-        "decode scale). shard_index gives larger images the status 'too_large'; they are never decoded.",
-    )
+    ``root`` holds ``<image_folder>/<bucket>/`` and ``metadata/``; ``image_folder`` is
+    ``original`` or ``512px`` (Danbooru20xx's downscaled copy); ``max_pixels`` is the most
+    pixels one image decode may produce (larger images get the index status 'too_large')."""
+
+    root: str | Path
+    image_folder: str = "original"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
 
     @property
     def root_path(self) -> Path:

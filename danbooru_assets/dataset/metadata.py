@@ -350,10 +350,10 @@ def default_scratch_root(out_dir) -> Path:
 
     from upath import UPath
 
-    from danbooru_assets.orchestration.io_manager import _is_local
+    from danbooru_assets.core.tables import is_local
 
     out_dir = UPath(out_dir)
-    if _is_local(out_dir):
+    if is_local(out_dir):
         return Path(out_dir.path).parent / SCRATCH_DIR / out_dir.name
     digest = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"danbooru_assets-scratch-{digest}" / out_dir.name
@@ -461,8 +461,8 @@ def convert_metadata_to_shards(
     import pyarrow as pa
     from upath import UPath
 
-    from danbooru_assets.orchestration.io_manager import prune_shard_files, write_arrow
-    from danbooru_assets.orchestration.partitions import NUM_SHARDS
+    from danbooru_assets.core.shards import NUM_SHARDS, SHARD_KEYS, shard_numbers
+    from danbooru_assets.core.tables import prune_shard_files, write_arrow
 
     out_dir = UPath(out_dir)
     report = ParseReport()
@@ -481,7 +481,7 @@ def convert_metadata_to_shards(
                 return
             frame = pd.DataFrame(rows, columns=frame_columns).astype(frame_dtypes)
             table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-            bucket = table["image_id"].to_numpy() % NUM_SHARDS
+            bucket = shard_numbers(table["image_id"].to_numpy())
             order = np.argsort(bucket, kind="stable")  # stable: line order kept within a shard
             table = table.take(pa.array(order))
             offsets = np.searchsorted(bucket[order], np.arange(NUM_SHARDS + 1))
@@ -508,7 +508,7 @@ def convert_metadata_to_shards(
             superseded = len(ids) - len(keep)
             examples = _duplicate_examples(table, ids, keep, file_names, 3) if superseded else []
             table = table.take(pa.array(keep)).drop_columns(list(SOURCE_DTYPES))
-            shard = f"{bucket:04d}"
+            shard = SHARD_KEYS[bucket]
             write_arrow(out_dir / f"{shard}.parquet", table)
             return shard, table.num_rows, superseded, examples
 

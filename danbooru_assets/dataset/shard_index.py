@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from danbooru_assets.dataset.layout import IMAGE_EXTENSIONS, DanbooruDatasetResource
+from danbooru_assets.dataset.layout import IMAGE_EXTENSIONS, DatasetLayout
 from danbooru_assets.core.images import (
     STATUS_TOO_LARGE as DECODE_TOO_LARGE,
     ImageDecodeError,
@@ -31,7 +31,7 @@ from danbooru_assets.core.images import (
     smallest_decode_pixels,
 )
 from danbooru_assets.dataset.metadata import METADATA_COLUMNS, empty_metadata_frame, last_row_per_id, metadata_arrow_schema
-from danbooru_assets.orchestration.partitions import NUM_SHARDS, shard_key
+from danbooru_assets.core.shards import NUM_SHARDS, shard_key
 
 # A row carries the first status that applies, in this order: outside_root, wrong_shard,
 # zero_bytes, unknown_extension, unreadable_header / too_large, no_metadata, ok.
@@ -41,7 +41,7 @@ STATUS_WRONG_SHARD = "wrong_shard"  # id % 1000 is another bucket: not read (its
 STATUS_ZERO_BYTES = "zero_bytes"
 STATUS_UNKNOWN_EXTENSION = "unknown_extension"
 STATUS_UNREADABLE_HEADER = "unreadable_header"
-STATUS_TOO_LARGE = "too_large"  # over the dataset resource's max_pixels: never decoded
+STATUS_TOO_LARGE = "too_large"  # over the dataset layout's max_pixels: never decoded
 STATUS_NO_METADATA = "no_metadata"
 STATUSES = (
     STATUS_OK, STATUS_NO_METADATA, STATUS_UNREADABLE_HEADER, STATUS_TOO_LARGE, STATUS_UNKNOWN_EXTENSION,
@@ -74,7 +74,7 @@ class ShardIndexReport:
     header_reads: int = 0
 
 
-def _outside_root(dataset: DanbooruDatasetResource, shard: str, rel_path: np.ndarray, is_link: np.ndarray):
+def _outside_root(dataset: DatasetLayout, shard: str, rel_path: np.ndarray, is_link: np.ndarray):
     """``(mask, problems)`` of rows whose path leads out of the dataset root: all of them
     when the bucket folder does, else the symbolic links that do (only links are resolved,
     so a shard of plain files costs one folder resolve)."""
@@ -92,7 +92,7 @@ def _outside_root(dataset: DanbooruDatasetResource, shard: str, rel_path: np.nda
 
 
 def build_shard_index(
-    dataset: DanbooruDatasetResource, shard: str, metadata: pa.Table | pd.DataFrame | None
+    dataset: DatasetLayout, shard: str, metadata: pa.Table | pd.DataFrame | None
 ) -> tuple[pd.DataFrame, ShardIndexReport]:
     """Index one shard. ``metadata`` is the shard's metadata slice (any order)."""
     report = ShardIndexReport()

@@ -47,7 +47,8 @@ from PIL import Image, ImageDraw
 
 from danbooru_assets.pose import coco
 from danbooru_assets.config import KEYPOINTS_TARBALL, default_sample_root
-from danbooru_assets.core.tables import atomic_path, atomic_write_bytes, atomic_write_parquet, atomic_write_text
+from danbooru_assets.core.shards import shard_key
+from danbooru_assets.core.tables import atomic_path, atomic_write_bytes, atomic_write_text, write_parquet
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -137,14 +138,9 @@ class SampleDatasetSummary:
         return cls(root=root, reused=reused, **{k: d[k] for k in fields})
 
 
-def bucket_key(image_id: int) -> str:
-    """Danbooru20xx bucket folder (and partition key) of an image id: ``id % 1000``, 4 digits."""
-    return f"{int(image_id) % 1000:04d}"
-
-
 def image_relpath(image_id: int, ext: str) -> str:
     """``original/<bucket>/<id>.<ext>`` relative to the dataset root."""
-    return f"{ORIGINAL_DIR}/{bucket_key(image_id)}/{int(image_id)}.{ext}"
+    return f"{ORIGINAL_DIR}/{shard_key(image_id)}/{int(image_id)}.{ext}"
 
 
 def generate_sample_dataset(
@@ -1224,14 +1220,14 @@ def _write_tables(root: Path, plan: list[_Item], results: dict[int, tuple[str, i
     gt = pd.DataFrame(rows, columns=list(GROUND_TRUTH_COLUMNS))
     gt = gt.astype({"image_id": "int64", "width": "int64", "height": "int64", "n_figures": "int64",
                     "has_file": bool, "has_metadata": bool, "has_published_keypoints": bool})
-    atomic_write_parquet(root / GROUND_TRUTH_FILE, gt)
+    write_parquet(root / GROUND_TRUTH_FILE, gt)
 
     files = [it for it in plan if it.has_file]
     kind_counts = {k: sum(it.kind == k for it in files) for k in KINDS}
     return SampleDatasetSummary(
         root=root,
         n_images_written=len(files),
-        shards=sorted({bucket_key(it.image_id) for it in files}),
+        shards=sorted({shard_key(it.image_id) for it in files}),
         kind_counts=kind_counts,
         ids_without_metadata=[it.image_id for it in no_meta],
         ids_metadata_only=[it.image_id for it in metadata_only],

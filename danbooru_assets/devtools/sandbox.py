@@ -15,30 +15,26 @@ import dagster as dg
 
 class Sandbox:
     def __init__(self, root: Path, base: Path, clip_model=None, pose_estimator=None, log_level: str = "WARNING"):
-        from danbooru_assets.clip.model import ClipModelResource
-        from danbooru_assets.dataset.layout import DanbooruDatasetResource
-        from danbooru_assets.definitions import defs
-        from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory, StorageResource
-        from danbooru_assets.labels.resource import LabelStoreResource
-        from danbooru_assets.pose.resource import PoseEstimatorResource
         from danbooru_assets.config import KEYPOINTS_TARBALL
-        from danbooru_assets.settings import SettingsResource
+        from danbooru_assets.definitions import defs
+        from danbooru_assets.orchestration import resources
+        from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory
 
         self.root = Path(root)
         self.log_level = log_level
         self.settings_path = Path(base) / "settings.yaml"
-        self.storage = StorageResource(base_path=str(Path(base) / "storage"))
+        self.storage = resources.StorageResource(base_path=str(Path(base) / "storage"))
         self.instance = dg.DagsterInstance.ephemeral()
         self.assets = list(defs.assets)
         self.resources: dict[str, Any] = {
-            "dataset": DanbooruDatasetResource(root=str(self.root)),
+            "dataset": resources.DanbooruDatasetResource(root=str(self.root)),
             "storage": self.storage,
             "io_manager": ParquetIOManagerFactory(storage=self.storage),
-            "settings": SettingsResource(path=str(self.settings_path)),
-            "clip_model": clip_model or ClipModelResource.demo(),
+            "settings": resources.SettingsResource(path=str(self.settings_path)),
+            "clip_model": clip_model or resources.ClipModelResource.demo(),
             "pose_estimator": pose_estimator
-            or PoseEstimatorResource(keypoint_files=str(self.root / KEYPOINTS_TARBALL)),
-            "label_store": LabelStoreResource(path=str(Path(base) / "labels.sqlite")),
+            or resources.PoseEstimatorResource(keypoint_files=str(self.root / KEYPOINTS_TARBALL)),
+            "label_store": resources.LabelStoreResource(path=str(Path(base) / "labels.sqlite")),
         }
 
     def materialize(
@@ -81,6 +77,6 @@ class Sandbox:
         raise KeyError(f"{asset} was not materialized in this run")
 
     def table(self, asset: str, partition: str | None = None):
-        from danbooru_assets.orchestration.io_manager import read_parquet
+        from danbooru_assets.core.tables import read_parquet
 
         return read_parquet(self.storage.asset_path(asset, partition))

@@ -1,1 +1,1 @@
-"""export."""
+"""Training exports of the curated dataset: manifest and WebDataset shards. No Dagster."""

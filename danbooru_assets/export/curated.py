@@ -30,9 +30,9 @@ import pandas as pd
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, NUM_KEYPOINTS
 from danbooru_assets.dataset.layout import resolve_inside
 from danbooru_assets.core.images import open_image_rgb, read_image_header
-from danbooru_assets.labels.store import LABEL_CLASSES
+from danbooru_assets.labels.classes import LABEL_CLASSES
 from danbooru_assets.pose.keypoint_files import keypoint_json
-from danbooru_assets.core.tables import add_tar_member, atomic_path, atomic_write_parquet
+from danbooru_assets.core.tables import add_tar_member, atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def build_manifest(images: pd.DataFrame, labels: pd.DataFrame | None = None,
 
 def write_manifest(manifest: pd.DataFrame, path: Path | str) -> Path:
     """Write the manifest Parquet atomically."""
-    atomic_write_parquet(path, manifest)
+    write_parquet(path, manifest)
     return Path(path)
 
 

@@ -1,4 +1,7 @@
-"""Human labels for the active-learning loop: the SQLite store and the labeling page."""
+"""Human labels for the active-learning loop (library, no Dagster): the class names
+(``classes``), the SQLite store (``store``) and the labeling page (``app``, its HTML,
+script and style in ``page.*``). The Dagster resource over the store is
+``orchestration.resources.LabelStoreResource``."""
 
 from __future__ import annotations
 
@@ -6,12 +9,10 @@ from typing import Any
 
 import importlib
 
-from danbooru_assets.labels.resource import LabelStoreResource
-
-# Submodules load on first use: the code location imports only the resource, and
-# `python -m danbooru_assets.labels.app` runs cleanly.
+# Submodules load on first use, so `python -m danbooru_assets.labels.app` runs cleanly
+# and importing the class names does not load pandas.
 _LAZY = {
-    "LABEL_CLASSES": "store", "UNLABELED": "store", "LabelConflict": "store", "LabelStore": "store",
+    "LABEL_CLASSES": "classes", "UNLABELED": "store", "LabelConflict": "store", "LabelStore": "store",
     "normalize_label": "store",
     "add_label_arguments": "app", "load_queue": "app", "make_app": "app", "run_label": "app",
 }
@@ -28,7 +29,6 @@ __all__ = [
     "UNLABELED",
     "LabelConflict",
     "LabelStore",
-    "LabelStoreResource",
     "add_label_arguments",
     "load_queue",
     "make_app",

@@ -25,7 +25,9 @@ request (which this server never approves).
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
+import importlib.resources
 import ipaddress
 import json
 import math
@@ -43,7 +45,8 @@ import numpy as np
 import pandas as pd
 
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON, SKELETON_COLORS
-from danbooru_assets.labels.store import LABEL_CLASSES, UNLABELED, LabelConflict, LabelStore
+from danbooru_assets.labels.store import UNLABELED, LabelConflict, LabelStore
+from danbooru_assets.labels.classes import LABEL_CLASSES
 
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
                ".webp": "image/webp", ".bmp": "image/bmp"}
@@ -51,6 +54,20 @@ MAX_BODY = 64 * 1024
 # Page loads kept; the least recently used beyond this is forgotten (its tab must reload).
 MAX_SESSIONS = 256
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+@functools.lru_cache(maxsize=1)
+def page_html() -> str:
+    """The page served at ``/``: ``page.html`` with ``page.css`` and ``page.js`` (files of
+    this package) put in place of their markers, so the page stays one response."""
+    files = importlib.resources.files("danbooru_assets.labels")
+    html = files.joinpath("page.html").read_text(encoding="utf-8")
+    for name in ("page.css", "page.js"):
+        marker = f"/* {name} */\n"
+        if html.count(marker) != 1:
+            raise RuntimeError(f"page.html must hold the marker {marker.strip()!r} once")
+        html = html.replace(marker, files.joinpath(name).read_text(encoding="utf-8"))
+    return html
 
 
 class RequestError(Exception):
@@ -444,7 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self._check_origin()
             if path in ("/", "/index.html"):
-                self._send(200, PAGE_HTML.encode("utf-8"), "text/html; charset=utf-8",
+                self._send(200, page_html().encode("utf-8"), "text/html; charset=utf-8",
                            {"Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
                                                        "script-src 'unsafe-inline'; img-src 'self'"})
             elif path == "/api/config":
@@ -598,210 +615,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_label(parser.parse_args(argv))
 
 
-PAGE_HTML = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>Label images</title>
-<style>
- body{margin:0;font:14px system-ui,sans-serif;background:#1d1f21;color:#ddd;display:flex;flex-direction:column;height:100vh}
- header{padding:6px 12px;background:#111;display:flex;gap:16px;align-items:center}
- header progress{width:240px}
- main{flex:1;display:flex;min-height:0}
- #stage{flex:1;position:relative;display:flex;align-items:center;justify-content:center;min-width:0}
- #wrap{position:relative;max-width:100%;max-height:100%}
- #img{display:block}
- #overlay{position:absolute;left:0;top:0;pointer-events:none}
- aside{width:280px;padding:12px;background:#26282b;overflow:auto}
- .cls{display:flex;justify-content:space-between}.bar{height:6px;background:#4a90d9;margin-bottom:6px}
- button{margin:2px 0;width:100%;padding:6px;background:#3a3d41;color:#eee;border:1px solid #555;cursor:pointer}
- #msg{color:#f88;min-height:2em;white-space:pre-wrap}
- #done{display:none;font-size:18px;padding:40px}
- #conflict{display:none;border:1px solid #d9a04a;padding:6px;margin-top:6px}
- kbd{background:#444;padding:0 4px;border-radius:3px}
-</style></head>
-<body data-skeleton="on">
-<header><b id="title">Round ?</b><progress id="prog" value="0" max="1"></progress><span id="progress"></span></header>
-<main>
- <div id="stage"><div id="wrap"><img id="img" alt=""><canvas id="overlay"></canvas></div>
-  <div id="done">Queue done. <button id="unskip" style="width:auto">show skipped again</button></div></div>
- <aside>
-  <div>image <b id="image-id">–</b></div><div id="relpath" style="font-size:11px;color:#999;word-break:break-all"></div>
-  <div>portrait score: <b id="score">–</b></div>
-  <div>predicted: <b id="pred">–</b></div><div id="probs"></div>
-  <hr>
-  <button data-label="good"><kbd>1</kbd> good</button>
-  <button data-label="questionable"><kbd>2</kbd> questionable</button>
-  <button data-label="bad"><kbd>3</kbd> bad</button>
-  <button id="undo"><kbd>z</kbd> undo</button>
-  <button id="skip"><kbd>s</kbd> skip</button>
-  <button id="toggle"><kbd>k</kbd> skeleton on/off</button>
-  <div id="last"></div><div id="msg"></div>
-  <div id="conflict"><div id="conflict-text"></div>
-   <button id="overwrite"><kbd>o</kbd> overwrite with <span id="conflict-yours"></span></button>
-   <button id="keep"><kbd>n</kbd> keep theirs, next image</button></div>
- </aside>
-</main>
-<script>
-"use strict";
-const $ = (id) => document.getElementById(id);
-const ui = {config: null, session: null, state: null, item: null, conflict: null, skeleton: true, pending: 0, actions: 0};
-window.labeling = ui;  // for tests and the curious: current item, pending requests, skeleton flag
-let chain = Promise.resolve();
-
-// Every call names this page load's session: its image, skips and undo are its own.
-async function api(method, url, body) {
-  const opts = {method, headers: {}};
-  if (body !== undefined) {
-    opts.headers["Content-Type"] = "application/json";
-    opts.body = JSON.stringify(Object.assign({session: ui.session}, body));
-  }
-  const r = await fetch(url, opts);
-  const data = await r.json();
-  if (!r.ok) { const e = new Error(data.error || ("HTTP " + r.status)); e.data = data; throw e; }
-  return data;
-}
-
-// Key presses are queued and run one after another, so fast typing labels the image
-// that was on screen when the previous action finished, never the same image twice.
-function enqueue(fn) {
-  ui.pending++;
-  chain = chain.then(fn).catch((e) => { $("msg").textContent = e.message; })
-    .finally(() => { ui.pending--; ui.actions++; });
-}
-
-function show(state) {
-  ui.state = state; ui.item = state.item; ui.conflict = null;
-  $("conflict").style.display = "none";
-  $("title").textContent = "Round " + state.round + " · " + state.labeler;
-  $("prog").max = Math.max(1, state.total); $("prog").value = state.labeled;
-  $("progress").textContent = state.labeled + " / " + state.total + " labeled · " + state.skipped + " skipped · " +
-    Object.entries(state.counts).map(([k, v]) => k + " " + v).join(", ");
-  const it = state.item;
-  document.body.dataset.imageId = it ? String(it.image_id) : "";
-  $("done").style.display = it ? "none" : "block";
-  $("wrap").style.display = it ? "block" : "none";
-  if (!it) { $("image-id").textContent = "–"; return; }
-  $("image-id").textContent = it.image_id;
-  $("relpath").textContent = it.rel_path;
-  $("score").textContent = it.portrait_score === null ? "–" : it.portrait_score.toFixed(3);
-  $("pred").textContent = it.predicted_class || "–";
-  const probs = $("probs"); probs.replaceChildren();
-  if (it.probs) for (const c of ui.config.classes) {
-    const p = it.probs[c] || 0, row = document.createElement("div"), bar = document.createElement("div");
-    row.className = "cls"; row.textContent = c + " " + p.toFixed(2);
-    bar.className = "bar"; bar.style.width = Math.round(p * 100) + "%";
-    probs.append(row, bar);
-  }
-  const img = $("img");
-  if (img.dataset.src !== it.image_url) { img.dataset.src = it.image_url; img.src = it.image_url; }
-  else drawSkeleton();
-}
-
-// Show the image as large as the stage allows (small images are scaled up too).
-function fit() {
-  const img = $("img"), stage = $("stage");
-  if (!img.naturalWidth) return;
-  const s = Math.min((stage.clientWidth - 16) / img.naturalWidth, (stage.clientHeight - 16) / img.naturalHeight);
-  img.style.width = Math.max(1, Math.floor(img.naturalWidth * s)) + "px";
-  img.style.height = Math.max(1, Math.floor(img.naturalHeight * s)) + "px";
-}
-
-function drawSkeleton() {
-  const img = $("img"), cv = $("overlay"), it = ui.item;
-  fit();
-  cv.width = img.clientWidth; cv.height = img.clientHeight;
-  const ctx = cv.getContext("2d");
-  ctx.clearRect(0, 0, cv.width, cv.height);
-  cv.style.display = ui.skeleton ? "block" : "none";
-  document.body.dataset.skeleton = ui.skeleton ? "on" : "off";
-  if (!ui.skeleton || !it || !it.keypoints || !img.naturalWidth) return;
-  // keypoints are pixels of the image whose size the queue gives (else the served file)
-  const sx = cv.width / (it.width || img.naturalWidth), sy = cv.height / (it.height || img.naturalHeight);
-  const ok = (p) => p && p[0] !== null && p[1] !== null && (p[2] === null || p[2] > 0);
-  ctx.lineWidth = 3;
-  ui.config.skeleton.forEach(([a, b], i) => {
-    const p = it.keypoints[a], q = it.keypoints[b];
-    if (!ok(p) || !ok(q)) return;
-    const c = ui.config.colors[i % ui.config.colors.length];
-    ctx.strokeStyle = "rgb(" + c.join(",") + ")";
-    ctx.beginPath(); ctx.moveTo(p[0] * sx, p[1] * sy); ctx.lineTo(q[0] * sx, q[1] * sy); ctx.stroke();
-  });
-  ctx.fillStyle = "#fff";
-  for (const p of it.keypoints) if (ok(p)) { ctx.beginPath(); ctx.arc(p[0] * sx, p[1] * sy, 3, 0, 7); ctx.fill(); }
-}
-
-// A label on an image someone else labeled after this tab showed it is refused (409);
-// the page says who and what, and "o" sends it again as a deliberate overwrite.
-async function sendLabel(id, cls, overwrite) {
-  try {
-    show(await api("POST", "/api/label", {image_id: id, label: cls, overwrite}));
-  } catch (e) {
-    const c = e.data && e.data.conflict;
-    if (!c) throw e;
-    ui.conflict = c;
-    $("conflict-text").textContent = "Image " + c.image_id + " is now " + c.label + " (by " + c.labeler + " " +
-      c.where + ").";
-    $("conflict-yours").textContent = c.yours;
-    $("conflict").style.display = "block";
-    $("msg").textContent = e.message;
-    return;
-  }
-  $("last").textContent = (overwrite ? "overwrote " : "labeled ") + id + " " + cls; $("msg").textContent = "";
-}
-function label(cls) {
-  enqueue(async () => { if (ui.item) await sendLabel(ui.item.image_id, cls, false); });
-}
-function overwrite() {
-  enqueue(async () => { const c = ui.conflict; if (c) await sendLabel(c.image_id, c.yours, true); });
-}
-function keepTheirs() {
-  enqueue(async () => {
-    if (!ui.conflict) return;
-    show(await api("GET", "/api/state?session=" + encodeURIComponent(ui.session)));
-    $("msg").textContent = "";
-  });
-}
-function skip() {
-  enqueue(async () => {
-    if (!ui.item) return;
-    const id = ui.item.image_id;
-    show(await api("POST", "/api/skip", {image_id: id}));
-    $("last").textContent = "skipped " + id; $("msg").textContent = "";
-  });
-}
-function undo() {
-  enqueue(async () => {
-    const s = await api("POST", "/api/undo", {});
-    show(s); $("last").textContent = "undid " + s.retracted.label + " on " + s.retracted.image_id; $("msg").textContent = "";
-  });
-}
-function toggle() { ui.skeleton = !ui.skeleton; drawSkeleton(); }
-
-document.addEventListener("keydown", (e) => {
-  if (e.ctrlKey || e.metaKey || e.altKey) return;
-  const k = e.key.toLowerCase();
-  const i = ["1", "2", "3"].indexOf(k);
-  if (i >= 0) label(ui.config.classes[i]);
-  else if (k === "z") undo();
-  else if (k === "s") skip();
-  else if (k === "k") toggle();
-  else if (k === "o" && ui.conflict) overwrite();
-  else if (k === "n" && ui.conflict) keepTheirs();
-  else return;
-  e.preventDefault();
-});
-document.querySelectorAll("button[data-label]").forEach((b) => b.onclick = () => label(b.dataset.label));
-$("undo").onclick = undo; $("skip").onclick = skip; $("toggle").onclick = toggle;
-$("overwrite").onclick = overwrite; $("keep").onclick = keepTheirs;
-$("unskip").onclick = () => enqueue(async () => show(await api("POST", "/api/unskip", {})));
-$("img").addEventListener("load", drawSkeleton);
-window.addEventListener("resize", drawSkeleton);
-
-enqueue(async () => {
-  ui.config = await api("GET", "/api/config");
-  const state = await api("POST", "/api/session", {});
-  ui.session = state.session; show(state);
-});
-</script></body></html>
-"""
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,7 @@ from typing import Any, Collection, Iterable, Iterator, Mapping
 import numpy as np
 import pandas as pd
 
-from danbooru_assets.labels.resource import LABEL_CLASSES
+from danbooru_assets.labels.classes import LABEL_CLASSES
 from danbooru_assets.core.tables import atomic_path
 
 UNLABELED = "unlabeled"

@@ -14,41 +14,20 @@ and loops over ``context.partition_keys``:
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import dagster as dg
 
-NUM_SHARDS = 1000
-ENV_INFERENCE_SHARDS_PER_RUN = "DANBOORU_INFERENCE_SHARDS_PER_RUN"
-DEFAULT_INFERENCE_SHARDS_PER_RUN = 50
+from danbooru_assets.config import inference_shards_per_run
+# NUM_SHARDS and shard_key are re-exported for importers that predate core.shards.
+from danbooru_assets.core.shards import NUM_SHARDS, SHARD_KEYS, shard_key  # noqa: F401
+
 # Run tags that make a run cover a contiguous range of partitions (what a single-run
 # backfill, `dg launch --partition-range` and the CLI set).
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
-# Dagster's switch for recording a range run's plan as ONE "materialization planned" event
-# per asset instead of one per shard (~20 ms each on SQLite: 20 s for 1,000 shards). The
-# cost: shards of a failed range run are not marked "failed" on the asset page (the run
-# and its backfill say which shards failed). The CLI sets it; the README recommends it.
-PLANNED_EVENTS_ENV = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
-
-
-def shard_key(image_id: int) -> str:
-    """The partition key (and bucket folder name) of an image id: ``123042 -> "0042"``."""
-    return f"{int(image_id) % NUM_SHARDS:04d}"
-
-
-SHARD_KEYS: list[str] = [f"{i:04d}" for i in range(NUM_SHARDS)]
 
 shard_partitions = dg.StaticPartitionsDefinition(SHARD_KEYS)
-
-
-def inference_shards_per_run() -> int:
-    value = os.environ.get(ENV_INFERENCE_SHARDS_PER_RUN, "")
-    try:
-        return max(1, int(value)) if value else DEFAULT_INFERENCE_SHARDS_PER_RUN
-    except ValueError:
-        raise ValueError(f"{ENV_INFERENCE_SHARDS_PER_RUN}={value!r}: expected a whole number of shards") from None
 
 
 # BackfillPolicy is marked beta; the asset decorator warns on every use of it.

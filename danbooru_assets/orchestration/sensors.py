@@ -5,23 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import dagster as dg
 
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
-from danbooru_assets.orchestration.io_manager import StorageResource
-from danbooru_assets.labels.resource import LabelStoreResource
-from danbooru_assets.orchestration.partitions import inference_shards_per_run, range_tags, shard_ranges
-from danbooru_assets.settings import SettingsResource, section_hashes, section_observations
+from danbooru_assets.config import inference_shards_per_run, sensor_interval_s
+from danbooru_assets.dataset.layout import DatasetLayout
+from danbooru_assets.orchestration.assets.settings import section_observations
+from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
+from danbooru_assets.orchestration.resources import (
+    DanbooruDatasetResource,
+    LabelStoreResource,
+    SettingsResource,
+    StorageResource,
+)
+from danbooru_assets.settings import section_hashes
 
-ENV_SENSOR_INTERVAL = "DANBOORU_SENSOR_INTERVAL_S"
 METADATA_ASSET = dg.AssetKey("danbooru_metadata")
-
-
-def new_data_interval_s() -> int:
-    """Seconds between new-data checks (``$DANBOORU_SENSOR_INTERVAL_S``, default 300)."""
-    return max(5, int(os.environ.get(ENV_SENSOR_INTERVAL) or 300))
 
 
 def converted_metadata_fingerprint(instance: dg.DagsterInstance) -> str | None:
@@ -33,16 +32,16 @@ def converted_metadata_fingerprint(instance: dg.DagsterInstance) -> str | None:
     return getattr(value, "value", None)
 
 
-def index_matches_folder(dataset: DanbooruDatasetResource, storage: StorageResource, shard: str) -> bool:
+def index_matches_folder(layout: DatasetLayout, storage: StorageResource, shard: str) -> bool:
     """Whether the stored ``shard_index`` of ``shard`` lists exactly the folder's image files
     (ids, sizes, mtimes): one scandir and one small Parquet read, no image opened."""
     path = storage.asset_path("shard_index", shard)
     if not path.exists():
         return False
-    from danbooru_assets.orchestration.io_manager import read_parquet
+    from danbooru_assets.core.tables import read_parquet
 
     index = read_parquet(path, ["image_id", "file_bytes", "mtime"])
-    files = dataset.scan_shard(shard)
+    files = layout.scan_shard(shard)
     named = files.image_id >= 0
     on_disk = sorted(zip(files.image_id[named].tolist(), files.file_bytes[named].tolist(), files.mtime[named].tolist()))
     stored = sorted(zip(index["image_id"].tolist(), index["file_bytes"].tolist(), index["mtime"].tolist()))
@@ -61,7 +60,7 @@ def build_new_data_sensor(
     @dg.sensor(
         name="new_data_sensor",
         jobs=jobs,
-        minimum_interval_seconds=new_data_interval_s(),
+        minimum_interval_seconds=sensor_interval_s(),
         default_status=dg.DefaultSensorStatus.STOPPED,
         description="Fingerprints every shard folder (file count, newest mtime) and the metadata "
         "files. Changed metadata: one conversion run first, then every shard once it has landed. "
@@ -73,10 +72,11 @@ def build_new_data_sensor(
     ):
         cursor = json.loads(context.cursor) if context.cursor else {}
         shards_seen: dict = cursor.get("shards", {})
-        if not dataset.root_path.is_dir():
-            return dg.SkipReason(f"dataset root {dataset.root_path} does not exist (set DANBOORU_ROOT)")
+        layout = dataset.layout()
+        if not layout.root_path.is_dir():
+            return dg.SkipReason(f"dataset root {layout.root_path} does not exist (set DANBOORU_ROOT)")
 
-        metadata_fp = dataset.metadata_fingerprint()
+        metadata_fp = layout.metadata_fingerprint()
         reindex_all = False
         if metadata_fp != cursor.get("metadata_indexed"):
             converted = converted_metadata_fingerprint(context.instance)
@@ -93,14 +93,14 @@ def build_new_data_sensor(
             shards_seen = {}
 
         current = {
-            shard: dataset.shard_fingerprint(shard, shards_seen.get(shard))
-            for shard in dataset.shards_with_images()
+            shard: layout.shard_fingerprint(shard, shards_seen.get(shard))
+            for shard in layout.shards_with_images()
         }
         changed = []
         for shard, fp in current.items():
             if shards_seen.get(shard) == fp:
                 continue
-            if shard not in shards_seen and not reindex_all and index_matches_folder(dataset, storage, shard):
+            if shard not in shards_seen and not reindex_all and index_matches_folder(layout, storage, shard):
                 continue  # first sight of an already-indexed shard: nothing new
             changed.append(shard)
         context.update_cursor(

@@ -100,6 +100,11 @@ class ShardLoop(Generic[T]):
             f"{rate:,.0f} {self.images_key}/s, ETA {eta:.0f}s"
         )
 
+    def ratio(self, numerator: str, denominator: str) -> float:
+        """``totals[numerator] / totals[denominator]`` (a mean or a fraction), 0.0 over nothing."""
+        over = self.totals.get(denominator, 0)
+        return self.totals.get(numerator, 0) / over if over else 0.0
+
     def metadata(self, keys: list[str] | None = None) -> dict[str, Any]:
         """Totals of the per-shard counts, the range, and for a range a table per shard."""
         keys = keys or [k for k in self.totals]

@@ -37,7 +37,8 @@ from PIL import Image
 
 from danbooru_assets.pose.coco import NUM_KEYPOINTS
 from danbooru_assets.core.images import to_rgb8
-from danbooru_assets.pose.resource import BACKENDS
+from danbooru_assets.pose.backend_names import BACKENDS, KEYPOINT_FILES
+from danbooru_assets.pose.features import keypoint_frame
 
 BIZARRE_POSE_URL = "https://github.com/ShuhongChen/bizarre-pose-estimator"
 BIZARRE_POSE_DOWNLOADS = (
@@ -411,7 +412,7 @@ def _cached_estimator(
         )
     if backend == "mediapipe":
         return MediapipeEstimator(**opts)
-    if backend == "keypoint_files":
+    if backend == KEYPOINT_FILES:
         raise ValueError(
             "keypoint_files is an importer, not an image model: use "
             "danbooru_assets.pose.keypoint_files.read_keypoint_files(source, axis_order, image_ids)"
@@ -446,8 +447,6 @@ def run_estimator(
 ) -> pd.DataFrame:
     """The ``pose_keypoints`` rows for a batch: unreadable images (None) get status
     ``unreadable``, images without a person ``no_person``, the rest ``ok``."""
-    from danbooru_assets.pose.geometry import keypoint_frame
-
     n = len(images)
     kps, boxes = _empty(n)
     readable = [i for i, im in enumerate(images) if im is not None]

@@ -25,7 +25,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import pandas as pd
 
+from danbooru_assets.pose.backend_names import KEYPOINT_FILES
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_INDEX, KEYPOINT_NAMES, NUM_KEYPOINTS
+from danbooru_assets.pose.features import keypoint_array, keypoint_frame
 from danbooru_assets.core.tables import add_tar_member, atomic_path, atomic_write_text
 
 AXIS_ORDERS = ("auto", "yx", "xy")
@@ -215,7 +217,7 @@ def source_fingerprint(source: Path | str) -> dict:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"keypoint source {path} does not exist")
-    fp: dict = {"backend": "keypoint_files", "source": str(path.resolve())}
+    fp: dict = {"backend": KEYPOINT_FILES, "source": str(path.resolve())}
     if not path.is_dir():
         st = path.stat()
         return {**fp, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -316,6 +318,20 @@ def _to_frame(ids: np.ndarray, raw: np.ndarray, axis_order: str) -> pd.DataFrame
     frame = pd.DataFrame(values[order], columns=list(KEYPOINT_COLUMNS))
     frame.insert(0, "image_id", ids[order])
     return frame
+
+
+def keypoints_for_ids(published: pd.DataFrame | None, image_ids: np.ndarray, fingerprint: str) -> pd.DataFrame:
+    """The ``pose_keypoints`` rows of ``image_ids`` (in that order) from imported keypoints
+    (``read_keypoint_files``' table; None: nothing imported): status ``ok`` where an id
+    has a keypoint, ``no_keypoint_file`` (all NaN) where it has none."""
+    if published is None:
+        published = pd.DataFrame(columns=["image_id", *KEYPOINT_COLUMNS])
+    ids = np.asarray(image_ids, dtype=np.int64)
+    rows = pd.DataFrame({"image_id": ids}).merge(published, on="image_id", how="left")
+    kps = keypoint_array(rows)
+    found = np.isfinite(kps[:, :, 0]).any(axis=1)
+    status = np.where(found, "ok", "no_keypoint_file")
+    return keypoint_frame(ids, kps, None, backend=KEYPOINT_FILES, backend_fingerprint=fingerprint, status=list(status))
 
 
 def _json_number(v: float) -> float | None:

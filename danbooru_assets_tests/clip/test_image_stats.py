@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from danbooru_assets.clip.image_stats import STATS_COLUMNS, compute_image_stats
+from danbooru_assets.clip.image_stats import FRAME_COLUMNS, STATS_COLUMNS, compute_image_stats, image_stats_frame
 
 
 def _colourful(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -150,3 +150,14 @@ def test_sixteen_bit_gradient_is_not_white(tmp_path) -> None:
     assert stats["is_greyscale"] and stats["mean_saturation"] == 0.0
     assert stats["border_white_cols_frac"] < 0.15 and stats["border_black_cols_frac"] < 0.15
     assert stats["content_area_frac"] > 0.7
+
+
+def test_stats_frame_keeps_nulls_for_unreadable_rows() -> None:
+    ok = {"orig_width": 640, "orig_height": 480, **compute_image_stats(_colourful(32, 24))}
+    frame = image_stats_frame([5, 6], ["ok", "unreadable: truncated"], [ok, None])
+    assert list(frame.columns) == FRAME_COLUMNS
+    assert frame["orig_width"].tolist()[0] == 640 and frame["orig_width"].isna().tolist() == [False, True]
+    assert str(frame["is_greyscale"].dtype) == "boolean" and str(frame["edge_density"].dtype) == "Float32"
+    assert frame.iloc[1][STATS_COLUMNS].isna().all()
+    empty = image_stats_frame([], [], [])
+    assert len(empty) == 0 and list(empty.columns) == FRAME_COLUMNS

@@ -8,17 +8,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from danbooru_assets.clip.model import ClipModelResource
+from danbooru_assets.clip.model import ClipModel
 from danbooru_assets.clip.scoring import (
     DEFAULT_NEGATIVE_PROMPTS,
     DEFAULT_POSITIVE_PROMPTS,
     PORTRAIT_SCORE,
     kept_fraction,
     prompt_column,
+    prompt_embeddings_table,
     prompt_mapping,
     score_embeddings,
+    score_stored,
     score_with_model,
     threshold_for_fraction,
+    threshold_summary,
 )
 
 
@@ -90,13 +93,37 @@ def test_zero_embeddings_score_nan_and_named_columns() -> None:
 
 
 def test_score_with_demo_model() -> None:
-    clip = ClipModelResource.demo()
+    clip = ClipModel.demo()
     rng = np.random.default_rng(3)
     images = _unit(rng.normal(size=(20, 64))).astype(np.float16)
     frame = score_with_model(clip, images)
     expected = prompt_mapping(DEFAULT_POSITIVE_PROMPTS, DEFAULT_NEGATIVE_PROMPTS)["column"]
     assert list(frame.columns) == [*expected, PORTRAIT_SCORE]
     assert frame[PORTRAIT_SCORE].between(0, 1).all()
+
+
+def test_score_stored_scores_readable_rows_of_the_prompts_model() -> None:
+    model = ClipModel.demo()
+    prompts = prompt_embeddings_table(model, ["a portrait"], ["a landscape", "text"])
+    assert prompts["model_fingerprint_id"].nunique() == 1 and prompts["demo_model"].all()
+    assert prompts["logit_scale"].iloc[0] == pytest.approx(model.logit_scale())
+    rng = np.random.default_rng(5)
+    vectors = list(_unit(rng.normal(size=(3, 64))).astype(np.float16))
+    stored = pd.DataFrame({
+        "image_id": [7, 8, 9],
+        "status": ["ok", "unreadable: truncated", "ok"],
+        "embedding": [vectors[0], None, vectors[2]],
+        "model_fingerprint_id": model.fingerprint_id(),
+    })
+    scores = score_stored(stored, prompts)
+    assert scores["image_id"].tolist() == [7, 9]  # the unreadable row has nothing to score
+    assert list(scores.columns) == ["image_id", *prompts["column"], PORTRAIT_SCORE]
+    assert scores[PORTRAIT_SCORE].between(0, 1).all()
+    # An embedding of another model is an error, not a meaningless score.
+    stored.loc[2, "model_fingerprint_id"] = "another-model"
+    with pytest.raises(RuntimeError, match="1 embeddings come from another model"):
+        score_stored(stored, prompts)
+    assert len(score_stored(stored.iloc[0:0], prompts)) == 0
 
 
 @pytest.mark.parametrize("fraction", [0.2, 0.05, 0.5, 1.0])
@@ -118,3 +145,15 @@ def test_threshold_edge_cases() -> None:
     with pytest.raises(ValueError):
         threshold_for_fraction(scores, 1.5)
     assert kept_fraction(pd.Series([np.nan, 1.0]).to_numpy(), 0.5) == 1.0
+
+
+def test_threshold_summary_fixed_or_fraction_and_coverage() -> None:
+    scores = np.arange(10, dtype=float) / 10
+    row = threshold_summary(scores, 0.3, None, ["0001", "0002"], ["0001", "0002", "0003", "0004"])
+    assert (row["mode"], row["threshold"], row["kept"], row["scored"]) == ("keep_fraction", 0.7, 3, 10)
+    assert row["target_keep_fraction"] == 0.3 and row["kept_fraction"] == pytest.approx(0.3)
+    assert (row["scored_shards"], row["indexed_shards"], row["shard_coverage"]) == (2, 4, 0.5)
+    fixed = threshold_summary(scores, 0.3, 0.05, ["0001"], [])
+    assert (fixed["mode"], fixed["kept"], fixed["target_keep_fraction"], fixed["shard_coverage"]) == (
+        "fixed", 9, None, 0.0)
+

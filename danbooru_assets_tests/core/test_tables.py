@@ -64,3 +64,22 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch):
         atomic_write_bytes(target, b"new content")
     monkeypatch.undo()
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.bin"]
+
+
+@pytest.mark.parametrize("base", ["local", "memory://danbooru-tables"])
+def test_one_parquet_writer_for_folders_and_urls_and_pruning_of_gone_shards(base, tmp_path: Path):
+    import pandas as pd
+    from upath import UPath
+
+    from danbooru_assets.core.tables import PARQUET_SUFFIX, ShardTables, prune_shard_files, read_parquet, write_parquet
+
+    folder = UPath(tmp_path / "side" if base == "local" else f"{base}/{tmp_path.name}/side")
+    for shard, ids in {"0001": [1001, 2001], "0002": [2], "0003": [3]}.items():
+        write_parquet(folder / f"{shard}{PARQUET_SUFFIX}", pd.DataFrame({"image_id": ids, "v": [0.5] * len(ids)}))
+    assert list(read_parquet(folder / "0001.parquet", ["image_id"])["image_id"]) == [1001, 2001]
+    assert not [p.name for p in folder.iterdir() if temp_target(p.name)]  # no temporary sibling left
+    prune_shard_files(folder, keep={"0001", "0003"})
+    tables = ShardTables("side", folder, ["0001", "0002", "0003"], ["image_id"])
+    assert list(tables) == ["0001", "0003"] and tables.missing == ["0002"]
+    assert list(tables["0002"].columns) == ["image_id"] and len(tables["0002"]) == 0  # a gone shard reads empty
+    assert sorted(tables.rows([2001, 3, 2])["image_id"]) == [3, 2001]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from danbooru_assets.dataset.layout import DanbooruDatasetResource, resolve_inside
+from danbooru_assets.dataset.layout import DatasetLayout, resolve_inside
+from danbooru_assets.orchestration.resources import DanbooruDatasetResource
 from danbooru_assets.config import DEFAULT_MAX_PIXELS
 
 
@@ -26,12 +27,12 @@ def test_scan_shard_marks_links_and_orders_by_id(tmp_path: Path) -> None:
     (folder / ".hidden.jpg").write_bytes(b"h")
     os.symlink(folder / "1001.png", folder / "3001.png")
     os.symlink(tmp_path / "missing.jpg", folder / "4001.jpg")  # dangling: not a file, not listed
-    files = DanbooruDatasetResource(root=str(root)).scan_shard("0001")
+    files = DatasetLayout(root).scan_shard("0001")
     assert files.name == ["1001.png", "2001.jpg", "3001.png", "notes.txt"]
     assert files.image_id.tolist() == [1001, 2001, 3001, -1]
     assert files.is_link.tolist() == [False, False, True, False]
     assert files.file_bytes.tolist() == [3, 5, 3, 1]  # a link's size is its target's
-    empty = DanbooruDatasetResource(root=str(root)).scan_shard("0999")
+    empty = DatasetLayout(root).scan_shard("0999")
     assert len(empty) == 0 and empty.is_link.dtype == bool
 
 
@@ -45,13 +46,24 @@ def test_resolve_inside_follows_links(tmp_path: Path) -> None:
     for rel in ("out.jpg", "../secret.jpg"):
         with pytest.raises(ValueError, match="outside the dataset root"):
             resolve_inside(root, rel)
-    dataset = DanbooruDatasetResource(root=str(root))
+    dataset = DatasetLayout(root)
     assert dataset.outside_root_problem("in.jpg") == ""
     assert "secret.jpg" in dataset.outside_root_problem("out.jpg")
 
 
-def test_max_pixels_is_resource_config(tmp_path: Path) -> None:
-    assert DanbooruDatasetResource(root=str(tmp_path)).max_pixels == DEFAULT_MAX_PIXELS
-    assert DanbooruDatasetResource(root=str(tmp_path), max_pixels=10).max_pixels == 10
+def test_max_pixels_is_resource_config_handed_to_the_layout(tmp_path: Path) -> None:
+    assert DanbooruDatasetResource(root=str(tmp_path)).layout().max_pixels == DEFAULT_MAX_PIXELS
+    layout = DanbooruDatasetResource(root=str(tmp_path), max_pixels=10, image_folder="512px").layout()
+    assert layout == DatasetLayout(str(tmp_path), image_folder="512px", max_pixels=10)
     with pytest.raises(ValueError, match="greater than 0"):  # pydantic's ValidationError
         DanbooruDatasetResource(root=str(tmp_path), max_pixels=0)
+    with pytest.raises(ValueError, match="max_pixels must be positive"):
+        DatasetLayout(tmp_path, max_pixels=0)
+
+
+def test_missing_root_names_the_variable(tmp_path: Path) -> None:
+    from danbooru_assets.dataset.layout import DatasetRootError
+
+    with pytest.raises(DatasetRootError, match="DANBOORU_ROOT"):
+        DatasetLayout(tmp_path / "nowhere").check_root()
+    assert DatasetLayout(tmp_path).check_root() == tmp_path

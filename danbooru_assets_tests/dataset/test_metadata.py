@@ -10,7 +10,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.dataset.layout import DatasetLayout
 from danbooru_assets.dataset.metadata import (
     METADATA_COLUMNS,
     ParseReport,
@@ -194,8 +194,7 @@ def test_gzip_metadata_is_read_and_other_files_are_listed_as_ignored(tmp_path: P
     (meta / "posts.json.gz.part").write_bytes(b"partial download")
     (meta / "._posts.json").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (meta / "README.txt").write_text("notes")
-    dataset = DanbooruDatasetResource(root=str(root))
-    files = dataset.metadata_files()
+    files = DatasetLayout(root).metadata_files()
     assert [p.name for p in files] == ["gzip_without_gz.json", "more.jsonl.gz", "plain.jsonl", "posts.json.gz"]
     assert ignored_metadata_entries(meta, files) == [
         ("._posts.json", "a hidden file"),
@@ -270,7 +269,8 @@ def test_scratch_of_a_killed_run_is_removed_by_the_next_and_a_live_runs_is_kept(
 
 def test_materialization_lists_files_bad_lines_values_and_duplicates(tmp_path: Path):
     from danbooru_assets.orchestration.assets.index import danbooru_metadata
-    from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory, StorageResource
+    from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory
+    from danbooru_assets.orchestration.resources import DanbooruDatasetResource, StorageResource
 
     root = tmp_path / "danbooru"
     meta = root / "metadata"

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from danbooru_assets.orchestration.assets.index import SHARD_INDEX_CHECKS, check_ids_in_bucket, check_schema
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.dataset.layout import DatasetLayout
 from danbooru_assets.dataset.metadata import convert_metadata_to_shards
 from danbooru_assets.dataset.shard_index import INDEX_COLUMNS, STATUSES, USABLE_STATUSES, build_shard_index
 from danbooru_assets_tests.conftest import jpeg_bytes
@@ -18,7 +18,7 @@ def _index(root: Path, shard: str, tmp_path: Path):
     convert_metadata_to_shards(sorted((root / "metadata").iterdir()), out)
     path = out / f"{shard}.parquet"
     meta = pd.read_parquet(path) if path.exists() else None
-    return build_shard_index(DanbooruDatasetResource(root=str(root)), shard, meta)
+    return build_shard_index(DatasetLayout(root), shard, meta)
 
 
 def test_statuses_sizes_and_counts(mini_dataset: Path, tmp_path: Path):
@@ -84,7 +84,7 @@ def _index_tree(root: Path, shard: str, tmp_path: Path, **resource):
         convert_metadata_to_shards(sorted((root / "metadata").iterdir()), out)
         if (out / f"{shard}.parquet").exists():
             metadata = pd.read_parquet(out / f"{shard}.parquet")
-    return build_shard_index(DanbooruDatasetResource(root=str(root), **resource), shard, metadata)
+    return build_shard_index(DatasetLayout(root, **resource), shard, metadata)
 
 
 def test_too_large_images_get_a_status_and_the_rest_is_indexed(tmp_path: Path):

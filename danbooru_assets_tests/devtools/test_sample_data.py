@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from danbooru_assets.core.shards import shard_key
 from danbooru_assets.pose import coco
 from danbooru_assets.devtools.sample_data import (
     DUMP_FILE,
@@ -27,7 +28,6 @@ from danbooru_assets.devtools.sample_data import (
     PROBLEMS,
     SampleDatasetSummary,
     add_sample_data_arguments,
-    bucket_key,
     default_sample_root,
     generate_sample_dataset,
     image_relpath,
@@ -96,13 +96,13 @@ def test_layout_follows_danbooru_buckets(sample):
     for p in files:
         image_id = int(p.stem)
         assert 100_000 <= image_id <= 9_999_999
-        assert p.parent.name == f"{image_id % 1000:04d}" == bucket_key(image_id)
+        assert p.parent.name == f"{image_id % 1000:04d}" == shard_key(image_id)
         assert str(p.relative_to(root)) == image_relpath(image_id, p.suffix[1:])
     on_disk = {str(p.relative_to(root)) for p in files}
     with_file = gt[gt.has_file]
     assert on_disk == {image_relpath(i, e) for i, e in zip(with_file.image_id, with_file.file_ext)}
     # metadata-only ids live in the same buckets, so a shard's metadata join sees them
-    assert {bucket_key(i) for i in summary.ids_metadata_only} <= set(summary.shards)
+    assert {shard_key(i) for i in summary.ids_metadata_only} <= set(summary.shards)
     exts = {p.suffix for p in files}
     assert {".jpg", ".png", ".gif", ".psd"} <= exts
     assert sum(p.suffix == ".jpg" for p in files) > len(files) / 2

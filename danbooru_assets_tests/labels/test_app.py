@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
-from danbooru_assets.labels.app import LabelingServer, add_label_arguments, make_app, run_label, split_host
+from danbooru_assets.labels.app import LabelingServer, add_label_arguments, make_app, page_html, run_label, split_host
 from danbooru_assets.labels.store import LabelStore
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -521,3 +521,16 @@ def test_least_recently_used_tab_is_forgotten_beyond_the_limit(app: LabelingServ
     assert _call(app, f"/api/state?session={first}")[0] == 200
     status, payload = _call(app, f"/api/state?session={second}")
     assert status == 404 and "reload the page" in payload["error"]
+
+
+def test_the_page_is_assembled_from_its_package_files():
+    import importlib.resources
+
+    files = importlib.resources.files("danbooru_assets.labels")
+    html = page_html()
+    for name in ("page.css", "page.js"):
+        part = files.joinpath(name).read_text(encoding="utf-8")
+        assert len(part) > 500 and html.count(part) == 1  # inlined once, whole
+        assert f"/* {name} */" not in html  # no marker left behind
+    assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
+

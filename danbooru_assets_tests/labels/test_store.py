@@ -12,7 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from danbooru_assets.labels.store import LABEL_CLASSES, LATEST_COLUMNS, LabelConflict, LabelStore
+from danbooru_assets.labels.store import LATEST_COLUMNS, LabelConflict, LabelStore
+from danbooru_assets.labels.classes import LABEL_CLASSES
 
 
 @pytest.fixture()

@@ -49,12 +49,14 @@ def test_second_run_encodes_nothing_and_a_new_image_encodes_one(ingested):
     source = next(p for p in sorted((ingested.root / "original" / shard).iterdir()) if p.suffix == ".jpg")
     new_id = int(source.stem) + 1000 * 997  # same bucket, unused id
     (source.parent / f"{new_id}.jpg").write_bytes(source.read_bytes())
-    result = ingested.materialize(INGEST, shard)
-    meta = ingested.metadata(result, "clip_embeddings")
-    assert meta["encoded"] == 1
-    assert new_id in set(ingested.table("clip_embeddings", shard)["image_id"])
-    (source.parent / f"{new_id}.jpg").unlink()
-    ingested.materialize(INGEST, shard)
+    try:
+        result = ingested.materialize(INGEST, shard)
+        meta = ingested.metadata(result, "clip_embeddings")
+        assert meta["encoded"] == 1
+        assert new_id in set(ingested.table("clip_embeddings", shard)["image_id"])
+    finally:  # the module's other tests see the dataset as generated
+        (source.parent / f"{new_id}.jpg").unlink()
+        ingested.materialize(INGEST, shard)
 
 
 def test_corrupt_images_get_a_status_not_a_crash(ingested):
@@ -97,31 +99,104 @@ def test_threshold_keeps_target_fraction_and_settings_file_change_is_used(ingest
     assert abs(threshold["kept"].iloc[0] - 0.2 * scored) <= 2
     # The user sets a new target in the durable settings; later runs (sensor, backfill) use it.
     save_settings(ingested.settings_path, set_setting(CurationSettings(), "clip.keep_fraction", "0.5"))
-    result = ingested.materialize(["clip_threshold"])
-    meta = ingested.metadata(result, "clip_threshold")
-    assert meta["settings_source"] == "settings file"
-    assert abs(meta["kept"] - 0.5 * scored) <= 2
-    for key in ("histogram", "just_above_threshold", "just_below_threshold"):
-        assert "data:image/png;base64," in meta[key]
-    # Rematerializing a shard's subset after the change touches no image.
     shard = ingested.shards[0]
-    _forbid_image_reads(monkeypatch)
-    result = ingested.materialize(["clip_subset"], shard)
-    subset = ingested.table("clip_subset", shard)
-    new_threshold = ingested.table("clip_threshold")["threshold"].iloc[0]
-    kept_by_score = subset["portrait_score"] >= new_threshold
-    assert (subset["kept"] <= kept_by_score).all()
-    assert ingested.metadata(result, "clip_subset")["threshold"] == pytest.approx(new_threshold)
-    monkeypatch.undo()
-    ingested.settings_path.unlink()
-    ingested.materialize(["clip_threshold"])
+    try:
+        result = ingested.materialize(["clip_threshold"])
+        meta = ingested.metadata(result, "clip_threshold")
+        assert meta["settings_source"] == "settings file"
+        assert abs(meta["kept"] - 0.5 * scored) <= 2
+        for key in ("histogram", "just_above_threshold", "just_below_threshold"):
+            assert "data:image/png;base64," in meta[key]
+        # Rematerializing a shard's subset after the change touches no image.
+        _forbid_image_reads(monkeypatch)
+        result = ingested.materialize(["clip_subset"], shard)
+        subset = ingested.table("clip_subset", shard)
+        new_threshold = ingested.table("clip_threshold")["threshold"].iloc[0]
+        kept_by_score = subset["portrait_score"] >= new_threshold
+        assert (subset["kept"] <= kept_by_score).all()
+        assert ingested.metadata(result, "clip_subset")["threshold"] == pytest.approx(new_threshold)
+    finally:  # back to the defaults for the module's other tests
+        monkeypatch.undo()
+        ingested.settings_path.unlink(missing_ok=True)
+        ingested.materialize(["clip_threshold"])
+        ingested.materialize(["clip_subset"], shard)
 
 
 def test_fixed_threshold_from_run_config(ingested):
-    result = ingested.materialize(["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": {"fixed_threshold": 0.0}}}})
-    meta = ingested.metadata(result, "clip_threshold")
-    assert meta["mode"] == "fixed" and meta["kept"] == meta["scored"]
-    ingested.materialize(["clip_threshold"])
+    try:
+        result = ingested.materialize(
+            ["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": {"fixed_threshold": 0.0}}}}
+        )
+        meta = ingested.metadata(result, "clip_threshold")
+        assert meta["mode"] == "fixed" and meta["kept"] == meta["scored"]
+    finally:
+        ingested.materialize(["clip_threshold"])
+
+
+def test_subset_override_is_validated_and_a_bad_one_fails_the_run(ingested):
+    shard = ingested.shards[0]
+    before = ingested.table("clip_subset", shard)
+    bad = {"ops": {"clip_subset": {"config": {"min_side": -5}}}}
+    with pytest.raises(Exception, match="min_side"):
+        ingested.materialize(["clip_subset"], shard, run_config=bad)
+    assert ingested.table("clip_subset", shard).equals(before)  # nothing written for the bad run
+    try:
+        big = {"ops": {"clip_subset": {"config": {"min_side": 100_000}}}}
+        result = ingested.materialize(["clip_subset"], shard, run_config=big)
+        meta = ingested.metadata(result, "clip_subset")
+        assert meta["settings_source"] == "run config" and meta["rules"]["min_side"] == 100_000
+        subset = ingested.table("clip_subset", shard)
+        assert len(subset) and subset["drop_reasons"].str.contains("too_small").all()
+    finally:
+        ingested.materialize(["clip_subset"], shard)
+
+
+def test_subset_sizes_are_the_decodes_displayed_ones(ingested):
+    """An EXIF-rotated JPEG: the index (from metadata) has the stored frame, the decode the
+    displayed one; clip_subset (and pose after it) get the displayed size."""
+    from danbooru_assets.core.tables import read_parquet, write_parquet
+
+    shard = ingested.shards[4]
+    stats_path = ingested.storage.asset_path("image_stats", shard)
+    stats_before = read_parquet(stats_path)
+    index = ingested.table("shard_index", shard).set_index("image_id")
+    stats = stats_before.copy()
+    oblong = stats["image_id"].map(index["width"]) != stats["image_id"].map(index["height"])
+    row = stats.index[(stats["status"] == "ok") & oblong][0]
+    image_id = int(stats.loc[row, "image_id"])
+    # As the decode reports a 90-degree EXIF turn: the index's sides, swapped.
+    stats.loc[row, "orig_width"] = int(index.loc[image_id, "height"])
+    stats.loc[row, "orig_height"] = int(index.loc[image_id, "width"])
+    write_parquet(stats_path, stats)
+    try:
+        ingested.materialize(["clip_subset"], shard)
+        subset = ingested.table("clip_subset", shard).set_index("image_id")
+        assert subset.loc[image_id, ["width", "height"]].tolist() == [
+            index.loc[image_id, "height"], index.loc[image_id, "width"]]
+        others = subset.drop(index=image_id).join(stats.set_index("image_id")[["status", "orig_width"]])
+        readable = others["status"] == "ok"
+        assert readable.any() and (others.loc[readable, "width"] == others.loc[readable, "orig_width"]).all()
+    finally:
+        write_parquet(stats_path, stats_before)
+        ingested.materialize(["clip_subset"], shard)
+
+
+def test_resource_builds_the_library_model_from_its_config_and_the_environment(monkeypatch, tmp_path):
+    from danbooru_assets.clip.model import ClipModel
+    from danbooru_assets.orchestration.resources import ClipModelResource
+
+    resource = ClipModelResource.demo()
+    assert resource.model() == ClipModel.demo() and resource.model().is_demo()
+    resized = resource.model_copy(update={"batch_size": 7, "device": "cpu"}).model()
+    assert (resized.batch_size, resized.device, resized.model_name) == (7, "cpu", ClipModel.demo().model_name)
+    monkeypatch.delenv("DANBOORU_CLIP_MODEL", raising=False)
+    monkeypatch.delenv("DANBOORU_CLIP_PRETRAINED", raising=False)
+    assert ClipModelResource.from_env(sample_data=True).model().is_demo()
+    assert ClipModelResource.from_env(sample_data=False).model() == ClipModel()  # never the demo implicitly
+    ckpt = tmp_path / "w.safetensors"
+    monkeypatch.setenv("DANBOORU_CLIP_PRETRAINED", str(ckpt))
+    configured = ClipModelResource.from_env(sample_data=True, batch_size=8)
+    assert (configured.model_name, configured.pretrained, configured.batch_size) == ("ViT-B-32", str(ckpt), 8)
 
 
 def test_subset_rules_record_every_reason(ingested):
@@ -140,7 +215,7 @@ def test_subset_rules_record_every_reason(ingested):
 def test_a_kill_between_the_two_tables_writes_loses_no_image(ingested):
     """kill -9 after clip_embeddings was renamed into place, before image_stats was: the
     re-run must give two tables with the same images and drop no readable image."""
-    from danbooru_assets.orchestration.io_manager import read_parquet, write_parquet
+    from danbooru_assets.core.tables import read_parquet, write_parquet
 
     shard = ingested.shards[3]
     stats_path = ingested.storage.asset_path("image_stats", shard)

@@ -9,7 +9,7 @@ import pytest
 from danbooru_assets.export.curated import export_curated, read_webdataset_samples
 from danbooru_assets.labels.store import LabelStore
 from danbooru_assets.pose.keypoint_files import read_keypoint_files
-from danbooru_assets.quality.classifier import round_plan
+from danbooru_assets.quality.queue import round_plan
 from danbooru_assets.devtools.sample_data import read_ground_truth
 from danbooru_assets.orchestration.sensors import build_retrain_sensor
 from danbooru_assets.settings import CurationSettings, save_settings, set_setting
@@ -103,8 +103,8 @@ def test_rounds_queue_label_retrain(loop):
 
 
 def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
-    from danbooru_assets.labels.resource import LabelStoreResource
-    from danbooru_assets.settings import SettingsResource
+    from danbooru_assets.orchestration.resources import LabelStoreResource
+    from danbooru_assets.orchestration.resources import SettingsResource
 
     job = dg.define_asset_job("quality_model_job", selection=["quality_model"])
     sensor = build_retrain_sensor(job)
@@ -136,7 +136,7 @@ def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
 
 
 def test_missing_embeddings_are_left_out_and_a_clip_model_mix_is_an_error(loop):
-    from danbooru_assets.orchestration.io_manager import write_parquet
+    from danbooru_assets.core.tables import write_parquet
     from danbooru_assets.orchestration.partitions import shard_key
 
     store = LabelStore(loop.resources["label_store"].path)

@@ -6,8 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 from upath import UPath
 
-from danbooru_assets.orchestration.io_manager import COLUMNS, ParquetIOManagerFactory, ShardTables, StorageResource, read_parquet, write_parquet
+from danbooru_assets.core.tables import ShardTables, read_parquet, write_parquet
+from danbooru_assets.orchestration.io_manager import COLUMNS, ParquetIOManagerFactory
 from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, range_tags
+from danbooru_assets.orchestration.resources import StorageResource
 
 parts = dg.StaticPartitionsDefinition(["0001", "0002", "0003"])
 

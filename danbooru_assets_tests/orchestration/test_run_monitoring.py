@@ -19,6 +19,9 @@ import pytest
 
 from danbooru_assets.devtools.local_dagster import LocalDagster
 
+# Starts a Dagster webserver and daemon: minutes, not seconds.
+pytestmark = pytest.mark.slow
+
 POOL_CODE = '''
 import os, time
 from pathlib import Path

@@ -4,9 +4,9 @@ from pathlib import Path
 import dagster as dg
 
 from danbooru_assets.orchestration.assets.index import danbooru_metadata, shard_index
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
-from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory, StorageResource
+from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory
 from danbooru_assets.orchestration.partitions import RANGE_END_TAG, RANGE_START_TAG, range_tags
+from danbooru_assets.orchestration.resources import DanbooruDatasetResource, StorageResource
 from danbooru_assets.orchestration.sensors import build_new_data_sensor
 from danbooru_assets_tests.conftest import jpeg_bytes
 

@@ -13,9 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from danbooru_assets.devtools.local_dagster import LocalDagster
 from danbooru_assets.devtools.sample_data import generate_sample_dataset
 from danbooru_assets_tests.orchestration.test_ui_backfill import MAIN_JOB_TIMEOUT_S, _env
+
+# Starts a Dagster webserver: minutes, not seconds.
+pytestmark = pytest.mark.slow
 
 STALE_QUERY = """query($keys: [AssetKeyInput!]) { assetNodes(assetKeys: $keys) {
     assetKey { path } isPartitioned staleStatus staleCauses { key { path } }

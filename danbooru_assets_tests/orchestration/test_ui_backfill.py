@@ -28,6 +28,9 @@ import pytest
 from danbooru_assets.devtools.local_dagster import LocalDagster
 from danbooru_assets.devtools.sample_data import KEYPOINTS_TARBALL, generate_sample_dataset
 
+# Starts a Dagster webserver, daemon and Chromium: minutes, not seconds.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 BACKFILL_TIMEOUT_S = 240
 MAIN_JOB_TIMEOUT_S = 600

@@ -8,7 +8,7 @@ from PIL import Image
 
 from danbooru_assets.pose.coco import KEYPOINT_INDEX, SKELETON, SKELETON_COLORS
 from danbooru_assets.pose.draw import draw_skeleton, skeleton_sheet
-from danbooru_assets.pose.geometry import CANONICAL_POSE
+from danbooru_assets.pose.synthetic import CANONICAL_POSE
 
 K = KEYPOINT_INDEX
 

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES, keypoint_columns
-from danbooru_assets.pose.geometry import synthetic_poses
+from danbooru_assets.pose.synthetic import synthetic_poses
 from danbooru_assets.pose.keypoint_files import (
+    keypoints_for_ids,
     detect_axis_order,
     read_keypoint_files,
     source_fingerprint,
@@ -244,3 +245,16 @@ def test_tarball_fingerprint_is_its_size_and_mtime(tmp_path):
     assert fp["size"] == tarball.stat().st_size and fp["mtime_ns"] == tarball.stat().st_mtime_ns
     with pytest.raises(FileNotFoundError):
         source_fingerprint(tmp_path / "missing")
+
+
+def test_keypoints_for_ids_in_the_asked_order_with_a_status_for_ids_without_a_file():
+    published = synthetic_poses(3, seed=0, outlier_fraction=0.0, missing_fraction=0.0)[["image_id", *KEYPOINT_COLUMNS]]
+    rows = keypoints_for_ids(published, np.array([2, 9, 0]), '{"fp":1}')
+    assert rows["image_id"].tolist() == [2, 9, 0]
+    assert rows["status"].tolist() == ["ok", "no_keypoint_file", "ok"]
+    assert rows.loc[0, "kp_nose_x"] == published.loc[2, "kp_nose_x"]
+    assert rows.loc[1, list(KEYPOINT_COLUMNS)].isna().all()
+    assert rows["backend"].eq("keypoint_files").all() and rows["backend_fingerprint"].eq('{"fp":1}').all()
+    nothing = keypoints_for_ids(None, np.array([5]), "fp")  # no import for this shard
+    assert nothing["status"].tolist() == ["no_keypoint_file"]
+

@@ -1,1 +1,1 @@
-"""orchestration.assets."""
+"""One module per stage: settings, index, clip, pose, quality."""

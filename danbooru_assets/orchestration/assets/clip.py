@@ -15,12 +15,16 @@ import dagster as dg
 from pydantic import Field
 
 from danbooru_assets.orchestration.assets.settings import settings_keys
-from danbooru_assets.clip.model import DEMO_WARNING, ClipModelResource
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
+from danbooru_assets.clip.model import DEMO_WARNING
+from danbooru_assets.clip.rules import STATS_INPUT_COLUMNS, SUBSET_REASONS
+from danbooru_assets.orchestration.resources import DanbooruDatasetResource
 from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
-from danbooru_assets.orchestration.io_manager import COLUMNS, ShardTables, StorageResource, read_parquet, write_parquet
+from danbooru_assets.orchestration.io_manager import COLUMNS
+from danbooru_assets.orchestration.resources import StorageResource
+from danbooru_assets.core.tables import ShardTables, read_parquet, write_parquet
 from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
-from danbooru_assets.settings import ImageRules, SettingsResource, prompt_lists, settings_hash, threshold_settings
+from danbooru_assets.settings import prompt_lists, settings_hash, threshold_settings
+from danbooru_assets.orchestration.resources import ClipModelResource, SettingsResource
 from danbooru_assets.orchestration.shard_runs import ShardLoop
 
 if TYPE_CHECKING:
@@ -63,12 +67,14 @@ def clip_embeddings_and_image_stats(
 ):
     import pandas as pd
 
-    from danbooru_assets.clip.model import image_stats_frame
+    from danbooru_assets.clip.image_pass import embed_images_with_stats
+    from danbooru_assets.clip.image_stats import image_stats_frame
     from danbooru_assets.core.embeddings import embedding_column
     from danbooru_assets.core.progress import ThroughputLogger
     from danbooru_assets.dataset.shard_index import USABLE_STATUSES
 
-    fingerprint_id = clip_model.fingerprint_id()
+    model = clip_model.model()
+    fingerprint_id = model.fingerprint_id()
 
     # 1. Per shard: what is new. Incremental: an image is reused when both stored tables
     # hold it for the same file (size, mtime) and the embedding is from the same model;
@@ -107,8 +113,8 @@ def clip_embeddings_and_image_stats(
         for part in (todo_all.loc[~todo_all["image_id"].duplicated()], todo_all.loc[todo_all["image_id"].duplicated()]):
             if len(part):
                 paths = [dataset.image_path(p) for p in part["rel_path"]]
-                embeddings, stats = clip_model.embed_images(
-                    paths, part["image_id"].tolist(), progress=progress, max_pixels=dataset.max_pixels
+                embeddings, stats = embed_images_with_stats(
+                    model, paths, part["image_id"].tolist(), progress=progress, max_pixels=dataset.max_pixels
                 )
                 stats.insert(1, "shard", part["shard"].to_numpy())
                 vectors = embedding_column(embeddings)
@@ -145,6 +151,7 @@ def clip_embeddings_and_image_stats(
             "encoded": len(todo),
             "reused": 0 if reused_emb is None else len(reused_emb),
             "unreadable": int((embeddings_table["status"] != "ok").sum()),
+            "readable": len(ok_stats),
             "greyscale": int(ok_stats["is_greyscale"].sum()),
         }
         return (embeddings_table, stats_table), counts
@@ -162,13 +169,12 @@ def clip_embeddings_and_image_stats(
     yield dg.Output(
         {shard: tables[0] for shard, tables in results.items()},
         output_name="clip_embeddings",
-        metadata={**common, **clip_model.metadata(), "embedding_dim": int(clip_model.fingerprint()["embed_dim"])},
+        metadata={**common, **model.metadata(), "embedding_dim": int(model.fingerprint()["embed_dim"])},
     )
-    ok = max(loop.totals.get("images", 0) - loop.totals.get("unreadable", 0), 0)
     yield dg.Output(
         {shard: tables[1] for shard, tables in results.items()},
         output_name="image_stats",
-        metadata={**common, "greyscale_fraction": loop.totals.get("greyscale", 0) / ok if ok else 0.0},
+        metadata={**common, "greyscale_fraction": loop.ratio("greyscale", "readable")},
     )
 
 
@@ -193,10 +199,7 @@ class PromptConfig(dg.Config):
 def prompt_embeddings(
     context: dg.AssetExecutionContext, config: PromptConfig, clip_model: ClipModelResource, settings: SettingsResource
 ):
-    import numpy as np
-    import pandas as pd
-
-    from danbooru_assets.clip.scoring import prompt_mapping
+    from danbooru_assets.clip.scoring import prompt_embeddings_table
 
     positive, negative = prompt_lists(settings.load().clip)
     # Absent (None) means the settings file's prompts; an empty list is a mistake, never
@@ -210,14 +213,10 @@ def prompt_embeddings(
     overridden = config.positive_prompts is not None or config.negative_prompts is not None
     positive = config.positive_prompts if config.positive_prompts is not None else positive
     negative = config.negative_prompts if config.negative_prompts is not None else negative
-    table = prompt_mapping(positive, negative)
-    vectors = clip_model.encode_text(table["prompt"].tolist()) if len(table) else np.zeros((0, 0), np.float32)
-    table["embedding"] = list(vectors.astype(np.float32))  # float32: a handful of rows
-    table["model_fingerprint_id"] = clip_model.fingerprint_id()
-    table["logit_scale"] = clip_model.logit_scale()
-    table["demo_model"] = clip_model.is_demo()  # scores from it carry no meaning; clip_scores says so
+    model = clip_model.model()
+    table = prompt_embeddings_table(model, positive, negative)
     return dg.Output(
-        pd.DataFrame(table),
+        table,
         metadata={
             "prompts": dg.MetadataValue.md(
                 "| column | kind | prompt |\n|---|---|---|\n"
@@ -225,7 +224,7 @@ def prompt_embeddings(
             ),
             "prompt_set": settings_hash({"positive": positive, "negative": negative}),
             "settings_source": "run config" if overridden else settings.source(),
-            **clip_model.metadata(),
+            **model.metadata(),
         },
     )
 
@@ -240,48 +239,25 @@ def prompt_embeddings(
     "image embeddings and prompt_embeddings. Changing prompts never re-reads an image.",
 )
 def clip_scores(context: dg.AssetExecutionContext, clip_embeddings: ShardTables, prompt_embeddings):
-    from danbooru_assets.clip.scoring import score_embeddings
-    from danbooru_assets.core.embeddings import embedding_matrix
+    from danbooru_assets.clip.scoring import score_stored
 
     prompts = prompt_embeddings
-    fingerprint = str(prompts["model_fingerprint_id"].iloc[0])
-    positive = prompts.loc[prompts["kind"] == "positive"]
-    negative = prompts.loc[prompts["kind"] == "negative"]
-    text = embedding_matrix(prompts)
 
     def score_shard(shard: str):
-        table = clip_embeddings[shard]
-        ok = table.loc[table["status"] == "ok"].reset_index(drop=True)
-        other_model = ok["model_fingerprint_id"] != fingerprint
-        if other_model.any():
-            raise RuntimeError(
-                f"{int(other_model.sum())} embeddings of shard {shard} come from another model than "
-                f"prompt_embeddings ({fingerprint}); rematerialize clip_embeddings (or prompt_embeddings) first"
-            )
-        matrix = embedding_matrix(ok, dim=text.shape[1])  # (0, D) for an empty shard
-        scores = score_embeddings(
-            matrix,
-            text[(prompts["kind"] == "positive").to_numpy()],
-            text[(prompts["kind"] == "negative").to_numpy()],
-            logit_scale=float(prompts["logit_scale"].iloc[0]),
-            positive_prompts=positive["prompt"].tolist(),
-            negative_prompts=negative["prompt"].tolist(),
-        )
-        scores.insert(0, "image_id", ok["image_id"].to_numpy())
+        scores = score_stored(clip_embeddings[shard], prompts)
         return scores, {"images": len(scores), "portrait_score_sum": float(scores["portrait_score"].sum())}
 
     loop = ShardLoop(context, "clip_scores")
     tables = loop.run(score_shard)
-    images = loop.totals.get("images", 0)
     return dg.Output(
         tables,
         metadata={
             **loop.metadata(["images"]),
-            "mean_portrait_score": loop.totals.get("portrait_score_sum", 0.0) / images if images else 0.0,
-            "prompt_set": settings_hash(
-                {"positive": positive["prompt"].tolist(), "negative": negative["prompt"].tolist()}
-            ),
-            "model_fingerprint_id": fingerprint,
+            "mean_portrait_score": loop.ratio("portrait_score_sum", "images"),
+            "prompt_set": settings_hash({
+                kind: prompts.loc[prompts["kind"] == kind, "prompt"].tolist() for kind in ("positive", "negative")
+            }),
+            "model_fingerprint_id": str(prompts["model_fingerprint_id"].iloc[0]),
             **({"warning": DEMO_WARNING} if bool(prompts["demo_model"].iloc[0]) else {}),
         },
     )
@@ -338,7 +314,7 @@ def clip_threshold(
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from danbooru_assets.clip.scoring import threshold_for_fraction
+    from danbooru_assets.clip.scoring import threshold_summary
     from danbooru_assets.core.visuals import figure_to_image
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
@@ -354,12 +330,13 @@ def clip_threshold(
             f"no scored images in the {len(clip_scores)} materialized clip_scores partitions: "
             "materialize clip_scores for shards that have images first"
         )
-    # Coverage: a threshold over a part of the dataset is a guess for the rest; say how big
-    # a part (shards with scores of the shards with an index).
-    indexed = set(shard_index)
-    scored_indexed = len(indexed & set(clip_scores))
-    unscored = sorted(indexed - set(clip_scores))
-    coverage = f"{scored_indexed} of {len(indexed)} indexed shards scored"
+    values = scores["portrait_score"].to_numpy()
+    summary = threshold_summary(
+        values, wanted["keep_fraction"], wanted["fixed_threshold"], set(clip_scores), set(shard_index)
+    )
+    threshold, kept = summary["threshold"], summary["kept"]
+    unscored = sorted(set(shard_index) - set(clip_scores))
+    coverage = f"{summary['indexed_shards'] - len(unscored)} of {summary['indexed_shards']} indexed shards scored"
     coverage_note = (
         f"{coverage}: the threshold ignores the {len(unscored)} unscored shards ("
         + ", ".join(unscored[:20]) + (" …" if len(unscored) > 20 else "")
@@ -369,12 +346,6 @@ def clip_threshold(
     )
     if unscored:
         context.log.warning(f"clip_threshold: {coverage_note}")
-    values = scores["portrait_score"].to_numpy()
-    if wanted["fixed_threshold"] is not None:
-        threshold, mode = float(wanted["fixed_threshold"]), "fixed"
-    else:
-        threshold, mode = float(threshold_for_fraction(values, wanted["keep_fraction"])), "keep_fraction"
-    kept = int((values >= threshold).sum())
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.hist(values, bins=60, color="#4c72b0")
@@ -387,38 +358,18 @@ def clip_threshold(
     below = scores.loc[values < threshold].nlargest(REVIEW_SHEET_SIZE, "portrait_score")
     # Only the shards of the ~50 review images are read for their paths.
     paths = shard_index.rows(pd.concat([above, below])["image_id"]).set_index("image_id")["rel_path"]
-    table = pd.DataFrame(
-        [{
-            "threshold": threshold,
-            "mode": mode,
-            "target_keep_fraction": wanted["keep_fraction"] if mode == "keep_fraction" else None,
-            "kept": kept,
-            "scored": len(values),
-            "kept_fraction": kept / len(values),
-            "scored_shards": len(clip_scores),
-            "indexed_shards": len(indexed),
-            "shard_coverage": scored_indexed / len(indexed) if indexed else 0.0,
-            "settings": json.dumps(wanted),
-        }]
-    )
+    table = pd.DataFrame([{**summary, "settings": json.dumps(wanted)}])
     return dg.Output(
         table,
         metadata={
-            "threshold": threshold,
-            "mode": mode,
-            "kept": kept,
-            "scored": len(values),
-            "kept_fraction": kept / len(values),
-            "scored_shards": len(clip_scores),
-            "indexed_shards": len(indexed),
-            "shard_coverage": scored_indexed / len(indexed) if indexed else 0.0,
+            **{k: v for k, v in summary.items() if k != "target_keep_fraction"},
             "coverage": dg.MetadataValue.md(("**Partial:** " if unscored else "") + coverage_note),
             "settings": dg.MetadataValue.json(wanted),
             "settings_source": "run config" if overridden else settings.source(),
             "histogram": image_markdown(figure_to_image(fig), "portrait_score histogram"),
             "just_above_threshold": _review_sheet(dataset, paths, above, f"just above {threshold:.4f} (kept)"),
             "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
-            **({"warning": DEMO_WARNING} if clip_model.is_demo() else {}),
+            **({"warning": DEMO_WARNING} if clip_model.model().is_demo() else {}),
         },
     )
 
@@ -431,62 +382,12 @@ class ClipSubsetConfig(dg.Config):
     min_content_area_frac: float | None = None
 
 
-# Drop reasons of clip_subset; a row keeps every reason that applies.
-SUBSET_REASONS = ("unreadable", "below_threshold", "too_small", "dark_border_little_content")
-
-
-def _values_at(table: "pd.DataFrame", column: str, ids, fill):
-    """``table[column]`` at ``ids`` (``fill`` where an id is absent), as numpy: a sorted
-    lookup instead of a pandas merge, which costs milliseconds on a small shard."""
-    import numpy as np
-
-    keys = table["image_id"].to_numpy()
-    values = table[column].to_numpy(dtype=object if isinstance(fill, str) else float, na_value=fill)
-    if len(keys) == 0:
-        return np.full(len(ids), fill, dtype=values.dtype)
-    order = np.argsort(keys, kind="stable")
-    pos = np.clip(np.searchsorted(keys, ids, sorter=order), 0, len(keys) - 1)
-    found = keys[order[pos]] == ids
-    return np.where(found, values[order[pos]], fill)
-
-
-def apply_clip_rules(
-    index: "pd.DataFrame", stats: "pd.DataFrame", scores: "pd.DataFrame", threshold: float, rules: ImageRules
-) -> "tuple[pd.DataFrame, dict[str, int]]":
-    """Every usable row of the shard with ``kept`` and its ``drop_reasons`` ("|"-joined),
-    and how many rows each reason dropped."""
-    import numpy as np
-
-    from danbooru_assets.dataset.shard_index import USABLE_STATUSES
-
-    rows = index.loc[index["status"].isin(USABLE_STATUSES), ["image_id", "rel_path", "width", "height"]]
-    rows = rows.reset_index(drop=True)
-    ids = rows["image_id"].to_numpy()
-    score = _values_at(scores, "portrait_score", ids, np.nan)
-    dark = _values_at(stats, "border_black_rows_frac", ids, 0.0) + _values_at(stats, "border_black_cols_frac", ids, 0.0)
-    content = _values_at(stats, "content_area_frac", ids, 1.0)
-    failed = {
-        "unreadable": _values_at(stats, "status", ids, "missing") != "ok",
-        "below_threshold": ~(score >= threshold),
-        "too_small": np.minimum(rows["width"].to_numpy(dtype=float), rows["height"].to_numpy(dtype=float)) < rules.min_side,
-        "dark_border_little_content": (dark > rules.max_dark_border_frac) & (content < rules.min_content_area_frac),
-    }
-    reasons = np.full(len(rows), "", dtype=object)
-    for name in SUBSET_REASONS:
-        hit = failed[name]
-        reasons[hit] = np.where(reasons[hit] == "", name, reasons[hit] + "|" + name)
-    out = rows.assign(portrait_score=score.astype(np.float32), kept=reasons == "", drop_reasons=reasons)
-    return out, {f"dropped_{name}": int(failed[name].sum()) for name in SUBSET_REASONS}
-
-
 @dg.asset(
     partitions_def=shard_partitions,
     backfill_policy=CHEAP_BACKFILL,
     ins={
         "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "status"]}),
-        "image_stats": dg.AssetIn(
-            metadata={COLUMNS: ["image_id", "status", "border_black_rows_frac", "border_black_cols_frac", "content_area_frac"]}
-        ),
+        "image_stats": dg.AssetIn(metadata={COLUMNS: STATS_INPUT_COLUMNS}),
         "clip_scores": dg.AssetIn(metadata={COLUMNS: ["image_id", "portrait_score"]}),
     },
     # The threshold section too: a new threshold changes the subset, so the UI marks it
@@ -506,9 +407,15 @@ def clip_subset(
     clip_threshold,
     settings: SettingsResource,
 ) -> dg.Output:
-    rules = settings.load().clip.image_rules
+    from pydantic import ValidationError
+
+    from danbooru_assets.clip.rules import apply_clip_rules, rules_with_overrides
+
     overrides = config.model_dump(exclude_none=True)
-    rules = rules.model_copy(update=overrides)
+    try:
+        rules = rules_with_overrides(settings.load().clip.image_rules, overrides)
+    except ValidationError as exc:  # a wrong value fails this run, never used for it
+        raise dg.Failure(description=f"clip_subset: run config {exc}", allow_retries=False) from None
     threshold = float(clip_threshold["threshold"].iloc[0])
 
     def subset_shard(shard: str):
@@ -519,12 +426,11 @@ def clip_subset(
 
     loop = ShardLoop(context, "clip_subset", images_key="rows")
     tables = loop.run(subset_shard)
-    rows = loop.totals.get("rows", 0)
     return dg.Output(
         tables,
         metadata={
             **loop.metadata(["rows", "kept", *(f"dropped_{n}" for n in SUBSET_REASONS)]),
-            "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
+            "kept_fraction": loop.ratio("kept", "rows"),
             "threshold": threshold,
             "rules": dg.MetadataValue.json(rules.model_dump()),
             "settings_source": "run config" if overrides else settings.source(),

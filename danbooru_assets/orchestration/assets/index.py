@@ -5,9 +5,10 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
-from danbooru_assets.orchestration.io_manager import StorageResource, read_arrow
-from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, shard_key, shard_partitions
+from danbooru_assets.core.shards import shard_key
+from danbooru_assets.core.tables import read_arrow
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, shard_partitions
+from danbooru_assets.orchestration.resources import DanbooruDatasetResource, StorageResource
 from danbooru_assets.orchestration.shard_runs import ShardLoop
 
 if TYPE_CHECKING:
@@ -29,12 +30,13 @@ def danbooru_metadata(context: dg.AssetExecutionContext, dataset: DanbooruDatase
     from danbooru_assets.dataset.layout import METADATA_SUFFIXES
     from danbooru_assets.dataset.metadata import convert_metadata_to_shards, ignored_metadata_entries
 
-    dataset.check_root()
-    folder = dataset.root_path / "metadata"
+    layout = dataset.layout()
+    layout.check_root()
+    folder = layout.root_path / "metadata"
     # Taken before reading: a file that changes during the conversion makes the
     # new_data_sensor convert again.
-    fingerprint = dataset.metadata_fingerprint()
-    files = dataset.metadata_files()
+    fingerprint = layout.metadata_fingerprint()
+    files = layout.metadata_files()
     ignored = ignored_metadata_entries(folder, files)
     if not files:
         context.log.warning(f"no metadata files (*{', *'.join(METADATA_SUFFIXES)}) under {folder}")
@@ -98,15 +100,16 @@ def load_shard_metadata(storage: StorageResource, shard: str) -> "pa.Table | Non
 def shard_index(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource):
     from danbooru_assets.dataset.shard_index import STATUSES, build_shard_index
 
-    dataset.check_root()
+    layout = dataset.layout()
+    layout.check_root()
     checks: dict[str, dict[str, dg.AssetCheckResult]] = {c.__name__: {} for c in SHARD_INDEX_CHECKS}
     problems: list[str] = []
 
     def index_one(shard: str):
         metadata = load_shard_metadata(storage, shard)
-        index, report = build_shard_index(dataset, shard, metadata)
+        index, report = build_shard_index(layout, shard, metadata)
         if not report.files:
-            context.log.debug(f"shard {shard}: no files in {dataset.image_dir(shard)}")
+            context.log.debug(f"shard {shard}: no files in {layout.image_dir(shard)}")
         for rel_path in report.bad_names[:20]:
             context.log.warning(f"{rel_path}: file name is not an image id; not indexed")
         bad = index.loc[index["status"] != "ok", ["rel_path", "status", "problem"]]

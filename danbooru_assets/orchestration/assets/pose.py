@@ -11,23 +11,21 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
+from danbooru_assets.core.shards import SHARD_KEYS, shard_numbers
+from danbooru_assets.core.tables import ShardTables, prune_shard_files, read_parquet, write_bytes, write_parquet
 from danbooru_assets.orchestration.assets.clip import INFERENCE_RETRY
 from danbooru_assets.orchestration.assets.settings import settings_keys
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
-from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
-from danbooru_assets.orchestration.io_manager import (
-    COLUMNS,
-    ShardTables,
+from danbooru_assets.orchestration.io_manager import COLUMNS
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
+from danbooru_assets.orchestration.resources import (
+    DanbooruDatasetResource,
+    PoseEstimatorResource,
+    SettingsResource,
     StorageResource,
-    prune_shard_files,
-    read_parquet,
-    write_bytes,
-    write_parquet,
 )
-from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, NUM_SHARDS, shard_partitions
-from danbooru_assets.pose.resource import PoseEstimatorResource
-from danbooru_assets.settings import PoseRules, SettingsResource
 from danbooru_assets.orchestration.shard_runs import ShardLoop
+from danbooru_assets.settings import PoseRules
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,10 +67,9 @@ def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseE
     keypoints, report = read_keypoint_files(pose_estimator.keypoint_files, axis_order=pose_estimator.axis_order)
     for name, reason in report.malformed[:50]:
         context.log.warning(f"{pose_estimator.keypoint_files}: {name}: {reason}")
-    shard_of = keypoints["image_id"] % NUM_SHARDS
     summary = []
-    for bucket, part in keypoints.groupby(shard_of):
-        shard = f"{int(bucket):04d}"
+    for number, part in keypoints.groupby(shard_numbers(keypoints["image_id"])):
+        shard = SHARD_KEYS[int(number)]
         write_parquet(out_dir / f"{shard}.parquet", part.reset_index(drop=True))
         summary.append((shard, len(part)))
     prune_shard_files(out_dir, {s for s, _ in summary})
@@ -118,29 +115,19 @@ def check_import_is_current(storage: StorageResource, fingerprint: str, source: 
 def _keypoints_from_files(
     storage: StorageResource, shard: str, ids: "np.ndarray", fingerprint: str
 ) -> "pd.DataFrame":
-    import numpy as np
-    import pandas as pd
-
-    from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
-    from danbooru_assets.pose.geometry import keypoint_array, keypoint_frame
+    from danbooru_assets.pose.keypoint_files import keypoints_for_ids
 
     path = storage.path(PUBLISHED_SHARDS_DIR, f"{shard}.parquet")
-    published = read_parquet(path) if path.exists() else pd.DataFrame(columns=["image_id", *KEYPOINT_COLUMNS])
-    rows = pd.DataFrame({"image_id": ids}).merge(published, on="image_id", how="left")
-    kps = keypoint_array(rows)
-    found = np.isfinite(kps[:, :, 0]).any(axis=1)
-    status = np.where(found, "ok", "no_keypoint_file")
-    return keypoint_frame(ids, kps, None, backend="keypoint_files", backend_fingerprint=fingerprint, status=list(status))
+    return keypoints_for_ids(read_parquet(path) if path.exists() else None, ids, fingerprint)
 
 
 def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, dataset: DanbooruDatasetResource, todo):
-    import numpy as np
     import pandas as pd
 
-    from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
-    from danbooru_assets.core.progress import ThroughputLogger
     from danbooru_assets.core.images import ImageDecodeError, open_image_rgb
+    from danbooru_assets.core.progress import ThroughputLogger
     from danbooru_assets.pose.backends import run_estimator
+    from danbooru_assets.pose.features import rescale_keypoints
 
     frames = []
     progress = ThroughputLogger(context.log.debug, label="images (pose)")
@@ -158,13 +145,7 @@ def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, 
                 scales.append((1.0, 1.0))
         frame = run_estimator(estimator, batch["image_id"].tolist(), images)
         # Back to original-image pixels (the decode may have been reduced).
-        sx = np.array([s[0] for s in scales])
-        sy = np.array([s[1] for s in scales])
-        for name_x in [c for c in KEYPOINT_COLUMNS if c.endswith("_x")] + ["box_x0", "box_x1"]:
-            frame[name_x] = frame[name_x].to_numpy() * sx
-        for name_y in [c for c in KEYPOINT_COLUMNS if c.endswith("_y")] + ["box_y0", "box_y1"]:
-            frame[name_y] = frame[name_y].to_numpy() * sy
-        frames.append(frame)
+        frames.append(rescale_keypoints(frame, [s[0] for s in scales], [s[1] for s in scales]))
         progress(start + len(batch), len(todo))
     return pd.concat(frames, ignore_index=True)
 
@@ -198,7 +179,7 @@ def pose_keypoints(
     import pandas as pd
 
     from danbooru_assets.pose.coco import NUM_KEYPOINTS
-    from danbooru_assets.pose.geometry import keypoint_frame
+    from danbooru_assets.pose.features import keypoint_frame
 
     fingerprint = pose_estimator.fingerprint()
     if pose_estimator.uses_files():
@@ -266,7 +247,7 @@ def pose_keypoints(
 
 
 def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
-    from danbooru_assets.pose.geometry import pose_features
+    from danbooru_assets.pose.features import pose_features
 
     ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
     return pose_features(ok, ok["width"].to_numpy(), ok["height"].to_numpy())
@@ -283,7 +264,8 @@ def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
 def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTables) -> dg.Output:
     import pandas as pd
 
-    from danbooru_assets.pose.geometry import feature_histograms, hip_midpoint_scatter, robust_statistics
+    from danbooru_assets.pose.features import robust_statistics
+    from danbooru_assets.pose.plots import feature_histograms, hip_midpoint_scatter
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     parts = pose_keypoints
@@ -310,30 +292,14 @@ def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTabl
     )
 
 
-DENSITY_MODELS = {"hip_mid": "hip_midpoint_outlier", "shoulder_mid": "shoulder_midpoint_outlier"}
-
-
-def density_rule_status(rules: PoseRules, stats: dict) -> str:
-    """What became of the midpoint density rule: "applied", "off" (a setting), or
-    "skipped: …" naming each density model pose_statistics could not learn (no pose had
-    that midpoint). Skipping keeps the other rules' result; it is said, never silent."""
-    if not rules.check_midpoint_density:
-        return "off (pose.check_midpoint_density is false)"
-    density = stats.get("density", {})
-    missing = [name for name in DENSITY_MODELS if not density.get(name, {}).get("n")]
-    if not missing:
-        return "applied"
-    return "skipped: " + "; ".join(
-        f"{DENSITY_MODELS[name]} not checked, pose_statistics has no {name} density model "
-        "(no pose with that midpoint)"
-        for name in missing
-    )
+class PoseRulesConfig(dg.Config, PoseRules):
+    """The settings' ``PoseRules`` as Dagster run config (same fields and constraints)."""
 
 
 class PoseSubsetConfig(dg.Config):
     """Override the settings file's pose rules for one run (all fields, as in settings)."""
 
-    rules: PoseRules | None = None
+    rules: PoseRulesConfig | None = None
 
 
 EXAMPLES_PER_SHEET = 10
@@ -360,7 +326,8 @@ def pose_subset(
 ) -> dg.Output:
     import pandas as pd
 
-    from danbooru_assets.pose.geometry import REASONS, apply_pose_rules, reason_counts, select_examples
+    from danbooru_assets.pose.plots import select_examples
+    from danbooru_assets.pose.rules import REASONS, apply_pose_rules, density_rule_status, reason_counts
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     rules = config.rules or settings.load().pose
@@ -414,7 +381,7 @@ def _sheet(dataset, picked: list, label: str):
 
     from danbooru_assets.core.thumbnails import load_thumbnails
     from danbooru_assets.pose.draw import skeleton_sheet
-    from danbooru_assets.pose.geometry import keypoint_array
+    from danbooru_assets.pose.features import keypoint_array
 
     keypoints = pd.concat([k for k, _, _ in picked], ignore_index=True)
     decisions = pd.concat([d for _, d, _ in picked], ignore_index=True)

@@ -17,15 +17,19 @@ import dagster as dg
 
 from danbooru_assets.orchestration.assets.settings import settings_keys
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS
-from danbooru_assets.dataset.layout import DanbooruDatasetResource
-from danbooru_assets.orchestration.io_manager import COLUMNS, ShardTables, StorageResource, write_bytes
-from danbooru_assets.labels.resource import LABEL_CLASSES, LabelStoreResource
+from danbooru_assets.orchestration.io_manager import COLUMNS
+from danbooru_assets.core.tables import ShardTables, write_bytes
+from danbooru_assets.labels.classes import LABEL_CLASSES
+from danbooru_assets.orchestration.resources import (
+    DanbooruDatasetResource,
+    LabelStoreResource,
+    SettingsResource,
+    StorageResource,
+)
 from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, shard_partitions
-from danbooru_assets.settings import SettingsResource
 from danbooru_assets.orchestration.shard_runs import ShardLoop
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
 
 CLASSES = LABEL_CLASSES
@@ -34,8 +38,6 @@ KEYPOINTS_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "width", "height", *KE
 
 GROUP = "quality"
 MODEL_DIR = "quality_model_files"
-# Pose features the classifier sees (besides the CLIP embedding): normalised geometry.
-NON_FEATURE_COLUMNS = {"image_id", "width", "height"}
 
 
 def _observe_labels(label_store: LabelStoreResource) -> dg.DataVersion:
@@ -50,28 +52,6 @@ with warnings.catch_warnings():  # observable source assets are marked beta; thi
         description="Human labels (good / questionable / bad) in the SQLite label store, written by "
         "the labeling page or a CSV import. Its data version changes whenever the store does.",
     )(_observe_labels)
-
-
-def classifier_features(embeddings: "pd.DataFrame", keypoints: "pd.DataFrame", image_ids) -> "tuple[np.ndarray, list[str]]":
-    """CLIP embedding + normalised pose features for ``image_ids`` (rows in that order).
-    Every id must have an embedding (``quality.rows_with_embeddings`` picks those that
-    do): a missing one is an error here, never a zero vector."""
-    import numpy as np
-    import pandas as pd
-
-    from danbooru_assets.core.embeddings import embedding_matrix
-    from danbooru_assets.pose.geometry import pose_features
-    from danbooru_assets.quality.classifier import build_features, rows_with_embeddings
-
-    ids = np.asarray(image_ids, dtype=np.int64)
-    emb_rows, without = rows_with_embeddings(ids, embeddings)
-    if len(without):
-        raise ValueError(f"{len(without)} images have no CLIP embedding (e.g. {without[:5].tolist()}); leave them out first")
-    emb = embedding_matrix(emb_rows)
-    rows = pd.DataFrame({"image_id": ids})
-    kp = rows.merge(keypoints[["image_id", "width", "height", *KEYPOINT_COLUMNS]], on="image_id", how="left")
-    pose = pose_features(kp, kp["width"].to_numpy(dtype=float), kp["height"].to_numpy(dtype=float))
-    return build_features(emb, pose.drop(columns=[c for c in NON_FEATURE_COLUMNS if c in pose.columns]))
 
 
 @dg.asset(
@@ -93,13 +73,8 @@ def quality_model(
 ) -> dg.Output:
     import pandas as pd
 
-    from danbooru_assets.quality.classifier import (
-        confusion_matrix_image,
-        model_fingerprint,
-        rows_with_embeddings,
-        single_clip_model,
-        train_quality_model,
-    )
+    from danbooru_assets.quality.classifier import confusion_matrix_image, model_fingerprint, train_quality_model
+    from danbooru_assets.quality.features import classifier_features, embedded_rows
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     quality = settings.load().quality
@@ -117,8 +92,14 @@ def quality_model(
     if labeled["label"].nunique() < 2:
         context.log.info("fewer than two classes labeled: no model yet (the queue starts from diversity)")
         return untrained("label the first round to train a model")
-    # Labeled images without an embedding are left out (and counted), never zero vectors.
-    embedded, without = rows_with_embeddings(labeled["image_id"], clip_embeddings.rows(labeled["image_id"]))
+    # Labeled images without an embedding are left out (and counted), never zero vectors;
+    # one CLIP model only: a classifier over two embedding spaces learns nothing that transfers.
+    try:
+        embedded, without, clip_fingerprint = embedded_rows(
+            labeled["image_id"], clip_embeddings.rows(labeled["image_id"]), "quality_model"
+        )
+    except ValueError as exc:
+        raise dg.Failure(str(exc)) from exc
     base["labels_without_embedding"] = len(without)
     if len(without):
         context.log.warning(
@@ -127,11 +108,6 @@ def quality_model(
         )
         labeled = labeled.loc[labeled["image_id"].isin(embedded["image_id"])]
     base["labels_used"] = len(labeled)
-    # One CLIP model: a classifier over two embedding spaces learns nothing that transfers.
-    try:
-        clip_fingerprint = single_clip_model(embedded, "quality_model")
-    except ValueError as exc:
-        raise dg.Failure(str(exc)) from exc
     if labeled["label"].nunique() < 2:
         return untrained("fewer than two classes among the labeled images that have an embedding")
     X, names = classifier_features(embedded, pose_keypoints.rows(labeled["image_id"]), labeled["image_id"].to_numpy())
@@ -205,10 +181,10 @@ def quality_predictions(
     quality_model,
     storage: StorageResource,
 ) -> dg.Output:
-    import numpy as np
     import pandas as pd
 
-    from danbooru_assets.quality.classifier import PROBA_COLUMNS, predict_proba_frame, rows_with_embeddings, single_clip_model
+    from danbooru_assets.quality.classifier import no_predictions, predict_proba_frame
+    from danbooru_assets.quality.features import classifier_features, embedded_rows
 
     pipeline = load_model(quality_model, storage)
     fingerprint = str(quality_model["fingerprint"].iloc[0])
@@ -222,18 +198,17 @@ def quality_predictions(
         kept = subset.loc[subset["keep"].fillna(False).astype(bool), ["image_id", "rel_path", "width", "height", "portrait_score"]]
         # Images without an embedding are left out and counted: no prediction, no queue place.
         embeddings = clip_embeddings[shard]
-        embedded, without = rows_with_embeddings(kept["image_id"], embeddings)
+        embedded, without, clip_fingerprint = embedded_rows(
+            kept["image_id"], embeddings, f"quality_predictions, shard {shard}"
+        )
         kept = kept.loc[kept["image_id"].isin(embedded["image_id"])].reset_index(drop=True)
-        clip_fingerprint = single_clip_model(embedded, f"quality_predictions, shard {shard}")
         if pipeline is not None and trained_on and clip_fingerprint not in (None, trained_on):
             raise ValueError(
                 f"the embeddings of shard {shard} come from CLIP model {clip_fingerprint}, the classifier "
                 f"was trained on {trained_on}: rematerialize quality_model (or clip_embeddings) first"
             )
         if pipeline is None or kept.empty:
-            probs = pd.DataFrame({c: np.full(len(kept), np.nan, dtype=np.float32) for c in PROBA_COLUMNS})
-            probs["predicted_class"] = pd.Series([pd.NA] * len(kept), dtype="string")
-            probs["uncertainty"] = np.full(len(kept), np.nan, dtype=np.float32)
+            probs = no_predictions(len(kept))
         else:
             X, _ = classifier_features(embedded, pose_keypoints[shard], kept["image_id"])
             probs = predict_proba_frame(pipeline, X)
@@ -291,24 +266,15 @@ def labeling_queue(
 
     from danbooru_assets.core.embeddings import embedding_matrix
     from danbooru_assets.core.thumbnails import load_thumbnails
-    from danbooru_assets.quality.classifier import (
-        current_round,
-        labels_needed,
-        round_plan,
-        rows_with_embeddings,
-        select_labeling_queue,
-        single_clip_model,
-    )
+    from danbooru_assets.quality.features import embedded_rows
+    from danbooru_assets.quality.queue import current_round, labels_needed, round_targets, select_labeling_queue
     from danbooru_assets.core.visuals import contact_sheet
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     quality = settings.load().quality
     candidates = quality_predictions.concat()
     labeled = set(label_store.store().labeled_ids())
-    plan = [
-        min(len(candidates), max(target, quality.min_round_size * (i + 1)))
-        for i, target in enumerate(round_plan(len(candidates), quality.round_fractions))
-    ]
+    plan = round_targets(len(candidates), quality.round_fractions, quality.min_round_size)
     n_labeled = len(labeled & set(candidates.get("image_id", pd.Series(dtype="int64"))))
     round_ = current_round(n_labeled, plan)
     size = labels_needed(n_labeled, plan) if len(candidates) else 0
@@ -316,14 +282,13 @@ def labeling_queue(
     if size and len(candidates):
         pool = candidates.loc[~candidates["image_id"].isin(labeled)].reset_index(drop=True)
         # Clustering needs real embeddings: images without one are left out and counted.
-        embedded, without = rows_with_embeddings(pool["image_id"], clip_embeddings.rows(pool["image_id"]))
+        try:
+            embedded, without, _ = embedded_rows(pool["image_id"], clip_embeddings.rows(pool["image_id"]), "labeling_queue")
+        except ValueError as exc:
+            raise dg.Failure(str(exc)) from exc
         if len(without):
             context.log.warning(f"{len(without)} candidates have no CLIP embedding and cannot be queued")
             pool = pool.loc[pool["image_id"].isin(embedded["image_id"])].reset_index(drop=True)
-        try:
-            single_clip_model(embedded, "labeling_queue")
-        except ValueError as exc:
-            raise dg.Failure(str(exc)) from exc
         embeddings = embedding_matrix(pool[["image_id"]].merge(embedded.drop_duplicates("image_id"), on="image_id"))
         queue = select_labeling_queue(pool, embeddings, size=min(size, len(pool)), already_labeled=labeled)
     else:

@@ -13,7 +13,8 @@ import warnings
 
 import dagster as dg
 
-from danbooru_assets.settings import SECTIONS, SettingsResource, section_asset_name, section_hashes
+from danbooru_assets.orchestration.resources import SettingsResource
+from danbooru_assets.settings import SECTIONS, CurationSettings, section_asset_name, section_hashes
 
 GROUP = "settings"
 
@@ -47,3 +48,16 @@ settings_assets = {section: _section_asset(section) for section in SECTIONS}
 def settings_keys(*sections: str) -> list[dg.AssetKey]:
     """The asset keys of ``sections``, for an asset's ``deps``."""
     return [settings_assets[s].key for s in sections]
+
+
+def section_observations(settings: CurationSettings, source: str) -> list[dg.AssetObservation]:
+    """One observation per section, carrying its hash as the data version (what the
+    settings sensor, ``settings set`` and ``danbooru-assets run`` record)."""
+    return [
+        dg.AssetObservation(
+            asset_key=section_asset_name(name),
+            metadata={"hash": digest, "observed_by": source},
+            tags={"dagster/data_version": digest},
+        )
+        for name, digest in section_hashes(settings).items()
+    ]

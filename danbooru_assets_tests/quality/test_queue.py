@@ -1,0 +1,69 @@
+"""The labeling queue (uncertain, diverse, never labeled twice) and the round plan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from danbooru_assets.quality.queue import (
+    current_round,
+    labels_needed,
+    round_plan,
+    round_targets,
+    select_labeling_queue,
+)
+
+
+def test_queue_size_no_repeats_and_never_labeled() -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(400, 16)).astype(np.float16)
+    cands = pd.DataFrame({"image_id": np.arange(1000, 1400), "uncertainty": rng.random(400)})
+    labeled = set(range(1000, 1300, 2))
+    q = select_labeling_queue(cands, emb, 30, labeled, seed=0)
+    assert len(q) == 30 and q.image_id.is_unique
+    assert not set(q.image_id) & labeled
+    assert q.queue_rank.tolist() == list(range(30))
+    assert q.uncertainty.is_monotonic_decreasing  # most uncertain first
+    assert q.cluster.nunique() == 30  # one per cluster: diverse
+    # every pick is among the 5×size most uncertain unlabeled candidates
+    pool = cands[~cands.image_id.isin(labeled)].nlargest(150, "uncertainty")
+    assert set(q.image_id) <= set(pool.image_id)
+    # "none" = plain top-k uncertainty; cold start = k-means only; asking too much = all
+    top = select_labeling_queue(cands, emb, 10, labeled, diversity="none")
+    assert set(top.image_id) == set(pool.image_id[:10])
+    cold = select_labeling_queue(cands.drop(columns="uncertainty"), emb, 25, labeled, seed=3)
+    assert len(cold) == 25 and cold.image_id.is_unique and not set(cold.image_id) & labeled
+    everything = select_labeling_queue(cands, emb, 10_000, labeled)
+    assert len(everything) == 400 - len(labeled)
+    assert select_labeling_queue(cands, emb, 5, set(cands.image_id)).empty
+
+
+def test_diversity_spreads_over_clusters() -> None:
+    # two tight groups; the most uncertain points are all in group A
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 0.01, size=(50, 4)) + 5
+    b = rng.normal(0, 0.01, size=(50, 4)) - 5
+    cands = pd.DataFrame({"image_id": np.arange(100), "uncertainty": np.r_[np.full(50, 0.9), np.full(50, 0.8)]})
+    q = select_labeling_queue(cands, np.vstack([a, b]), 2, set(), seed=0, pool_factor=100)
+    assert sorted(q.image_id // 50) == [0, 1]  # one from each group
+    plain = select_labeling_queue(cands, np.vstack([a, b]), 2, set(), diversity="none")
+    assert sorted(plain.image_id // 50) == [0, 0]
+
+
+def test_round_plan_and_current_round() -> None:
+    plan = round_plan(10_000)
+    assert plan == [100, 500, 2500]
+    assert round_plan(50) == [1, 3, 13]
+    assert current_round(0, plan) == 1 and labels_needed(0, plan) == 100
+    assert current_round(100, plan) == 2 and labels_needed(120, plan) == 380
+    assert current_round(2500, plan) == 3 and labels_needed(2600, plan) == 0
+    with pytest.raises(ValueError):
+        round_plan(100, (0.5, 0.1))
+
+
+def test_round_targets_ask_a_minimum_per_round_within_the_pool() -> None:
+    assert round_targets(10_000, (0.01, 0.05, 0.25), 20) == [100, 500, 2500]
+    assert round_targets(1000, (0.01, 0.05, 0.25), 20) == [20, 50, 250]  # 1% would be 10
+    assert round_targets(30, (0.01, 0.05, 0.25), 20) == [20, 30, 30]  # never beyond the pool
+    assert round_targets(0, (0.01,), 20) == [0]

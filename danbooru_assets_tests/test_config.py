@@ -1,0 +1,73 @@
+"""Every environment variable is read in config.py, with its default."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from danbooru_assets import config
+
+PACKAGE = Path(config.__file__).resolve().parent
+
+
+def test_every_project_variable_in_the_code_is_in_the_table():
+    # Tests and benchmarks read a few of their own (DANBOORU_UI_SCREENSHOTS, ...); the package only these.
+    used = set()
+    for path in PACKAGE.rglob("*.py"):
+        if "bench" not in path.parts:
+            used |= set(re.findall(r"\b(DANBOORU_[A-Z_]+)\b", path.read_text()))
+    assert used
+    assert sorted(used - set(config.ENVIRONMENT)) == []
+    assert all(v.default and v.meaning for v in config.ENVIRONMENT.values())
+
+
+def test_only_config_reads_the_environment():
+    readers = [
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if "bench" not in path.parts and re.search(r"os\.environ\.get\(\s*\"DANBOORU_|getenv\(\s*\"DANBOORU_", path.read_text())
+    ]
+    assert readers == [] or readers == ["config.py"], readers
+
+
+def test_defaults_and_overrides(monkeypatch, tmp_path):
+    for name in config.ENVIRONMENT:
+        if name.startswith("DANBOORU_"):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert config.using_sample_data()
+    assert config.dataset_root() == tmp_path / "data" / "sample"
+    assert config.storage_base() == str(tmp_path / "data" / "storage")
+    assert config.inference_shards_per_run() == 50
+    assert config.sensor_interval_s() == 300
+    monkeypatch.setenv("DANBOORU_ROOT", str(tmp_path / "real"))
+    monkeypatch.setenv("DANBOORU_INFERENCE_SHARDS_PER_RUN", "0")
+    monkeypatch.setenv("DANBOORU_SENSOR_INTERVAL_S", "1")
+    assert not config.using_sample_data()
+    assert config.dataset_root() == tmp_path / "real"
+    assert config.inference_shards_per_run() == 1
+    assert config.sensor_interval_s() == config.MIN_SENSOR_INTERVAL_S
+
+
+def test_a_bad_number_names_the_variable(monkeypatch):
+    monkeypatch.setenv("DANBOORU_SENSOR_INTERVAL_S", "5m")
+    with pytest.raises(ValueError, match=r"DANBOORU_SENSOR_INTERVAL_S='5m': expected a whole number"):
+        config.sensor_interval_s()
+
+
+def test_an_unknown_variable_is_a_programming_error():
+    with pytest.raises(KeyError, match="DANBOORU_NOPE"):
+        config.env("DANBOORU_NOPE")
+
+
+def test_pose_environment_sample_tarball_unless_a_backend_is_named(monkeypatch, tmp_path):
+    for name in ("DANBOORU_ROOT", "DANBOORU_KEYPOINTS", "DANBOORU_POSE_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DANBOORU_SAMPLE_ROOT", str(tmp_path))
+    assert config.pose_environment().keypoint_files == str(tmp_path / config.KEYPOINTS_TARBALL)
+    monkeypatch.setenv("DANBOORU_POSE_BACKEND", "mediapipe")
+    pose = config.pose_environment()
+    assert (pose.keypoint_files, pose.backend) == ("", "mediapipe")
+    monkeypatch.setenv("DANBOORU_ROOT", str(tmp_path))
+    monkeypatch.delenv("DANBOORU_POSE_BACKEND")
+    assert config.pose_environment() == config.PoseEnvironment("", config.DEFAULT_POSE_BACKEND, "", "")
