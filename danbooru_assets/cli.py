@@ -70,12 +70,18 @@ def run_main_job(args: argparse.Namespace) -> int:
     home = config.ensure_dagster_home()
     config.set_planned_events_default()
     if config.using_sample_data():
-        from danbooru_assets.devtools.sample_data import generate_sample_dataset
+        from danbooru_assets.devtools.sample_data import (
+            RUN_SAMPLE_IMAGES,
+            generate_sample_dataset,
+            write_sample_settings,
+        )
 
         root = config.dataset_root()
         print(f"DANBOORU_ROOT is not set: using the bundled sample dataset at {root}")
-        summary = generate_sample_dataset(root)
+        summary = generate_sample_dataset(root, n_images=RUN_SAMPLE_IMAGES)
         print(f"  sample dataset: {summary.n_images_written} images in {len(summary.shards)} shards")
+        if write_sample_settings(config.settings_path()):
+            print(f"  wrote the sample's demo settings to {config.settings_path()} (clip.keep_fraction=0.8)")
 
     import dagster as dg
 

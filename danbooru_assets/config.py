@@ -13,6 +13,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,8 @@ ENVIRONMENT: dict[str, EnvVariable] = {
         EnvVariable("DANBOORU_ROOT", "the bundled sample data (DANBOORU_SAMPLE_ROOT)", "the dataset root"),
         EnvVariable("DANBOORU_SAMPLE_ROOT", "data/sample", "where the bundled sample data is generated and read while DANBOORU_ROOT is unset"),
         EnvVariable("DANBOORU_STORAGE", "data/storage", "asset tables: a folder or any fsspec URL"),
-        EnvVariable("DANBOORU_SETTINGS", "data/settings.yaml", "durable curation settings"),
-        EnvVariable("DANBOORU_LABELS", "data/labels.sqlite", "the human label store"),
+        EnvVariable("DANBOORU_SETTINGS", "<storage>/settings.yaml when DANBOORU_STORAGE is a URL, else data/settings.yaml", "durable curation settings (a path or an fsspec URL)"),
+        EnvVariable("DANBOORU_LABELS", "data/labels.sqlite", "the human label store: a SQLite file or a SQLAlchemy URL (postgresql+psycopg2://user@host:5432/db)"),
         EnvVariable("DANBOORU_CLIP_MODEL", "demo on sample data, ViT-B-32 on real data", "the CLIP architecture"),
         EnvVariable("DANBOORU_CLIP_PRETRAINED", "the model's hub tag", "CLIP weights: hub tag or local file ('' = random)"),
         EnvVariable("DANBOORU_POSE_BACKEND", "keypoint_files on sample data, else keypoint_rcnn", "the pose estimator"),
@@ -38,6 +42,9 @@ ENVIRONMENT: dict[str, EnvVariable] = {
         EnvVariable("DANBOORU_BIZARRE_POSE_REPO", "none", "checkout of ShuhongChen/bizarre-pose-estimator (backend bizarre_pose)"),
         EnvVariable("DANBOORU_INFERENCE_SHARDS_PER_RUN", "50", "shards per run of a backfill of the inference assets"),
         EnvVariable("DANBOORU_SENSOR_INTERVAL_S", "300", "seconds between new_data_sensor checks (at least 5)"),
+        EnvVariable("DANBOORU_EXECUTOR", "in_process", "how a run executes its steps: in_process (one process) or celery (steps spread over Celery workers, deploy/)"),
+        EnvVariable("DANBOORU_CELERY_BROKER", "redis://127.0.0.1:6379/0", "the Celery broker the celery executor and its workers share"),
+        EnvVariable("DANBOORU_CELERY_BACKEND", "the broker's URL", "the Celery result backend"),
         EnvVariable("DAGSTER_HOME", ".dagster_home (set by the CLI)", "Dagster's SQLite instance"),
         EnvVariable("DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS", "true (set by the CLI)", "one planned event per asset of a range run"),
     )
@@ -98,12 +105,30 @@ def storage_base() -> str:
     return env("DANBOORU_STORAGE") or str(data_dir() / "storage")
 
 
-def settings_path() -> Path:
-    return Path(env("DANBOORU_SETTINGS") or data_dir() / "settings.yaml")
+def is_url(location: str) -> bool:
+    """Whether ``location`` is an fsspec URL (``s3://…``, ``memory://…``) rather than a local path."""
+    return "://" in location and not location.startswith("file://")
 
 
-def labels_path() -> Path:
-    return Path(env("DANBOORU_LABELS") or data_dir() / "labels.sqlite")
+def settings_path() -> "Path | UPath":
+    """``$DANBOORU_SETTINGS``; else next to the tables when they are at a URL (every machine
+    of a deployment then reads the same file), else ``data/settings.yaml``."""
+    from upath import UPath
+
+    chosen = env("DANBOORU_SETTINGS")
+    if not chosen and is_url(storage_base()):
+        chosen = storage_base().rstrip("/") + "/settings.yaml"
+    if chosen and is_url(chosen):
+        return UPath(chosen)
+    return Path(chosen or data_dir() / "settings.yaml")
+
+
+def labels_path() -> "Path | str":
+    """``$DANBOORU_LABELS``: a SQLAlchemy URL as given (a shared database), else a SQLite file."""
+    chosen = env("DANBOORU_LABELS")
+    if "://" in chosen:
+        return chosen
+    return Path(chosen or data_dir() / "labels.sqlite")
 
 
 @dataclass(frozen=True)
@@ -162,6 +187,27 @@ def ensure_dagster_home() -> Path:
 def set_planned_events_default() -> None:
     """One planned event per asset and range run, unless the user chose otherwise."""
     os.environ.setdefault(PLANNED_EVENTS_ENV, "true")
+
+
+EXECUTORS = ("in_process", "celery")
+DEFAULT_CELERY_BROKER = "redis://127.0.0.1:6379/0"
+
+
+def executor_kind() -> str:
+    """``DANBOORU_EXECUTOR``: ``in_process`` (default: a run's steps in its own process) or
+    ``celery`` (each step a Celery task on the workers of its queue; see deploy/)."""
+    kind = env("DANBOORU_EXECUTOR") or "in_process"
+    if kind not in EXECUTORS:
+        raise ValueError(f"DANBOORU_EXECUTOR={kind!r}: expected one of {', '.join(EXECUTORS)}")
+    return kind
+
+
+def celery_broker() -> str:
+    return env("DANBOORU_CELERY_BROKER") or DEFAULT_CELERY_BROKER
+
+
+def celery_backend() -> str:
+    return env("DANBOORU_CELERY_BACKEND") or celery_broker()
 
 
 def clip_model_env() -> tuple[str, str | None]:

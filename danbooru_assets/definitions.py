@@ -8,8 +8,9 @@ a variable that is set, so the UI shows it and a run resolves it when it starts)
 Loading it is light (dagster, pydantic and the project's own modules: no torch,
 open_clip, pandas, scikit-learn or matplotlib; those load inside the functions that use
 them), because every run the daemon launches is a new process that loads it. Runs use
-the in-process executor: a run covers a range of shards, its steps run one after
+the in-process executor by default: a run covers a range of shards, its steps run one after
 another in that process, and no step pays for a subprocess and a second import.
+``DANBOORU_EXECUTOR=celery`` spreads the steps over Celery workers instead (deploy/).
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from danbooru_assets.orchestration.assets.clip import (
     clip_threshold,
     prompt_embeddings,
 )
+from danbooru_assets.orchestration.assets.dedup import near_duplicates
 from danbooru_assets.orchestration.assets.index import danbooru_metadata, shard_index
+from danbooru_assets.orchestration.assets.prefilter import metadata_prefilter
 from danbooru_assets.orchestration.assets.pose import pose_keypoints, pose_statistics, pose_subset, published_keypoints
 from danbooru_assets.orchestration.assets.quality import (
     curated_dataset,
@@ -34,6 +37,7 @@ from danbooru_assets.orchestration.assets.quality import (
     quality_predictions,
 )
 from danbooru_assets.orchestration.assets.settings import settings_assets
+from danbooru_assets.orchestration.executors import build_executor
 from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory
 from danbooru_assets.orchestration.resources import (
     ClipModelResource,
@@ -61,12 +65,16 @@ prepare_job = stage_job(
 )
 ingest_job = stage_job(
     "ingest_job",
-    [shard_index, clip_embeddings_and_image_stats, clip_scores],
-    "Index shards, decode and encode their new images once, score them with the prompts.",
+    [shard_index, metadata_prefilter, clip_embeddings_and_image_stats, clip_scores],
+    "Index shards, prefilter them by metadata, decode and encode their new admitted images once, score them "
+    "with the prompts.",
 )
 clip_threshold_job = stage_job("clip_threshold_job", [clip_threshold])
 pose_job = stage_job("pose_job", [clip_subset, pose_keypoints], "The CLIP subset and its keypoints.")
 pose_statistics_job = stage_job("pose_statistics_job", [pose_statistics])
+near_duplicates_job = stage_job(
+    "near_duplicates_job", [near_duplicates], "Duplicate groups over the CLIP subset of every shard."
+)
 pose_subset_job = stage_job("pose_subset_job", [pose_subset], "The geometric pose filter.")
 quality_model_job = stage_job("quality_model_job", [quality_model])
 quality_predictions_job = stage_job(
@@ -85,12 +93,22 @@ rethreshold_job = stage_job(
     "A new threshold applied: clip_threshold and clip_subset in one run over the chosen shards. No image is read.",
 )
 
+# After a prefilter rule change: the prefilter and the subset over the chosen shards, in one
+# run; no image is read. Newly admitted images wait (clip_subset: not_encoded) for the next
+# ingest run, which encodes only them and reuses every stored embedding.
+reprefilter_job = stage_job(
+    "reprefilter_job",
+    [metadata_prefilter, clip_subset],
+    "A prefilter rule changed: metadata_prefilter and clip_subset in one run over the chosen shards. No image is read.",
+)
+
 # Every per-shard asset: what the new-data sensor runs for a range of changed shards
 # once the global assets exist (before that, only the ingest stage).
 shard_job = stage_job(
     "shard_job",
     [
         shard_index,
+        metadata_prefilter,
         clip_embeddings_and_image_stats,
         clip_scores,
         clip_subset,
@@ -109,6 +127,7 @@ RUN_STAGES = [
     clip_threshold_job,
     pose_job,
     pose_statistics_job,
+    near_duplicates_job,
     pose_subset_job,
     quality_model_job,
     quality_predictions_job,
@@ -143,6 +162,7 @@ defs = dg.Definitions(
         *settings_assets.values(),
         danbooru_metadata,
         shard_index,
+        metadata_prefilter,
         clip_embeddings_and_image_stats,
         prompt_embeddings,
         clip_scores,
@@ -151,6 +171,7 @@ defs = dg.Definitions(
         published_keypoints,
         pose_keypoints,
         pose_statistics,
+        near_duplicates,
         pose_subset,
         labels,
         quality_model,
@@ -158,15 +179,15 @@ defs = dg.Definitions(
         labeling_queue,
         curated_dataset,
     ],
-    jobs=[*RUN_STAGES, shard_job, rethreshold_job],
+    jobs=[*RUN_STAGES, shard_job, rethreshold_job, reprefilter_job],
     sensors=[
         build_new_data_sensor(
-            shard_job, prepare_job, ingest_job, required_global=["clip_threshold", "pose_statistics", "quality_model"]
+            shard_job, prepare_job, ingest_job, required_global=["clip_threshold", "pose_statistics", "near_duplicates", "quality_model"]
         ),
         build_retrain_sensor(quality_model_job),
         settings_sensor,
     ],
-    executor=dg.in_process_executor,
+    executor=build_executor(),
     resources={
         "dataset": DanbooruDatasetResource(root=env_or("DANBOORU_ROOT", str(config.dataset_root()))),
         "storage": storage,

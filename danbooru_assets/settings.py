@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from danbooru_assets.pose.coco import KEYPOINT_NAMES
 from danbooru_assets.labels.classes import LABEL_CLASSES
 from danbooru_assets.quality.kinds import CLASSIFIER_KINDS, ClassifierKind
-from danbooru_assets.core.tables import atomic_write_text
+from danbooru_assets.core.tables import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,16 @@ class QualitySettings(BaseModel):
         description="Cumulative share of pose_subset labeled by the end of each round (increasing, in (0, 1]).",
     )
     min_round_size: int = Field(
-        20, ge=1, description="A round asks for at least this many labels (a classifier needs a few per class)."
+        20, ge=1, description="Round r asks for at least r × this many new labels (a classifier needs a few per "
+        "class, and each round is larger than the one before); a pool too small for that is split in the same "
+        "proportions.",
+    )
+    grid_page_size: int = Field(
+        24, ge=1, le=200, description="Thumbnails per page in the labeling page's grid mode."
+    )
+    recheck_fraction: float = Field(
+        0.02, ge=0, le=0.5, description="Share of the labeling page's images that are already-labeled images "
+        "shown again on purpose, to measure each labeler's self-agreement (0 = never).",
     )
     # The kinds quality.make_pipeline builds.
     classifier: ClassifierKind = Field("logreg", description=f"One of {', '.join(CLASSIFIER_KINDS)} (scikit-learn).")
@@ -230,14 +239,135 @@ class QualitySettings(BaseModel):
         return _checked_names(classes, LABEL_CLASSES, "label class")
 
 
+# What the seed's CLIP prompts paid to find out and Danbooru's tags say for free: manga
+# pages, several people, text, no person at all, sketches, super-deformed figures, and
+# multiple views of one character (bad for a pose model).
+DEFAULT_EXCLUDED_GENERAL_TAGS: list[str] = [
+    "comic", "4koma", "2koma", "multiple_girls", "multiple_boys", "2girls", "3girls", "4girls", "5girls",
+    "6+girls", "2boys", "3boys", "4boys", "5boys", "6+boys", "1boy 1girl", "multiple_others", "group_picture",
+    "text_focus", "text-only_page", "no_humans", "scenery", "monochrome", "greyscale", "chibi",
+    "multiple_views", "character_sheet",
+]
+PREFILTER_MODES = ("skip", "annotate", "off")
+RATINGS = ("g", "s", "q", "e")
+
+
+def _checked_tag_entries(entries: list[str]) -> list[str]:
+    """Tag entries: a Danbooru tag name, or several separated by spaces (all must be
+    present); lower-case, no blank or repeated entry."""
+    cleaned = [" ".join(e.split()).lower() for e in entries]
+    if "" in cleaned:
+        raise ValueError("a blank tag entry")
+    return _checked_names(cleaned, cleaned, "tag entry")
+
+
+class TagSets(BaseModel):
+    """Tag entries per Danbooru tag category. An entry is a tag (``comic``) or tags joined
+    by spaces that must all be present (``1boy 1girl``)."""
+
+    model_config = STRICT
+
+    general: list[str] = []
+    character: list[str] = []
+    copyright: list[str] = []
+    artist: list[str] = []
+    meta: list[str] = []
+
+    _entries = field_validator("general", "character", "copyright", "artist", "meta")(_checked_tag_entries)
+
+    def is_empty(self) -> bool:
+        return not any(getattr(self, c) for c in type(self).model_fields)
+
+
+class PrefilterSettings(BaseModel):
+    """``metadata_prefilter``: rules over the metadata alone, applied before any decode."""
+
+    model_config = STRICT
+
+    mode: Literal["skip", "annotate", "off"] = Field(
+        "skip",
+        description="skip: excluded images are never decoded and clip_subset drops them as prefiltered; "
+        "annotate: every image is decoded and embedded, clip_subset still drops the excluded ones; "
+        "off: the rules exclude nothing (their reasons are still listed, to judge them).",
+    )
+    exclude_tags: TagSets = Field(
+        default_factory=lambda: TagSets(general=list(DEFAULT_EXCLUDED_GENERAL_TAGS)),
+        description="Exclude an image carrying any of these entries (per category).",
+    )
+    require_tags: TagSets = Field(
+        default_factory=TagSets,
+        description="When any list is set: keep only images carrying at least one of the entries.",
+    )
+    ratings: list[Literal["g", "s", "q", "e"]] = Field(
+        list(RATINGS), min_length=1, description="Ratings kept (pre-2022 dumps: s means g and s together)."
+    )
+    min_score: int | None = Field(0, description="Exclude images scored below this (null: no score rule).")
+    exclude_deleted: bool = Field(True, description="Exclude posts marked is_deleted.")
+    exclude_banned: bool = Field(True, description="Exclude posts marked is_banned.")
+    file_types: list[str] | None = Field(
+        None, description="File extensions kept (jpg, png, webp, gif, bmp); null: every image type."
+    )
+    min_side: int = Field(256, ge=0, description="Exclude images whose shorter side is below this (pixels).")
+    max_aspect_ratio: float | None = Field(
+        3.0, ge=1, description="Exclude images whose long side exceeds this many times the short side (null: any)."
+    )
+
+    _tag_sets = field_validator("exclude_tags", "require_tags", mode="before")(_empty_section)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` (`settings set prefilter.mode=off`) as false.
+        return "off" if value is False else value
+
+    @field_validator("ratings")
+    @classmethod
+    def _distinct_ratings(cls, ratings: list[str]) -> list[str]:
+        return _checked_names(ratings, RATINGS, "rating")
+
+    @field_validator("file_types")
+    @classmethod
+    def _image_types(cls, types: list[str] | None) -> list[str] | None:
+        if types is None:
+            return None
+        from danbooru_assets.dataset.layout import IMAGE_EXTENSIONS
+
+        if not types:
+            raise ValueError("an empty list; use null for every image type")
+        types = ["jpg" if t.strip().lower().lstrip(".") == "jpeg" else t.strip().lower().lstrip(".") for t in types]
+        return _checked_names(types, sorted(IMAGE_EXTENSIONS - {"jpeg"}), "file type")
+
+
+class DedupSettings(BaseModel):
+    """``near_duplicates``: which images count as one (see ``danbooru_assets.dedup``)."""
+
+    model_config = STRICT
+
+    threshold: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Cosine similarity of CLIP embeddings at or above which two images are near duplicates.",
+    )
+    parent_child: bool = Field(
+        True, description="Danbooru parent/child posts (variant sets) count as duplicates of each other."
+    )
+
+
 class CurationSettings(BaseModel):
     model_config = STRICT
 
     clip: ClipSettings = Field(default_factory=ClipSettings)
     pose: PoseRules = Field(default_factory=PoseRules, description="Geometric rules of pose_subset.")
     quality: QualitySettings = Field(default_factory=QualitySettings)
+    prefilter: PrefilterSettings = Field(
+        default_factory=PrefilterSettings, description="Metadata rules of metadata_prefilter."
+    )
 
     _sections = field_validator("clip", "pose", "quality", mode="before")(_empty_section)
+    _prefilter_section = field_validator("prefilter", mode="before")(_empty_section)
+    dedup: DedupSettings = Field(default_factory=DedupSettings, description="Duplicate rules of near_duplicates.")
+    _dedup_section = field_validator("dedup", mode="before")(_empty_section)
 
 
 def settings_hash(section: BaseModel | dict) -> str:
@@ -342,11 +472,21 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
     return f"not valid YAML at line {mark.line + 1}{quoted}: {problem}"
 
 
+def settings_file(path: Path | str) -> Path:
+    """The settings file at a local path, or at an fsspec URL (``s3://bucket/danbooru/settings.yaml``:
+    next to the tables, so every machine of a deployment reads and writes the same file)."""
+    from upath import UPath
+
+    from danbooru_assets.config import is_url
+
+    return UPath(str(path)) if is_url(str(path)) else Path(path)
+
+
 def read_settings_data(path: Path | str) -> dict | None:
     """The file's sections as parsed YAML, unvalidated; ``None`` when there is no file or
     it holds nothing (only comments). A :class:`SettingsError` for unreadable or
     malformed YAML, a duplicate key, or a document that is not a mapping of sections."""
-    path = Path(path)
+    path = settings_file(path)
     if not path.exists():
         return None
     where = f"settings file {path}"
@@ -379,7 +519,7 @@ def load_settings(path: Path | str) -> CurationSettings:
     file means the defaults, with a warning."""
     data = read_settings_data(path)
     if data is None:
-        if Path(path).exists():
+        if settings_file(path).exists():
             logger.warning("settings file %s holds no settings: using the defaults", path)
         return CurationSettings()
     return validate_settings(data, f"settings file {path}")
@@ -387,7 +527,7 @@ def load_settings(path: Path | str) -> CurationSettings:
 
 def settings_source(path: Path | str) -> str:
     """Where :func:`load_settings` takes the settings from, for materialization metadata."""
-    path = Path(path)
+    path = settings_file(path)
     if not path.exists():
         return f"defaults (no file at {path})"
     if read_settings_data(path) is None:
@@ -399,7 +539,9 @@ def save_settings(path: Path | str, settings: CurationSettings) -> None:
     text = "# danbooru_assets curation settings (see README: Settings)\n" + yaml.safe_dump(
         settings.model_dump(mode="json"), sort_keys=False, allow_unicode=True
     )
-    atomic_write_text(path, text)
+    # Temp file then rename locally; on an object store a temporary object moved over the
+    # target (core.tables: the project's one atomic writer for paths and URLs).
+    write_bytes(settings_file(path), text.encode("utf-8"))
 
 
 def assign(data: dict, dotted_key: str, value: str) -> dict:
@@ -452,6 +594,8 @@ SECTIONS: dict[str, Callable[[CurationSettings], Any]] = {
     "image_rules": lambda s: s.clip.image_rules.model_dump(mode="json"),
     "pose_rules": lambda s: s.pose.model_dump(mode="json"),
     "quality": lambda s: s.quality.model_dump(mode="json"),
+    "prefilter": lambda s: s.prefilter.model_dump(mode="json"),
+    "dedup": lambda s: s.dedup.model_dump(mode="json"),
 }
 
 

@@ -104,7 +104,9 @@ class Pipeline(Sandbox):
     def run_through(self, last_stage: str) -> None:
         """Materialize every stage up to ``last_stage`` ('ingest', 'clip', 'pose') for every shard."""
         self.materialize(["danbooru_metadata", "published_keypoints", "prompt_embeddings"])
-        self.materialize(["shard_index", "clip_embeddings", "image_stats", "clip_scores"], shards=self.shards)
+        self.materialize(
+            ["shard_index", "metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores"], shards=self.shards
+        )
         if last_stage == "ingest":
             return
         self.materialize(["clip_threshold"])
@@ -112,7 +114,7 @@ class Pipeline(Sandbox):
         if last_stage == "clip":
             return
         self.materialize(["pose_keypoints"], shards=self.shards)
-        self.materialize(["pose_statistics"])
+        self.materialize(["pose_statistics", "near_duplicates"])
         self.materialize(["pose_subset"], shards=self.shards)
 
 

@@ -71,3 +71,26 @@ def test_pose_environment_sample_tarball_unless_a_backend_is_named(monkeypatch, 
     monkeypatch.setenv("DANBOORU_ROOT", str(tmp_path))
     monkeypatch.delenv("DANBOORU_POSE_BACKEND")
     assert config.pose_environment() == config.PoseEnvironment("", config.DEFAULT_POSE_BACKEND, "", "")
+
+
+def test_settings_live_next_to_tables_at_a_url(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DANBOORU_SETTINGS", raising=False)
+    monkeypatch.delenv("DANBOORU_STORAGE", raising=False)
+    assert config.settings_path() == tmp_path / "data" / "settings.yaml"
+    monkeypatch.setenv("DANBOORU_STORAGE", str(tmp_path / "tables"))  # a local folder: unchanged
+    assert config.settings_path() == tmp_path / "data" / "settings.yaml"
+    monkeypatch.setenv("DANBOORU_STORAGE", "s3://bucket/danbooru/")
+    assert str(config.settings_path()) == "s3://bucket/danbooru/settings.yaml"
+    monkeypatch.setenv("DANBOORU_SETTINGS", "memory://elsewhere/settings.yaml")  # an explicit choice wins
+    assert str(config.settings_path()) == "memory://elsewhere/settings.yaml"
+
+
+def test_executor_choice(monkeypatch):
+    monkeypatch.delenv("DANBOORU_EXECUTOR", raising=False)
+    assert config.executor_kind() == "in_process"
+    monkeypatch.setenv("DANBOORU_EXECUTOR", "celery")
+    assert config.executor_kind() == "celery"
+    monkeypatch.delenv("DANBOORU_CELERY_BROKER", raising=False)
+    monkeypatch.delenv("DANBOORU_CELERY_BACKEND", raising=False)
+    assert config.celery_backend() == config.celery_broker() == config.DEFAULT_CELERY_BROKER

@@ -13,7 +13,7 @@ import dagster as dg
 PACKAGE = Path(__file__).resolve().parent.parent / "danbooru_assets"
 README = PACKAGE.parent / "README.md"
 HEAVY = ("torch", "open_clip", "pandas", "numpy", "pyarrow", "PIL", "sklearn", "matplotlib")
-LIBRARY_PACKAGES = ("core", "dataset", "clip", "pose", "quality", "labels", "export")
+LIBRARY_PACKAGES = ("core", "dataset", "clip", "pose", "quality", "labels", "export", "dedup")
 
 
 def test_loading_the_code_location_imports_no_heavy_library():

@@ -75,7 +75,7 @@ def test_empty_section_holds_the_defaults(tmp_path: Path):
         ("nonexistent:\n  key: 3\n", "nonexistent", "nonexistent: unknown key; valid sections: clip, pose, quality"),
         ("clip:\n  keep_fracton: 0.3\n", "clip.keep_fracton", "unknown key (did you mean clip.keep_fraction?)"),
         ("clip:\n  image_rules:\n    min_sides: 3\n", "clip.image_rules.min_sides", "did you mean clip.image_rules.min_side?"),
-        ("- clip\n- pose\n", None, "expected a mapping of sections (clip, pose, quality), found a list"),
+        ("- clip\n- pose\n", None, "expected a mapping of sections (clip, pose, quality, prefilter"),
         ("clip:\n  fixed_threshold: .nan\n", "clip.fixed_threshold", "finite number"),
         ("clip:\n  keep_fraction: 7\n", "clip.keep_fraction", "less than or equal to 1 (got 7)"),
         ("quality:\n  classifier: xgboost\n", "quality.classifier", "'logreg' or 'mlp'"),
@@ -106,6 +106,33 @@ def test_unreadable_file_is_named(tmp_path: Path):
 
 
 # Every field gets a constraint: a nonsensical value for each is refused.
+PREFILTER_BAD_VALUES = [
+    ("prefilter.mode", "skipp"),
+    ("prefilter.exclude_tags.general", "['  ']"),
+    ("prefilter.exclude_tags.character", "[a, a]"),
+    ("prefilter.exclude_tags.copyright", "a single string"),
+    ("prefilter.exclude_tags.artist", "[[x]]"),
+    ("prefilter.exclude_tags.meta", "[comic, COMIC]"),
+    ("prefilter.require_tags.general", "[1girl, 1girl]"),
+    ("prefilter.require_tags.character", "['']"),
+    ("prefilter.require_tags.copyright", "[1]"),
+    ("prefilter.require_tags.artist", "x"),
+    ("prefilter.require_tags.meta", "[a b, a  b]"),
+    ("prefilter.ratings", "[]"),
+    ("prefilter.ratings", "[g, x]"),
+    ("prefilter.ratings", "[g, g]"),
+    ("prefilter.min_score", "1.5"),
+    ("prefilter.min_score", "low"),
+    ("prefilter.exclude_deleted", "maybe"),
+    ("prefilter.exclude_banned", "maybe"),
+    ("prefilter.file_types", "[]"),
+    ("prefilter.file_types", "[psd]"),
+    ("prefilter.file_types", "[jpg, jpeg]"),
+    ("prefilter.min_side", "-1"),
+    ("prefilter.min_side", "2.5"),
+    ("prefilter.max_aspect_ratio", "0.5"),
+    ("prefilter.max_aspect_ratio", ".inf"),
+]
 BAD_VALUES = [
     ("clip.keep_fraction", "0"),
     ("clip.keep_fraction", "1.5"),
@@ -151,9 +178,18 @@ BAD_VALUES = [
     ("quality.min_round_size", "0"),
     ("quality.classifier", "xgboost"),
     ("quality.retrain_min_new_labels", "0"),
+    ("quality.grid_page_size", "0"),
+    ("quality.grid_page_size", "201"),
+    ("quality.recheck_fraction", "-0.1"),
+    ("quality.recheck_fraction", "0.9"),
     ("quality.keep_classes", "[]"),
     ("quality.keep_classes", "[excellent]"),
     ("quality.keep_classes", "[good, good]"),
+    *PREFILTER_BAD_VALUES,
+    ("dedup.threshold", "0"),
+    ("dedup.threshold", "1.01"),
+    ("dedup.threshold", ".nan"),
+    ("dedup.parent_child", "maybe"),
 ]
 
 
@@ -167,7 +203,8 @@ def test_set_refuses_a_meaningless_value(key: str, value: str):
 
 
 def test_every_value_field_is_covered_by_a_bad_value():
-    sections = {"clip", "clip.image_rules", "pose", "quality"}
+    sections = {"clip", "clip.image_rules", "pose", "quality", "prefilter", "prefilter.exclude_tags",
+                "prefilter.require_tags", "dedup"}
     assert {k for k in setting_keys() if k not in sections} == {key for key, _ in BAD_VALUES}
 
 
@@ -273,3 +310,21 @@ def test_materialization_says_where_its_settings_came_from(tmp_path: Path):
     result = sandbox.materialize(["prompt_embeddings"], raise_on_error=False)
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert f"settings file {path}: clip.positive_prompts: an empty list" in failure.step_failure_data.error.message
+
+
+def test_settings_file_at_a_url_round_trips(tmp_path):
+    # memory:// stands for s3://: the settings next to tables that several machines share.
+    import fsspec
+
+    from danbooru_assets.settings import CurationSettings, load_settings, save_settings, set_setting, settings_source
+
+    url = f"memory://settings-{tmp_path.name}/settings.yaml"
+    assert settings_source(url) == f"defaults (no file at {url})"
+    save_settings(url, set_setting(CurationSettings(), "clip.keep_fraction", "0.3"))
+    fs = fsspec.filesystem("memory")
+    assert [p for p in fs.ls(f"/settings-{tmp_path.name}", detail=False) if "tmp" in p] == []  # no temporary left
+    assert load_settings(url).clip.keep_fraction == 0.3
+    assert settings_source(url) == "settings file"
+    fs.pipe(url, b"clip:\n  keep_fraction: 7\n")
+    with pytest.raises(SettingsError, match=rf"settings file {url}: clip.keep_fraction"):
+        load_settings(url)

@@ -66,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.images} images in shard {shard} ({t_gen:.1f}s to generate or reuse); model {clip.model_name} "
           f"{'(demo, random weights)' if clip.model().is_demo() else clip.pretrained}; {os.cpu_count()} CPUs")
     sandbox.materialize(["danbooru_metadata", "prompt_embeddings"])
-    sandbox.materialize(["shard_index"], shard)
+    # Every image encoded, as before the prefilter existed: this measures the encoder (the
+    # prefilter's savings: `python -m danbooru_assets.bench prefilter`).
+    from danbooru_assets.settings import CurationSettings, save_settings, set_setting
+
+    save_settings(sandbox.settings_path, set_setting(CurationSettings(), "prefilter.mode", "off"))
+    sandbox.materialize(["shard_index", "metadata_prefilter"], shard)
     clip.model().load()  # model loading is a once-per-process cost, not per shard
 
     t_embed = timed(lambda: sandbox.materialize(["clip_embeddings", "image_stats"], shard))

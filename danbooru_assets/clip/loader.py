@@ -194,7 +194,11 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def default_num_workers(requested: int = -1) -> int:
-    """``requested`` if >= 0, else ``min(4, cpu count)`` (the resource's ``-1`` = auto)."""
+    """``requested`` if >= 0, else ``min(4, cpu count)`` (the resource's ``-1`` = auto); 0
+    (decode in this process) in a daemonic process, which may not start children: a step
+    on a Celery prefork worker (deploy/worker) runs in one."""
+    if multiprocessing.current_process().daemon:
+        return 0
     if requested >= 0:
         return requested
     return min(4, os.cpu_count() or 1)

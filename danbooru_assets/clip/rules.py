@@ -10,8 +10,13 @@ from danbooru_assets.settings import ImageRules
 if TYPE_CHECKING:
     import pandas as pd
 
-# Drop reasons of clip_subset; a row keeps every reason that applies.
-SUBSET_REASONS = ("unreadable", "below_threshold", "too_small", "dark_border_little_content")
+# Drop reasons of clip_subset; a row keeps every reason that applies. ``prefiltered``: the
+# metadata prefilter excludes it (in skip mode never decoded: only the size rule, from the
+# index, is judged besides); ``not_encoded``: usable but clip_embeddings has no row for it
+# yet (an image the prefilter admitted after the last inference run: the next one encodes it).
+SUBSET_REASONS = (
+    "prefiltered", "not_encoded", "unreadable", "below_threshold", "too_small", "dark_border_little_content",
+)
 # What clip_subset reads of image_stats.
 STATS_INPUT_COLUMNS = [
     "image_id", "status", "orig_width", "orig_height",
@@ -42,10 +47,17 @@ def values_at(table: pd.DataFrame, column: str, ids, fill):
 
 
 def apply_clip_rules(
-    index: pd.DataFrame, stats: pd.DataFrame, scores: pd.DataFrame, threshold: float, rules: ImageRules
+    index: pd.DataFrame,
+    stats: pd.DataFrame,
+    scores: pd.DataFrame,
+    threshold: float,
+    rules: ImageRules,
+    prefilter: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Every usable row of the shard with ``kept`` and its ``drop_reasons`` ("|"-joined),
-    and how many rows each reason dropped.
+    """Every usable row of the shard with ``kept``, its ``drop_reasons`` ("|"-joined) and
+    ``prefilter_reasons`` (the metadata prefilter's, for a row it excludes), and how many
+    rows each reason dropped. ``prefilter``: the shard's ``metadata_prefilter`` table
+    (``image_id``, ``reasons``, ``excluded``); ``None``: no prefilter.
 
     ``width``/``height`` are the displayed size: the decode's (``image_stats``'
     ``orig_width``/``orig_height``, EXIF orientation applied) where it succeeded, else the
@@ -58,7 +70,17 @@ def apply_clip_rules(
     rows = index.loc[index["status"].isin(USABLE_STATUSES), ["image_id", "rel_path", "width", "height"]]
     rows = rows.reset_index(drop=True)
     ids = rows["image_id"].to_numpy()
-    decoded = values_at(stats, "status", ids, "missing") == "ok"
+    stats_status = values_at(stats, "status", ids, "missing")
+    decoded = stats_status == "ok"
+    if prefilter is not None and len(prefilter):
+        excluded = values_at(prefilter.assign(excluded=prefilter["excluded"].astype(float)), "excluded", ids, 0.0) > 0
+        prefilter_reasons = np.where(excluded, values_at(prefilter, "reasons", ids, ""), "")
+    else:
+        excluded = np.zeros(len(ids), dtype=bool)
+        prefilter_reasons = np.full(len(ids), "", dtype=object)
+    # A row never decoded because the prefilter excludes it is judged by the prefilter
+    # (and the index's size) only: no score or statistic exists to judge it by.
+    undecoded_prefiltered = excluded & (stats_status == "missing")
     for side in ("width", "height"):
         shown = values_at(stats, f"orig_{side}", ids, np.nan)
         use = decoded & ~np.isnan(shown)
@@ -67,8 +89,10 @@ def apply_clip_rules(
     dark = values_at(stats, "border_black_rows_frac", ids, 0.0) + values_at(stats, "border_black_cols_frac", ids, 0.0)
     content = values_at(stats, "content_area_frac", ids, 1.0)
     failed = {
-        "unreadable": ~decoded,
-        "below_threshold": ~(score >= threshold),
+        "prefiltered": excluded,
+        "not_encoded": (stats_status == "missing") & ~excluded,
+        "unreadable": ~decoded & (stats_status != "missing"),
+        "below_threshold": ~(score >= threshold) & ~undecoded_prefiltered,
         "too_small": np.minimum(rows["width"].to_numpy(), rows["height"].to_numpy()) < rules.min_side,
         "dark_border_little_content": (dark > rules.max_dark_border_frac) & (content < rules.min_content_area_frac),
     }
@@ -76,5 +100,10 @@ def apply_clip_rules(
     for name in SUBSET_REASONS:
         hit = failed[name]
         reasons[hit] = np.where(reasons[hit] == "", name, reasons[hit] + "|" + name)
-    out = rows.assign(portrait_score=score.astype(np.float32), kept=reasons == "", drop_reasons=reasons)
+    out = rows.assign(
+        portrait_score=score.astype(np.float32),
+        kept=reasons == "",
+        drop_reasons=reasons,
+        prefilter_reasons=prefilter_reasons.astype(object),
+    )
     return out, {f"dropped_{name}": int(failed[name].sum()) for name in SUBSET_REASONS}

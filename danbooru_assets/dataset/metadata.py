@@ -49,8 +49,12 @@ METADATA_COLUMNS = [
     "meta_file_ext",
     *TAG_COLUMNS,
     "is_deleted",
+    "is_banned",
     "created_at",
     "metadata_format",
+    # Danbooru's variant sets (parent/child posts): read by the near_duplicates stage.
+    "parent_id",
+    "has_children",
 ]
 METADATA_DTYPES = {
     "image_id": "int64",
@@ -62,8 +66,11 @@ METADATA_DTYPES = {
     "meta_file_ext": "object",
     **{c: "object" for c in TAG_COLUMNS},
     "is_deleted": "boolean",
+    "is_banned": "boolean",
     "created_at": "object",
     "metadata_format": "object",
+    "parent_id": "Int64",
+    "has_children": "boolean",
 }
 VALID_RATINGS = {"g", "s", "q", "e"}
 
@@ -176,6 +183,17 @@ def _strict_bool(value: Any) -> bool:
     raise ValueError(f"is_deleted {_shown(value)} is not a boolean")
 
 
+def _bool_or_null(record: dict, key: str, value_problems: list[str]) -> bool | None:
+    value = record.get(key)
+    if value is None or type(value) is bool:
+        return value
+    try:
+        return _strict_bool(value)
+    except ValueError:
+        value_problems.append(f"{key} {_shown(value)} is not a boolean; stored as null")
+        return None
+
+
 def _int_or_null(record: dict, key: str, minimum: int, value_problems: list[str]) -> int | None:
     value = record.get(key)
     if type(value) is int and minimum <= value <= INT64_MAX:  # the common case, first
@@ -234,7 +252,11 @@ def normalise_record(record: Any, value_problems: list[str] | None = None) -> di
         "meta_height": _int_or_null(record, "image_height", 1, value_problems),
         "meta_file_ext": _str_or_null(record, "file_ext", value_problems) or None,
         "is_deleted": is_deleted,
+        "is_banned": _bool_or_null(record, "is_banned", value_problems),
         "created_at": _str_or_null(record, "created_at", value_problems),
+        # The dump form writes "0" for "no parent".
+        "parent_id": _int_or_null(record, "parent_id", 0, value_problems) or None,
+        "has_children": _bool_or_null(record, "has_children", value_problems),
     }
     tags = get("tags")
     if type(tags) is list:

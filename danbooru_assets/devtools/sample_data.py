@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 # Bumped whenever the output for given parameters changes, so stale sample folders regenerate.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 MARKER_NAME = "SAMPLE_DATASET.json"
 PARTIAL_NAME = ".SAMPLE_DATASET.partial"
@@ -98,6 +98,20 @@ GROUND_TRUTH_COLUMNS: tuple[str, ...] = (
     "image_id", "kind", "file_ext", "has_file", "has_metadata", "problem", "width", "height",
     "quality", "pose", "n_figures", "has_published_keypoints", "published_keypoints_problem",
 ) + coco.KEYPOINT_COLUMNS
+# What the metadata line says (null without one), for the metadata prefilter's tests, and the
+# case planted for it (``_prefilter_cases``).
+METADATA_TRUTH_COLUMNS: tuple[str, ...] = ("tags", "rating", "score", "is_deleted", "is_banned", "prefilter_case")
+GROUND_TRUTH_COLUMNS += METADATA_TRUTH_COLUMNS
+# Cases planted on clean single-figure images so the prefilter's non-tag rules have work.
+PREFILTER_CASES: tuple[str, ...] = ("low_score", "deleted", "banned", "chibi")
+
+# Duplicate variants planted for near_duplicates (``_plan_duplicates``): ``duplicate_of`` is
+# the source image, ``duplicate_kind`` one of DUPLICATE_VARIANTS.
+GROUND_TRUTH_COLUMNS += ("duplicate_of", "duplicate_kind")
+# exact_copy: the same bytes (same md5) under another id; parent_child: a child post (its
+# parent_id is the source) drawn with a coloured emblem; resized: 1.25x the source's size;
+# colour: hue turned; text: a caption box drawn over the bottom.
+DUPLICATE_VARIANTS: tuple[str, ...] = ("exact_copy", "parent_child", "resized", "colour", "text")
 
 # Parallelise only when the pool's start-up cost is paid back.
 _PARALLEL_MIN_FILES = 400
@@ -183,6 +197,32 @@ def generate_sample_dataset(
     return summary
 
 
+# What `danbooru-assets run` generates: enough images that, after the prefilter, the CLIP
+# cut and the pose rules, the labeling pool (~130) holds three rounds of
+# quality.min_round_size (20, 40, 60) — the loop, not just one round.
+RUN_SAMPLE_IMAGES = 900
+
+# Settings written next to the sample when none exist. The demo CLIP model has random
+# weights, so its cut is a coin toss: keep most images rather than a meaningless 20%.
+SAMPLE_SETTINGS_YAML = """\
+# Written by `danbooru-assets run` for the bundled sample data (demo CLIP model, random
+# weights: its scores carry no meaning, so the CLIP stage keeps most images). Edit freely.
+clip:
+  keep_fraction: 0.8
+"""
+
+
+def write_sample_settings(path: Path | str) -> bool:
+    """Write :data:`SAMPLE_SETTINGS_YAML` to ``path`` unless a settings file is there;
+    whether it wrote."""
+    path = Path(path)
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, SAMPLE_SETTINGS_YAML)
+    return True
+
+
 def read_ground_truth(root: Path | str) -> "pd.DataFrame":
     """The ground-truth table of a generated sample dataset (a pandas DataFrame)."""
     import pandas as pd
@@ -258,6 +298,11 @@ class _Item:
     has_file: bool
     has_metadata: bool = True
     problem: str | None = None
+    variant: str | None = None  # a DUPLICATE_VARIANTS name: this file is drawn from another image
+    variant_of: int | None = None
+    source_size: tuple[int, int] | None = None
+    parent_id: int | None = None  # Danbooru's parent post
+    has_children: bool = False
 
 
 def _validated_params(n_images: int, n_shards: int, seed: int, min_side: int, max_side: int,
@@ -358,7 +403,37 @@ def _plan(params: dict[str, Any]) -> list[_Item]:
         junk.problem, junk.ext = "unknown_extension", "psd"
     for _ in range(max(1, round(0.04 * n_images))):
         take(lambda it: True).has_metadata = False
+    _plan_duplicates(_rng(seed, 0xD0B1), order, used, n_images)
     return sorted(items, key=lambda it: it.image_id)
+
+
+def _plan_duplicates(rng: np.random.Generator, order: list[_Item], used: set[int], n_images: int) -> None:
+    """Turn some clean figure images into duplicate variants of others of the same kind (so
+    the kind counts stay), ~2% of the images per variant; an own random stream, so the
+    rest of the plan is what it was without them."""
+    per_variant = round(0.02 * n_images)
+    if per_variant < 1 or n_images < 40:
+        return
+    for variant in DUPLICATE_VARIANTS:
+        for _ in range(per_variant):
+            clean = [it for it in order if it.image_id not in used and it.problem is None and it.has_metadata
+                     and it.kind in ("single_figure", "upper_body")]
+            if len(clean) < 2:
+                return
+            source = clean[int(rng.integers(len(clean)))]
+            same_kind = [it for it in clean if it.kind == source.kind and it is not source]
+            if not same_kind:
+                continue
+            copy = same_kind[int(rng.integers(len(same_kind)))]
+            used.update((source.image_id, copy.image_id))
+            copy.variant, copy.variant_of, copy.source_size = variant, source.image_id, (source.width, source.height)
+            copy.width, copy.height = source.width, source.height
+            if variant == "exact_copy":
+                copy.ext = source.ext  # the same bytes
+            elif variant == "resized":
+                copy.width, copy.height = round(source.width * 1.25), round(source.height * 1.25)
+            elif variant == "parent_child":
+                copy.parent_id, source.has_children = source.image_id, True
 
 
 # --------------------------------------------------------------------------- figures
@@ -918,16 +993,54 @@ def _encode(img: Image.Image, ext: str, rng: np.random.Generator) -> bytes:
 
 
 def _render_one(root: str, seed: int, image_id: int, kind: str, w: int, h: int, ext: str,
-                problem: str | None) -> tuple[int, str, int]:
+                problem: str | None, variant: str | None = None, variant_of: int | None = None,
+                source_size: tuple[int, int] | None = None) -> tuple[int, str, int]:
     """Draw, encode and write one image file; return (id, md5, size) of the *intended* file.
 
     Danbooru's metadata describes the file as uploaded, so a truncated or emptied local copy
     keeps the original md5 and size there: a md5 check can catch the corruption.
     """
-    data = _encode(_render(_sample_spec(seed, image_id, kind, w, h, problem), seed), ext, _rng(seed, image_id, 4))
+    if variant is not None:
+        data = _render_variant(seed, image_id, kind, (w, h), ext, variant, variant_of, source_size)
+    else:
+        data = _encode(_render(_sample_spec(seed, image_id, kind, w, h, problem), seed), ext, _rng(seed, image_id, 4))
     written = data[: int(len(data) * 0.6)] if problem == "truncated" else b"" if problem == "zero_bytes" else data
     atomic_write_bytes(Path(root) / image_relpath(image_id, ext), written)
     return image_id, hashlib.md5(data).hexdigest(), len(data)
+
+
+def _render_variant(seed: int, image_id: int, kind: str, size: tuple[int, int], ext: str, variant: str,
+                    source_id: int, source_size: tuple[int, int]) -> bytes:
+    """The encoded file of a duplicate variant of ``source_id`` (see DUPLICATE_VARIANTS)."""
+    img = _render(_sample_spec(seed, source_id, kind, *source_size), seed)
+    if variant == "exact_copy":  # the source's own encoder stream: byte-identical
+        return _encode(img, ext, _rng(seed, source_id, 4))
+    img = img.convert("RGB")
+    if variant == "resized":
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    elif variant == "colour":
+        hsv = np.asarray(img.convert("HSV")).copy()
+        hsv[..., 0] += 64  # a quarter turn of hue (uint8 wraps)
+        img = Image.fromarray(hsv, "HSV").convert("RGB")
+    elif variant == "text":
+        d = ImageDraw.Draw(img)
+        w, h = img.size
+        d.rectangle((w // 10, h * 4 // 5, w * 9 // 10, h * 19 // 20), fill=(255, 255, 255), outline=(0, 0, 0), width=2)
+        d.text((w // 10 + 6, h * 4 // 5 + 6), "sample text, sample text", fill=(0, 0, 0))
+    elif variant == "parent_child":
+        d = ImageDraw.Draw(img)
+        w, h = img.size
+        r = max(6, min(w, h) // 12)
+        d.ellipse((w - 3 * r, r, w - r, 3 * r), fill=(230, 40, 90), outline=(0, 0, 0), width=2)
+    return _encode(img, ext, _rng(seed, image_id, 4))
+
+
+def _variant_spec(seed: int, it: _Item) -> _Spec:
+    """What a variant's file shows: its source's drawing, scaled to the variant's size."""
+    src = _sample_spec(seed, it.variant_of, it.kind, *it.source_size)
+    f = it.width / it.source_size[0]
+    figures = tuple(dataclasses.replace(fig, kp=fig.kp * f, head=fig.head * f, scale=fig.scale * f) for fig in src.figures)
+    return dataclasses.replace(src, image_id=it.image_id, width=it.width, height=it.height, figures=figures)
 
 
 def _render_chunk(root: str, seed: int, tasks: list[tuple]) -> list[tuple[int, str, int]]:
@@ -936,7 +1049,8 @@ def _render_chunk(root: str, seed: int, tasks: list[tuple]) -> list[tuple[int, s
 
 def _render_files(root: Path, plan: list[_Item], params: dict[str, Any], workers: int | None
                   ) -> dict[int, tuple[str, int]]:
-    tasks = [(it.image_id, it.kind, it.width, it.height, it.ext, it.problem) for it in plan if it.has_file]
+    tasks = [(it.image_id, it.kind, it.width, it.height, it.ext, it.problem, it.variant, it.variant_of, it.source_size)
+             for it in plan if it.has_file]
     if workers is None:
         workers = 1 if len(tasks) < _PARALLEL_MIN_FILES else min(8, os.cpu_count() or 1)
     seed = params["seed"]
@@ -1074,8 +1188,8 @@ def _api_record(item: _Item, tags: dict[str, list[str]], md5: str, size: int, ra
         "score": score, "source": f"https://www.pixiv.net/artworks/{pixiv}" if pixiv else "", "md5": md5,
         "last_comment_bumped_at": None, "rating": rating, "image_width": item.width, "image_height": item.height,
         "tag_string": " ".join(all_tags), "is_note_locked": False, "fav_count": max(0, score + int(rng.integers(-2, 8))),
-        "file_ext": item.ext, "last_noted_at": None, "is_rating_locked": False, "parent_id": None,
-        "has_children": False, "approver_id": None,
+        "file_ext": item.ext, "last_noted_at": None, "is_rating_locked": False, "parent_id": item.parent_id,
+        "has_children": item.has_children, "approver_id": None,
         "tag_count_general": len(tags["general"]), "tag_count_artist": len(tags["artist"]),
         "tag_count_character": len(tags["character"]), "tag_count_copyright": len(tags["copyright"]),
         "file_size": size, "up_score": up, "down_score": score - up, "is_pending": False, "is_flagged": False,
@@ -1106,7 +1220,8 @@ def _dump_record(item: _Item, tags: dict[str, list[str]], md5: str, size: int, r
         "rating": "s" if rating == "g" else rating,  # the old dumps had no "general" rating
         "image_width": str(item.width), "image_height": str(item.height), "is_note_locked": False,
         "file_ext": item.ext, "last_noted_at": "1970-01-01 00:00:00 UTC", "is_rating_locked": False,
-        "parent_id": "0", "has_children": False, "approver_id": "0", "file_size": str(size),
+        "parent_id": str(item.parent_id or 0), "has_children": item.has_children, "approver_id": "0",
+        "file_size": str(size),
         "is_status_locked": False, "up_score": str(up), "down_score": str(score - up), "is_pending": False,
         "is_flagged": False, "is_deleted": bool(rng.random() < 0.02),
         "updated_at": ts(created + dt.timedelta(days=float(rng.uniform(0, 400)))), "is_banned": False,
@@ -1149,13 +1264,15 @@ def _write_tables(root: Path, plan: list[_Item], results: dict[int, tuple[str, i
         malformed = {keypoint_candidates[int(picks[0])].image_id: "not_json",
                      keypoint_candidates[int(picks[1])].image_id: "missing_keys"}
 
+    planted = _prefilter_cases(plan, seed)
     posts_lines: list[str] = []
     dump_lines: list[str] = []
     bad_line_no = 0
     rows: list[dict[str, Any]] = []
     members: list[tuple[str, bytes]] = []
     for it in plan:
-        spec = _sample_spec(seed, it.image_id, it.kind, it.width, it.height, it.problem)
+        spec = (_variant_spec(seed, it) if it.variant else
+                _sample_spec(seed, it.image_id, it.kind, it.width, it.height, it.problem))
         r = _rng(seed, it.image_id, 5)
         if it.has_file:
             md5, size = results[it.image_id]
@@ -1166,21 +1283,27 @@ def _write_tables(root: Path, plan: list[_Item], results: dict[int, tuple[str, i
         rating = str(r.choice(["g", "s", "q", "e"], p=[0.55, 0.35, 0.08, 0.02]))
         score = int(r.geometric(0.08 if quality == "good" else 0.15)) - 1
         created = _created(it.image_id, r)
+        case = planted.get(it.image_id)
+        tags, score = _planted_tags_and_score(case, tags, score)
+        record = None
         if it.has_metadata or it.image_id == bad_line_id:
             if it.image_id in posts_ids or it.image_id == bad_line_id:
-                line = json.dumps(_api_record(it, tags, md5, size, rating, score, created, r), separators=(",", ":"))
+                record = _planted_flags(case, _api_record(it, tags, md5, size, rating, score, created, r))
+                line = json.dumps(record, separators=(",", ":"))
                 if it.image_id == bad_line_id:
                     line, bad_line_no = line[: len(line) * 3 // 5], len(posts_lines) + 1
                 posts_lines.append(line)
             else:
-                dump_lines.append(json.dumps(_dump_record(it, tags, md5, size, rating, score, created, r),
-                                             separators=(",", ":")))
+                record = _planted_flags(case, _dump_record(it, tags, md5, size, rating, score, created, r))
+                dump_lines.append(json.dumps(record, separators=(",", ":")))
 
         row: dict[str, Any] = {
             "image_id": it.image_id, "kind": it.kind, "file_ext": it.ext, "has_file": it.has_file,
             "has_metadata": it.has_metadata, "problem": it.problem, "width": it.width, "height": it.height,
             "quality": quality, "pose": None, "n_figures": len(spec.figures),
             "has_published_keypoints": False, "published_keypoints_problem": None,
+            "duplicate_of": it.variant_of, "duplicate_kind": it.variant,
+            **_metadata_truth(record if it.has_metadata else None, tags, score, case),
         }
         fig = spec.main_figure
         drawn = it.has_file and fig is not None
@@ -1219,7 +1342,9 @@ def _write_tables(root: Path, plan: list[_Item], results: dict[int, tuple[str, i
     _write_tarball(root / KEYPOINTS_TARBALL, members)
     gt = pd.DataFrame(rows, columns=list(GROUND_TRUTH_COLUMNS))
     gt = gt.astype({"image_id": "int64", "width": "int64", "height": "int64", "n_figures": "int64",
-                    "has_file": bool, "has_metadata": bool, "has_published_keypoints": bool})
+                    "has_file": bool, "has_metadata": bool, "has_published_keypoints": bool,
+                    "score": "Int64", "is_deleted": "boolean", "is_banned": "boolean",
+                    "duplicate_of": "Int64", "duplicate_kind": "string"})
     write_parquet(root / GROUND_TRUTH_FILE, gt)
 
     files = [it for it in plan if it.has_file]
@@ -1239,6 +1364,44 @@ def _write_tables(root: Path, plan: list[_Item], results: dict[int, tuple[str, i
         keypoint_ids_without_image=[orphan_kp_id],
         params=params,
     )
+
+
+def _prefilter_cases(plan: list[_Item], seed: int) -> dict[int, str]:
+    """``{image_id: case}``: a few clean single-figure images with metadata get a case of
+    :data:`PREFILTER_CASES` (a negative score, a deleted or banned post, a ``chibi`` tag),
+    about 1% of the images each, so every non-tag rule of the prefilter has work."""
+    eligible = [it.image_id for it in plan if it.has_file and it.has_metadata and it.problem is None
+                and it.kind in ("single_figure", "upper_body")]
+    per_case = max(1, round(0.01 * sum(it.has_file for it in plan)))
+    picks = _rng(seed, 0x9F17).permutation(eligible).tolist()
+    return {int(i): PREFILTER_CASES[k // per_case] for k, i in enumerate(picks[: per_case * len(PREFILTER_CASES)])}
+
+
+def _planted_tags_and_score(case: str | None, tags: dict[str, list[str]], score: int) -> tuple[dict, int]:
+    if case == "chibi":
+        tags = {**tags, "general": sorted({*tags["general"], "chibi"})}
+    if case == "low_score":
+        score = -3 - score % 5  # Danbooru: a post voted down
+    return tags, score
+
+
+def _planted_flags(case: str | None, record: dict[str, Any]) -> dict[str, Any]:
+    if case == "deleted":
+        record["is_deleted"] = True
+    if case == "banned":
+        record["is_banned"] = True
+    return record
+
+
+def _metadata_truth(record: dict[str, Any] | None, tags: dict[str, list[str]], score: int,
+                    case: str | None) -> dict[str, Any]:
+    """The ground truth's :data:`METADATA_TRUTH_COLUMNS` for one image."""
+    if record is None:
+        return {"tags": None, "rating": None, "score": None, "is_deleted": None, "is_banned": None,
+                "prefilter_case": None}
+    return {"tags": " ".join(sorted(t for cat in tags.values() for t in cat)), "rating": record["rating"],
+            "score": score, "is_deleted": bool(record["is_deleted"]), "is_banned": bool(record["is_banned"]),
+            "prefilter_case": case}
 
 
 def _write_tarball(path: Path, members: list[tuple[str, bytes]]) -> None:

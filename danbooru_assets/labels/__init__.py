@@ -1,5 +1,5 @@
 """Human labels for the active-learning loop (library, no Dagster): the class names
-(``classes``), the SQLite store (``store``) and the labeling page (``app``, its HTML,
+(``classes``), the label store (``store``: a SQLite file or a Postgres database) and the labeling page (``app``, its HTML,
 script and style in ``page.*``). The Dagster resource over the store is
 ``orchestration.resources.LabelStoreResource``."""
 

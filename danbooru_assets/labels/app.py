@@ -6,6 +6,22 @@ canvas, so the toggle is instant), its scores and predicted class. Keys: ``1`` g
 ``2`` questionable, ``3`` bad, ``z`` undo, ``s`` skip, ``k`` skeleton on/off; after a
 conflict, ``o`` overwrites and ``n`` keeps the other label.
 
+Grid mode (``/?mode=grid``, or ``g`` to switch): a page of ``page_size`` thumbnails, in
+queue order and then grouped by the model's predicted class, every tile pre-set to its
+prediction (``p``) or to one class for the whole page (shift+``1``/``2``/``3``). The
+labeler flips the exceptions (click a tile, or move with arrows/``hjkl`` and set with
+``1``/``2``/``3``) and confirms the page with Enter: every tile becomes one history row.
+``z`` undoes the last page (it comes back as it was sent), ``POST /api/undo`` with an
+``image_id`` undoes one tile, ``t`` shows or hides the skeletons. A confirm whose tiles
+someone else changed since the page was shown stores the others and answers 409 with one
+conflict per tile.
+
+Throughput: every row the page writes carries its session, mode and the seconds since
+the tab's previous action (a pause longer than ``MAX_SECONDS_PER_LABEL`` per label counts
+as that much); the page shows the tab's count, labels per minute and the round's ETA.
+With ``recheck_fraction`` > 0 a few already-labeled images are shown again, blind, and
+stored with ``source = "recheck"`` (self-agreement, see ``labels.agreement``).
+
 Each page load (tab) opens a session (``POST /api/session``): its own current image,
 skips and undo history. Tabs are handed different images while there are enough, undo
 retracts only the tab's own labels, and labeling an image that someone else labeled
@@ -34,7 +50,10 @@ import math
 import secrets
 import socket
 import sys
+import random
 import threading
+import time
+from collections import OrderedDict
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,10 +62,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pandas as pd
+from sqlalchemy.exc import SQLAlchemyError
 
 from danbooru_assets.pose.coco import KEYPOINT_COLUMNS, KEYPOINT_NAMES, NUM_KEYPOINTS, SKELETON, SKELETON_COLORS
 from danbooru_assets.labels.store import UNLABELED, LabelConflict, LabelStore
 from danbooru_assets.labels.classes import LABEL_CLASSES
+from danbooru_assets.labels.agreement import RECHECK_SOURCE
+from danbooru_assets.config import DEFAULT_MAX_PIXELS
 
 IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
                ".webp": "image/webp", ".bmp": "image/bmp"}
@@ -54,6 +76,11 @@ MAX_BODY = 64 * 1024
 # Page loads kept; the least recently used beyond this is forgotten (its tab must reload).
 MAX_SESSIONS = 256
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+# A longer pause per label is a break, not labeling time (throughput figures).
+MAX_SECONDS_PER_LABEL = 30.0
+THUMB_SIDE = 256  # longest side of a grid thumbnail, pixels
+THUMB_CACHE = 4096  # thumbnails kept in memory (~10 kB each)
+MAX_PAGE_SIZE = 200
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,14 +178,25 @@ class PageSession:
         self.skipped: set[int] = set()
         self.focus: list[int] = []  # images brought back by an undo, shown first
         self.own_rows: set[int] = set()  # history rows this tab wrote (labels and undos)
-        self.undo_stack: list[int] = []  # this tab's label rows, newest last
+        self.undo_stack: list[list[int]] = []  # this tab's actions (a label, a grid page) as row ids, newest last
         self.used = clock
+        self.mark = time.monotonic()  # when the tab's previous action ended (throughput)
+        self.labels_written = 0
+        self.seconds = 0.0
+        self.recheck: int | None = None  # the labeled image shown again (single mode), if any
+        self.grid: list[int] = []  # the tiles of the grid page on screen
+        self.grid_rechecks: set[int] = set()
+        self.page_no = 0
+        self.preset: dict[int, str] = {}  # tile → class it was confirmed with before an undo
+        self.row_image: dict[int, int] = {}  # this tab's label rows → their image
 
 
 class LabelingPage:
     """The page's state: the queue, what is labeled (mirrored from the store), the open tabs."""
 
-    def __init__(self, store: LabelStore, dataset_root: Path, queue: pd.DataFrame, round: int, labeler: str) -> None:
+    def __init__(self, store: LabelStore, dataset_root: Path, queue: pd.DataFrame, round: int, labeler: str,
+                 page_size: int = 24, recheck_fraction: float = 0.0, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 seed: int | None = None) -> None:
         missing = {"image_id", "rel_path"} - set(queue.columns)
         if missing:
             raise ValueError(f"queue lacks column(s) {sorted(missing)}")
@@ -178,6 +216,17 @@ class LabelingPage:
         self.labels: dict[int, str | None] = {}
         self._seen_id = 0
         self.lock = threading.Lock()
+        if not 1 <= int(page_size) <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
+        if not 0.0 <= float(recheck_fraction) <= 0.5:
+            raise ValueError(f"recheck_fraction must be in [0, 0.5], got {recheck_fraction}")
+        self.page_size = int(page_size)
+        self.recheck_fraction = float(recheck_fraction)
+        self.rng = random.Random(seed)
+        self.rechecked: set[int] = set()  # images already shown again (once each per page server)
+        self.max_pixels = max_pixels
+        self._thumbs: OrderedDict[int, bytes] = OrderedDict()
+        self._thumb_lock = threading.Lock()
         self.sync()
 
     @staticmethod
@@ -245,9 +294,13 @@ class LabelingPage:
         for image_id in session.focus:
             if self.labels.get(image_id) is None:
                 return self.by_id[image_id]
-        if session.current is not None and open_(session.current):
+        if session.current is not None and (open_(session.current) or session.current == session.recheck):
             return self.by_id[session.current]
-        held = {s.current for s in self.sessions.values() if s is not session}
+        held = self._held(session)
+        recheck = self._pick_rechecks(session, 1, held)
+        if recheck:
+            session.recheck = recheck[0]
+            return self.by_id[recheck[0]]
         shared = None
         for item in self.items:
             if open_(item["image_id"]):
@@ -257,22 +310,190 @@ class LabelingPage:
         # A closed tab's image must stay reachable; a clash is caught by the conflict check.
         return shared
 
+    def _held(self, session: PageSession) -> set[int]:
+        """Images on other tabs' screens (their current image or grid page)."""
+        held: set[int] = set()
+        for s in self.sessions.values():
+            if s is not session:
+                held.add(s.current) if s.current is not None else None
+                held.update(s.grid)
+        return held
+
+    def _pick_rechecks(self, session: PageSession, slots: int, held: set[int]) -> list[int]:
+        """For each of ``slots`` places, with probability ``recheck_fraction``, an image of
+        the queue that is labeled already (by anyone), shown again blind; each at most once."""
+        if self.recheck_fraction <= 0:
+            return []
+        n = sum(self.rng.random() < self.recheck_fraction for _ in range(slots))
+        if not n:
+            return []
+        pool = [i["image_id"] for i in self.items
+                if self.labels.get(i["image_id"]) is not None and i["image_id"] not in self.rechecked
+                and i["image_id"] not in held]
+        picked = self.rng.sample(pool, min(n, len(pool)))
+        self.rechecked.update(picked)
+        return picked
+
+    def _throughput(self, session: PageSession, labeled: int) -> dict[str, Any]:
+        per_label = session.seconds / session.labels_written if session.labels_written else None
+        remaining = len(self.items) - labeled
+        return {
+            "session_labels": session.labels_written,
+            "labels_per_minute": round(60.0 / per_label, 1) if per_label else None,
+            "seconds_per_label": round(per_label, 2) if per_label is not None else None,
+            "eta_seconds": round(remaining * per_label) if per_label is not None else None,
+        }
+
+    def _elapsed(self, session: PageSession, n_labels: int) -> float:
+        """Seconds since the tab's previous action, a break beyond the cap not counted; resets the mark."""
+        now = time.monotonic()
+        seconds = min(max(0.0, now - session.mark), MAX_SECONDS_PER_LABEL * max(1, n_labels))
+        session.mark = now
+        return seconds
+
+    def _counts(self) -> dict[str, Any]:
+        labeled = sum(1 for i in self.items if self.labels.get(i["image_id"]) is not None)
+        counts = {c: sum(1 for i in self.items if self.labels.get(i["image_id"]) == c) for c in LABEL_CLASSES}
+        return {"labeled": labeled, "counts": counts}
+
     def state(self, session: PageSession) -> dict[str, Any]:
         self.sync()
         item = self.next_item(session)
         session.current = None if item is None else item["image_id"]
-        labeled = sum(1 for i in self.items if self.labels.get(i["image_id"]) is not None)
-        counts = {c: sum(1 for i in self.items if self.labels.get(i["image_id"]) == c) for c in LABEL_CLASSES}
         payload = None
         if item is not None:
             session.shown[item["image_id"]] = self._seen_id
-            payload = dict(item, image_url=f"/images/{item['image_id']}",
-                           current_label=self.labels.get(item["image_id"]))
+            # a re-shown image is blind: its current label is not shown
+            current = None if item["image_id"] == session.recheck else self.labels.get(item["image_id"])
+            payload = dict(item, image_url=f"/images/{item['image_id']}", current_label=current)
+        counts = self._counts()
         return {
             "session": session.id, "round": self.round, "labeler": self.labeler, "total": len(self.items),
-            "labeled": labeled, "skipped": len(session.skipped), "counts": counts, "done": item is None,
-            "item": payload,
+            **counts, "skipped": len(session.skipped), "done": item is None, "item": payload,
+            "throughput": self._throughput(session, counts["labeled"]),
         }
+
+    # ---- grid mode (called under the lock) -------------------------------------------
+    def _tile_open(self, session: PageSession, image_id: int) -> bool:
+        if image_id in session.grid_rechecks:
+            return True
+        return self.labels.get(image_id) is None and image_id not in session.skipped
+
+    def grid_state(self, session: PageSession, new_page: bool = False) -> dict[str, Any]:
+        """The tab's grid page: kept while any of its tiles is open, else the next
+        ``page_size`` open images (an undone page's first), grouped by predicted class."""
+        self.sync()
+        session.current = None
+        if new_page or not any(self._tile_open(session, i) for i in session.grid):
+            session.grid, session.grid_rechecks = [], set()
+            held = self._held(session)
+            picked: list[int] = [i for i in dict.fromkeys(session.focus) if self.labels.get(i) is None][: self.page_size]
+            for item in self.items:
+                if len(picked) >= self.page_size:
+                    break
+                image_id = item["image_id"]
+                if image_id not in held and image_id not in picked and self._tile_open(session, image_id):
+                    picked.append(image_id)
+            rechecks = self._pick_rechecks(session, len(picked), held | set(picked)) if picked else []
+            order = {c: k for k, c in enumerate(LABEL_CLASSES)}
+
+            def by_prediction(image_id: int) -> tuple:
+                it = self.by_id[image_id]
+                pc = it["predicted_class"]
+                p = (it["probs"] or {}).get(pc) if pc else None
+                return (order.get(pc, len(order)), -(p or 0.0))
+
+            # rechecks replace the page's last places, so a page never grows past page_size
+            tiles = picked[: max(0, len(picked) - len(rechecks))] + rechecks
+            session.grid = sorted(tiles, key=by_prediction)
+            session.grid_rechecks = set(rechecks)
+            session.focus = [i for i in session.focus if i not in session.grid]
+            if session.grid:  # an empty page (queue done) is no new page
+                session.page_no += 1
+            for image_id in session.grid:
+                session.shown[image_id] = self._seen_id
+        tiles = []
+        for image_id in session.grid:
+            if not self._tile_open(session, image_id):
+                continue
+            it = self.by_id[image_id]
+            tiles.append({
+                "image_id": image_id, "thumb_url": f"/thumbs/{image_id}", "predicted_class": it["predicted_class"],
+                "probs": it["probs"], "keypoints": it["keypoints"], "width": it["width"], "height": it["height"],
+                "rel_path": it["rel_path"], "preset": session.preset.get(image_id),
+            })
+        counts = self._counts()
+        return {
+            "session": session.id, "round": self.round, "labeler": self.labeler, "total": len(self.items),
+            **counts, "skipped": len(session.skipped), "page": session.page_no, "page_size": self.page_size,
+            "tiles": tiles, "done": not tiles, "throughput": self._throughput(session, counts["labeled"]),
+        }
+
+    def grid_page(self, session: PageSession, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/grid/page``: the page on screen, or with ``"new": true`` the next one
+        (after "keep theirs" on conflicts: tiles still open come back later)."""
+        new = body.get("new", False)
+        if not isinstance(new, bool):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"new must be true or false, got {new!r}")
+        return self.grid_state(session, new_page=new)
+
+    def grid_confirm(self, session: PageSession, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/grid/confirm``: ``{"page": n, "labels": {image_id: class}, "overwrite": bool}``
+        stores every tile as a label in one transaction; tiles of the page left out are skipped."""
+        page_no = body.get("page")
+        if isinstance(page_no, bool) or not isinstance(page_no, int) or page_no != session.page_no:
+            raise RequestError(HTTPStatus.CONFLICT, f"page {page_no!r} is not the page this tab shows "
+                               f"(page {session.page_no}): reload the page")
+        labels = body.get("labels")
+        if not isinstance(labels, dict) or not labels:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "labels must be a non-empty object {image_id: class}")
+        if len(labels) > MAX_PAGE_SIZE:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"at most {MAX_PAGE_SIZE} tiles per page")
+        overwrite = body.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"overwrite must be true or false, got {overwrite!r}")
+        on_page = set(session.grid)
+        chosen: dict[int, str] = {}
+        for key, label in labels.items():
+            image_id = self.parse_id(key)
+            if image_id not in on_page:
+                raise RequestError(HTTPStatus.BAD_REQUEST, f"image {image_id} is not on this tab's page")
+            if not isinstance(label, str) or label not in LABEL_CLASSES:
+                raise RequestError(HTTPStatus.BAD_REQUEST,
+                                   f"unknown class {label!r} for image {image_id}; expected one of {list(LABEL_CLASSES)}")
+            chosen[image_id] = label
+        shown = {i: None if overwrite else session.shown.get(i, session.opened_at) for i in chosen}
+        sources = {i: RECHECK_SOURCE for i in chosen if i in session.grid_rechecks}
+        seconds = self._elapsed(session, len(chosen))
+        written, conflicts = self.store.add_page(
+            chosen, self.labeler, self.round, shown_since=shown, own_rows=session.own_rows,
+            session=session.id, mode="grid", seconds_spent=seconds, sources=sources)
+        if written:
+            session.own_rows.update(written.values())
+            session.undo_stack.append(list(written.values()))
+            session.labels_written += len(written)
+            session.seconds += seconds
+        for image_id, row_id in written.items():
+            session.row_image[row_id] = image_id
+            session.shown[image_id] = row_id
+            session.grid_rechecks.discard(image_id)
+            session.preset.pop(image_id, None)
+        for image_id in on_page - set(chosen) - set(written):
+            if self.labels.get(image_id) is None:
+                session.skipped.add(image_id)
+            session.grid_rechecks.discard(image_id)
+        if conflicts:
+            self.sync()
+            errors = [self._conflict(session, int(row["image_id"]), chosen[int(row["image_id"])], row)
+                      for row in conflicts]
+            raise RequestError(HTTPStatus.CONFLICT,
+                               f"{len(conflicts)} of {len(chosen)} tiles were changed by someone else after this "
+                               f"page was shown; the other {len(written)} are saved. Send those again with "
+                               "overwrite to replace theirs, or take the next page to keep theirs.",
+                               {"conflicts": [e.extra["conflict"] for e in errors], "written": sorted(written)})
+        state = self.grid_state(session)
+        state["confirmed"] = len(written)
+        return state
 
     def image_path(self, image_id: int) -> Path:
         rel = self.by_id[image_id]["rel_path"]
@@ -313,13 +534,21 @@ class LabelingPage:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"overwrite must be true or false, got {overwrite!r}")
         # the labeler is the server's own name: a request cannot label as someone else
         since = None if overwrite else session.shown.get(image_id, session.opened_at)
+        source = RECHECK_SOURCE if image_id == session.recheck else "page"
+        seconds = self._elapsed(session, 1)
         try:
-            row_id = self.store.add(image_id, label, self.labeler, self.round, source="page",
-                                    unless_changed_since=since, own_rows=session.own_rows)
+            row_id = self.store.add(image_id, label, self.labeler, self.round, source=source,
+                                    unless_changed_since=since, own_rows=session.own_rows,
+                                    session=session.id, mode="single", seconds_spent=seconds)
         except LabelConflict as exc:
             raise self._conflict(session, image_id, label, exc.row) from None
+        if source == RECHECK_SOURCE:
+            session.recheck = None
         session.own_rows.add(row_id)
-        session.undo_stack.append(row_id)
+        session.undo_stack.append([row_id])
+        session.row_image[row_id] = image_id
+        session.labels_written += 1
+        session.seconds += seconds
         session.shown[image_id] = row_id  # what came before this write is settled (seen or overwritten)
         session.skipped.discard(image_id)
         if image_id in session.focus:
@@ -329,6 +558,9 @@ class LabelingPage:
     def skip(self, session: PageSession, body: dict[str, Any]) -> dict[str, Any]:
         image_id = self.parse_id(body.get("image_id"))
         session.skipped.add(image_id)
+        if image_id == session.recheck:
+            session.recheck = None
+        session.mark = time.monotonic()  # time on a skipped image is not labeling time
         if image_id in session.focus:
             session.focus.remove(image_id)
         return self.state(session)
@@ -338,18 +570,68 @@ class LabelingPage:
         return self.state(session)
 
     def undo(self, session: PageSession, body: dict[str, Any]) -> dict[str, Any]:
-        retracted = None
-        while retracted is None and session.undo_stack:
-            retracted = self.store.retract(session.undo_stack.pop(), self.labeler)
-        if retracted is None:
+        """Undo the tab's last action (one label, or a whole grid page), or with
+        ``image_id`` the tab's last label of that one image (one tile of a page)."""
+        grid = body.get("mode", "single") == "grid"
+        retracted: list[dict[str, Any]] = []
+        if body.get("image_id") is not None:
+            image_id = self.parse_id(body.get("image_id"))
+            for action in reversed(session.undo_stack):
+                mine = [r for r in action if session.row_image.get(r) == image_id]
+                if mine:
+                    action.remove(mine[-1])
+                    one = self.store.retract(mine[-1], self.labeler)
+                    retracted = [one] if one is not None else []
+                    break
+            session.undo_stack = [a for a in session.undo_stack if a]
+        else:
+            while not retracted and session.undo_stack:
+                retracted = self.store.retract_many(session.undo_stack.pop(), self.labeler)
+        if not retracted:
             raise RequestError(HTTPStatus.CONFLICT, "nothing to undo in this tab")
-        session.own_rows.add(int(retracted["undo_id"]))
-        image_id = int(retracted["image_id"])
-        session.skipped.discard(image_id)
-        session.focus = [image_id] + [i for i in session.focus if i != image_id]
-        state = self.state(session)
-        state["retracted"] = {"image_id": image_id, "label": retracted["label"], "id": retracted["id"]}
+        ids = [int(r["image_id"]) for r in retracted]
+        for r in retracted:
+            session.own_rows.add(int(r["undo_id"]))
+            session.skipped.discard(int(r["image_id"]))
+            if r["label"] is not None:
+                session.preset[int(r["image_id"])] = r["label"]
+        session.focus = ids + [i for i in session.focus if i not in ids]
+        if grid:
+            session.grid = []  # the undone tiles come back as the next page
+            state = self.grid_state(session)
+        else:
+            state = self.state(session)
+        last = retracted[-1]
+        state["retracted"] = {"image_id": int(last["image_id"]), "label": last["label"], "id": last["id"],
+                              "images": ids}
         return state
+
+    # ---- thumbnails (outside the lock: decoding is slow) --------------------------------
+    def thumbnail(self, image_id: int, path: Path) -> bytes:
+        """A small JPEG of the image (the project's one decode, with the dataset's pixel
+        limit), cached in memory; a broken or too-large file answers 404."""
+        with self._thumb_lock:
+            cached = self._thumbs.get(image_id)
+            if cached is not None:
+                self._thumbs.move_to_end(image_id)
+                return cached
+        import io
+
+        from danbooru_assets.core.images import ImageDecodeError, open_image_rgb
+
+        try:
+            img, _ = open_image_rgb(path, THUMB_SIDE, self.max_pixels)
+        except ImageDecodeError as exc:
+            raise RequestError(HTTPStatus.NOT_FOUND, f"image {image_id} cannot be shown: {exc}") from None
+        img.thumbnail((THUMB_SIDE, THUMB_SIDE))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80)
+        data = buf.getvalue()
+        with self._thumb_lock:
+            self._thumbs[image_id] = data
+            while len(self._thumbs) > THUMB_CACHE:
+                self._thumbs.popitem(last=False)
+        return data
 
 
 class LabelingServer(ThreadingHTTPServer):
@@ -468,12 +750,18 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(200, {
                     "classes": list(LABEL_CLASSES), "keypoint_names": list(KEYPOINT_NAMES),
                     "skeleton": [list(p) for p in SKELETON], "colors": [list(c) for c in SKELETON_COLORS],
-                    "round": page.round, "labeler": page.labeler,
+                    "round": page.round, "labeler": page.labeler, "page_size": page.page_size,
                 })
             elif path == "/api/state":
                 session_id = parse_qs(url.query).get("session", [None])[0]
                 with page.lock:
                     self._json(200, page.state(page.session(session_id)))
+            elif path.startswith("/thumbs/"):
+                with page.lock:
+                    image_id = page.parse_id(path[len("/thumbs/"):])
+                    file_path = page.image_path(image_id)
+                self._send(200, page.thumbnail(image_id, file_path), "image/jpeg",
+                           {"Cache-Control": "private, max-age=3600"})
             elif path.startswith("/images/"):
                 with page.lock:
                     file_path = page.image_path(page.parse_id(path[len("/images/"):]))
@@ -490,7 +778,8 @@ class _Handler(BaseHTTPRequestHandler):
         page = self.server.page
         path = urlsplit(self.path).path
         actions = {"/api/label": page.label, "/api/skip": page.skip,
-                   "/api/undo": page.undo, "/api/unskip": page.unskip}
+                   "/api/undo": page.undo, "/api/unskip": page.unskip,
+                   "/api/grid/page": page.grid_page, "/api/grid/confirm": page.grid_confirm}
         try:
             self._check_origin()
             if path != "/api/session" and path not in actions:
@@ -526,22 +815,30 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_app(store: LabelStore, dataset_root: Path | str, queue: pd.DataFrame, round: int, labeler: str,
-             host: str = "127.0.0.1", port: int = 0) -> LabelingServer:
+             host: str = "127.0.0.1", port: int = 0, page_size: int = 24, recheck_fraction: float = 0.0,
+             max_pixels: int | None = DEFAULT_MAX_PIXELS, seed: int | None = None) -> LabelingServer:
     """A bound (not yet serving) labeling server; ``port=0`` picks a free port.
 
     Call ``.start()`` to serve in a background thread (tests) or ``.serve_forever()``;
     ``.url`` is the page's address and ``.stop()`` shuts it down.
     """
-    page = LabelingPage(store, Path(dataset_root), queue, round, labeler)
+    page = LabelingPage(store, Path(dataset_root), queue, round, labeler, page_size=page_size,
+                        recheck_fraction=recheck_fraction, max_pixels=max_pixels, seed=seed)
     return LabelingServer((host, port), page)
 
 
-def load_queue(path: Path | str) -> pd.DataFrame:
-    """Read a ``labeling_queue`` Parquet file (or a folder of them) and check its columns."""
-    path = Path(path)
-    if not path.exists():
+def load_queue(path: Any) -> pd.DataFrame:
+    """Read a ``labeling_queue`` Parquet file (or a folder of them), a local path or an fsspec
+    URL (``s3://…``, like ``$DANBOORU_STORAGE``), and check its columns."""
+    from upath import UPath
+
+    from danbooru_assets.core.tables import PARQUET_SUFFIX, read_parquet
+
+    path = UPath(path)
+    files = sorted(path.glob(f"*{PARQUET_SUFFIX}")) if path.is_dir() else [path] if path.exists() else []
+    if not files:
         raise FileNotFoundError(f"queue {path} does not exist; materialize the labeling_queue asset first")
-    queue = pd.read_parquet(path)
+    queue = pd.concat([read_parquet(file) for file in files], ignore_index=True)
     missing = {"image_id", "rel_path"} - set(queue.columns)
     if missing:
         raise ValueError(f"queue {path} lacks column(s) {sorted(missing)}")
@@ -550,14 +847,16 @@ def load_queue(path: Path | str) -> pd.DataFrame:
 
 def add_label_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``danbooru-assets label``."""
-    parser.add_argument("--queue", type=Path, default=None,
-                        help="labeling_queue Parquet file (default: the asset's table under $DANBOORU_STORAGE "
-                             "or data/storage)")
+    parser.add_argument("--queue", default=None,
+                        help="labeling_queue Parquet file, a path or an fsspec URL (default: the asset's table "
+                             "under $DANBOORU_STORAGE or data/storage)")
     parser.add_argument("--root", type=Path, default=None,
                         help="dataset root the queue's rel_path values are relative to (default: $DANBOORU_ROOT "
                              "or the sample data)")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="label store, a SQLite file (default: $DANBOORU_LABELS or data/labels.sqlite)")
+    parser.add_argument("--store", default=None,
+                        help="label store, a SQLite file or a SQLAlchemy URL such as "
+                             "postgresql+psycopg2://user@host:5432/labels (default: $DANBOORU_LABELS or "
+                             "data/labels.sqlite)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="bind address (default: localhost only; any other address is reachable from "
                              "the network without a login and prints a warning)")
@@ -575,10 +874,16 @@ def run_label(args: argparse.Namespace) -> int:
     from danbooru_assets import config
 
     if args.queue is None:
-        # The labeling_queue asset's table, where the Parquet IO manager keeps it.
-        args.queue = Path(config.storage_base()) / "labeling_queue.parquet"
+        from upath import UPath
+
+        from danbooru_assets.core.tables import PARQUET_SUFFIX
+
+        # The labeling_queue asset's table, where the Parquet IO manager keeps it
+        # (StorageResource.asset_path), also when the storage is an fsspec URL.
+        args.queue = UPath(config.storage_base()) / f"labeling_queue{PARQUET_SUFFIX}"
     root = Path(args.root) if args.root is not None else config.dataset_root()
-    store_path = Path(args.store) if args.store is not None else config.labels_path()
+    # a path or a SQLAlchemy URL, passed through as given (pathlib would mangle "://")
+    store_location = args.store if args.store is not None else config.labels_path()
     try:
         queue = load_queue(args.queue)
     except (FileNotFoundError, ValueError) as exc:
@@ -592,14 +897,29 @@ def run_label(args: argparse.Namespace) -> int:
         rounds = queue["round"].dropna().unique() if "round" in queue.columns else np.array([])
         round_ = int(rounds.max()) if len(rounds) else 1
     labeler = args.labeler or getpass.getuser()
-    server = make_app(LabelStore(store_path), root, queue, round_, labeler, host=args.host, port=args.port)
+    from danbooru_assets.settings import SettingsError, load_settings
+
+    try:
+        quality = load_settings(config.settings_path()).quality
+    except (SettingsError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = LabelStore(store_location)
+    except (ValueError, OSError, SQLAlchemyError) as exc:
+        print(f"error: label store: {exc}", file=sys.stderr)  # no location: a URL may hold a password
+        return 2
+    server = make_app(store, root, queue, round_, labeler, host=args.host, port=args.port,
+                      page_size=quality.grid_page_size, recheck_fraction=quality.recheck_fraction)
     warning = exposure_warning(server.host, server.port)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     print(f"labeling round {round_} as {labeler!r}: {len(server.page.items)} images in the queue; "
-          f"labels go to {store_path}")
+          f"labels go to {store}")
     print(f"open {server.url}  (keys: 1 good, 2 questionable, 3 bad, z undo, s skip, k skeleton; Ctrl-C stops)",
           flush=True)
+    print(f"grid mode: {server.url}?mode=grid  ({quality.grid_page_size} thumbnails a page, pre-set to the "
+          "prediction: flip the exceptions with click or arrows/hjkl + 1/2/3, Enter confirms the page)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

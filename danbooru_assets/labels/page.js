@@ -1,6 +1,8 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
-const ui = {config: null, session: null, state: null, item: null, conflict: null, skeleton: true, pending: 0, actions: 0};
+const GRID = new URLSearchParams(location.search).get("mode") === "grid";
+const ui = {config: null, session: null, state: null, item: null, conflict: null, skeleton: true, pending: 0, actions: 0,
+  grid: GRID, tiles: [], focus: 0, page: 0, conflicts: null};
 window.labeling = ui;  // for tests and the curious: current item, pending requests, skeleton flag
 let chain = Promise.resolve();
 
@@ -25,13 +27,28 @@ function enqueue(fn) {
     .finally(() => { ui.pending--; ui.actions++; });
 }
 
-function show(state) {
-  ui.state = state; ui.item = state.item; ui.conflict = null;
-  $("conflict").style.display = "none";
+function duration(s) {
+  if (s === null || s === undefined) return "–";
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
+  return h ? h + " h " + m + " min" : m ? m + " min" : Math.round(s) + " s";
+}
+
+// Progress, this tab's count and speed, and the round's ETA at that speed (both modes).
+function header(state) {
   $("title").textContent = "Round " + state.round + " · " + state.labeler;
   $("prog").max = Math.max(1, state.total); $("prog").value = state.labeled;
   $("progress").textContent = state.labeled + " / " + state.total + " labeled · " + state.skipped + " skipped · " +
     Object.entries(state.counts).map(([k, v]) => k + " " + v).join(", ");
+  const t = state.throughput;
+  $("rate").textContent = "this tab: " + t.session_labels + " labels" +
+    (t.labels_per_minute ? " · " + t.labels_per_minute + "/min · " + t.seconds_per_label + " s each · round ETA " +
+      duration(t.eta_seconds) : "");
+}
+
+function show(state) {
+  ui.state = state; ui.item = state.item; ui.conflict = null;
+  $("conflict").style.display = "none";
+  header(state);
   const it = state.item;
   document.body.dataset.imageId = it ? String(it.image_id) : "";
   $("done").style.display = it ? "none" : "block";
@@ -133,14 +150,167 @@ function undo() {
 }
 function toggle() { ui.skeleton = !ui.skeleton; drawSkeleton(); }
 
+// ---- grid mode: a page of thumbnails pre-set to the prediction; flip the exceptions ----
+const CLASS_KEYS = {Digit1: 0, Digit2: 1, Digit3: 2, Numpad1: 0, Numpad2: 1, Numpad3: 2};
+
+function showGrid(state) {
+  ui.state = state; ui.conflicts = null;
+  $("grid-conflict").style.display = "none";
+  header(state);
+  $("page-no").textContent = state.page;
+  $("page-count").textContent = state.tiles.length + " tiles";
+  $("grid-done").style.display = state.done ? "block" : "none";
+  const keepFocus = ui.page === state.page;
+  ui.page = state.page;
+  ui.tiles = state.tiles.map((t) => Object.assign({}, t, {label: t.preset || t.predicted_class || ui.config.classes[0]}));
+  if (!keepFocus) ui.focus = 0;
+  ui.focus = Math.min(ui.focus, Math.max(0, ui.tiles.length - 1));
+  const grid = $("grid"); grid.replaceChildren();
+  ui.tiles.forEach((t, i) => {
+    const el = document.createElement("div"), img = document.createElement("img"), cv = document.createElement("canvas"),
+      badge = document.createElement("span");
+    el.className = "tile"; el.dataset.id = t.image_id; el.dataset.index = i; badge.className = "badge";
+    img.alt = String(t.image_id); img.src = t.thumb_url;
+    img.addEventListener("load", () => drawTileSkeleton(i));
+    el.append(img, cv, badge);
+    el.onclick = () => { ui.focus = i; setTile(i, ui.config.classes[(ui.config.classes.indexOf(t.label) + 1) % 3]); };
+    grid.append(el); t.el = el;
+    paintTile(i);
+  });
+  fitTiles();
+  document.body.dataset.page = String(state.page);
+  document.body.dataset.tiles = ui.tiles.map((t) => t.image_id).join(",");
+  focusTile(ui.focus);
+}
+
+// The whole page fits the window without scrolling (tiles no smaller than 110 px).
+function fitTiles() {
+  if (!ui.tiles.length) return;
+  const rows = Math.ceil(ui.tiles.length / columns()), stage = $("grid-stage");
+  const h = Math.max(110, Math.floor((stage.clientHeight - 16 - 8 * (rows - 1)) / rows));
+  $("grid").style.setProperty("--tile-h", h + "px");
+  ui.tiles.forEach((_, i) => drawTileSkeleton(i));
+}
+
+function paintTile(i) {
+  const t = ui.tiles[i];
+  t.el.dataset.label = t.label;
+  t.el.classList.toggle("flipped", t.label !== (t.predicted_class || null));
+  t.el.querySelector(".badge").textContent = t.label;
+}
+
+function focusTile(i) {
+  if (!ui.tiles.length) { $("grid-focus").textContent = ""; return; }
+  ui.focus = Math.max(0, Math.min(ui.tiles.length - 1, i));
+  ui.tiles.forEach((t, j) => t.el.classList.toggle("focus", j === ui.focus));
+  const t = ui.tiles[ui.focus];
+  t.el.scrollIntoView({block: "nearest"});
+  const p = t.probs ? " · " + ui.config.classes.map((c) => c + " " + (t.probs[c] || 0).toFixed(2)).join(", ") : "";
+  $("grid-focus").textContent = "image " + t.image_id + " · predicted " + (t.predicted_class || "–") + p;
+}
+
+function setTile(i, cls) { if (ui.tiles[i]) { ui.tiles[i].label = cls; paintTile(i); } }
+function setAll(cls) { ui.tiles.forEach((t, i) => { t.label = cls || t.predicted_class || ui.config.classes[0]; paintTile(i); }); }
+
+// Tiles per row, read from the layout (the grid wraps to the window's width).
+function columns() {
+  if (ui.tiles.length < 2) return 1;
+  const top = ui.tiles[0].el.offsetTop;
+  const n = ui.tiles.findIndex((t) => t.el.offsetTop !== top);
+  return n < 0 ? ui.tiles.length : n;
+}
+
+function drawTileSkeleton(i) {
+  const t = ui.tiles[i]; if (!t || !t.el) return;
+  const img = t.el.querySelector("img"), cv = t.el.querySelector("canvas");
+  cv.width = img.clientWidth; cv.height = img.clientHeight;
+  cv.style.left = img.offsetLeft + "px"; cv.style.top = img.offsetTop + "px";
+  const ctx = cv.getContext("2d"); ctx.clearRect(0, 0, cv.width, cv.height);
+  cv.style.display = ui.skeleton ? "block" : "none";
+  // keypoints are pixels of the full image: without its size they cannot be placed on a thumbnail
+  if (!ui.skeleton || !t.keypoints || !t.width || !t.height || !img.naturalWidth) return;
+  const sx = cv.width / t.width, sy = cv.height / t.height;
+  const ok = (p) => p && p[0] !== null && p[1] !== null && (p[2] === null || p[2] > 0);
+  ctx.lineWidth = 2;
+  ui.config.skeleton.forEach(([a, b], k) => {
+    const p = t.keypoints[a], q = t.keypoints[b];
+    if (!ok(p) || !ok(q)) return;
+    ctx.strokeStyle = "rgb(" + ui.config.colors[k % ui.config.colors.length].join(",") + ")";
+    ctx.beginPath(); ctx.moveTo(p[0] * sx, p[1] * sy); ctx.lineTo(q[0] * sx, q[1] * sy); ctx.stroke();
+  });
+}
+function toggleGridSkeleton() {
+  ui.skeleton = !ui.skeleton; document.body.dataset.skeleton = ui.skeleton ? "on" : "off";
+  ui.tiles.forEach((_, i) => drawTileSkeleton(i));
+}
+
+async function confirmPage(overwrite) {
+  const tiles = overwrite ? ui.tiles.filter((t) => ui.conflicts && ui.conflicts[t.image_id]) : ui.tiles;
+  if (!tiles.length) return;
+  const labels = {}; tiles.forEach((t) => { labels[t.image_id] = t.label; });
+  const flips = tiles.filter((t) => t.label !== t.predicted_class).length;
+  try {
+    showGrid(await api("POST", "/api/grid/confirm", {page: ui.page, labels, overwrite: !!overwrite}));
+  } catch (e) {
+    const cs = e.data && e.data.conflicts;
+    if (!cs) throw e;
+    // the tiles saved are gone from the page; the conflicting ones stay, marked, with their labels
+    const by = {}; cs.forEach((c) => { by[c.image_id] = c; });
+    const kept = ui.tiles.filter((t) => by[t.image_id]);
+    const grid = $("grid"); grid.replaceChildren(...kept.map((t) => t.el));
+    ui.tiles = kept; kept.forEach((t, i) => { t.el.dataset.index = i; t.el.classList.add("conflict"); });
+    ui.conflicts = by; focusTile(0);
+    $("grid-conflict-text").textContent = cs.map((c) => "image " + c.image_id + " is now " + c.label + " (by " +
+      c.labeler + " " + c.where + ")").join("\n");
+    $("grid-conflict").style.display = "block";
+    $("grid-msg").textContent = e.message;
+    return;
+  }
+  $("grid-last").textContent = (overwrite ? "overwrote " : "confirmed ") + tiles.length + " tiles (" + flips +
+    " changed from the prediction)";
+  $("grid-msg").textContent = "";
+}
+function gridUndo() {
+  enqueue(async () => {
+    const s = await api("POST", "/api/undo", {mode: "grid"});
+    ui.page = -1; showGrid(s);
+    $("grid-last").textContent = "undid " + s.retracted.images.length + " labels: the page is back as you sent it";
+    $("grid-msg").textContent = "";
+  });
+}
+function gridNext() {
+  enqueue(async () => { showGrid(await api("POST", "/api/grid/page", {new: true})); $("grid-msg").textContent = ""; });
+}
+
+function gridKey(e) {
+  const k = e.key, cols = columns();
+  if (k in {ArrowLeft: 1, h: 1}) focusTile(ui.focus - 1);
+  else if (k in {ArrowRight: 1, l: 1}) focusTile(ui.focus + 1);
+  else if (k in {ArrowUp: 1, k: 1}) focusTile(ui.focus - cols);
+  else if (k in {ArrowDown: 1, j: 1}) focusTile(ui.focus + cols);
+  else if (e.code in CLASS_KEYS && e.shiftKey) setAll(ui.config.classes[CLASS_KEYS[e.code]]);
+  else if (e.code in CLASS_KEYS) setTile(ui.focus, ui.config.classes[CLASS_KEYS[e.code]]);
+  else if (k === "p") setAll(null);
+  else if (k === "Enter") enqueue(() => confirmPage(false));
+  else if (k === "z") gridUndo();
+  else if (k === "t") toggleGridSkeleton();
+  else if (k === "o" && ui.conflicts) enqueue(() => confirmPage(true));
+  else if (k === "n" && ui.conflicts) gridNext();
+  else if (k === "g") location.search = "";
+  else return false;
+  return true;
+}
+
 document.addEventListener("keydown", (e) => {
   if (e.ctrlKey || e.metaKey || e.altKey) return;
+  if (ui.grid) { if (gridKey(e)) e.preventDefault(); return; }
   const k = e.key.toLowerCase();
   const i = ["1", "2", "3"].indexOf(k);
   if (i >= 0) label(ui.config.classes[i]);
   else if (k === "z") undo();
   else if (k === "s") skip();
-  else if (k === "k") toggle();
+  else if (k === "k" || k === "t") toggle();
+  else if (k === "g") location.search = "?mode=grid";
   else if (k === "o" && ui.conflict) overwrite();
   else if (k === "n" && ui.conflict) keepTheirs();
   else return;
@@ -151,10 +321,19 @@ $("undo").onclick = undo; $("skip").onclick = skip; $("toggle").onclick = toggle
 $("overwrite").onclick = overwrite; $("keep").onclick = keepTheirs;
 $("unskip").onclick = () => enqueue(async () => show(await api("POST", "/api/unskip", {})));
 $("img").addEventListener("load", drawSkeleton);
-window.addEventListener("resize", drawSkeleton);
+window.addEventListener("resize", () => { if (ui.grid) fitTiles(); else drawSkeleton(); });
+$("grid-confirm").onclick = () => enqueue(() => confirmPage(false));
+$("grid-all-good").onclick = () => setAll("good"); $("grid-all-q").onclick = () => setAll("questionable");
+$("grid-all-bad").onclick = () => setAll("bad"); $("grid-pred").onclick = () => setAll(null);
+$("grid-undo").onclick = gridUndo; $("grid-toggle").onclick = toggleGridSkeleton;
+$("grid-overwrite").onclick = () => enqueue(() => confirmPage(true)); $("grid-keep").onclick = gridNext;
+document.body.dataset.mode = ui.grid ? "grid" : "single";
+$("mode-link").href = ui.grid ? "?" : "?mode=grid";
+$("mode-link").lastChild.textContent = ui.grid ? " single-image mode" : " grid mode";
 
 enqueue(async () => {
   ui.config = await api("GET", "/api/config");
   const state = await api("POST", "/api/session", {});
-  ui.session = state.session; show(state);
+  ui.session = state.session;
+  if (ui.grid) showGrid(await api("POST", "/api/grid/page", {})); else show(state);
 });

@@ -209,7 +209,7 @@ class PoseEstimatorResource(dg.ConfigurableResource):
 class LabelStoreResource(dg.ConfigurableResource):
     """The label database (``$DANBOORU_LABELS``, default ``data/labels.sqlite``)."""
 
-    path: str
+    path: str = Field(description="The label store: a SQLite file or a SQLAlchemy URL (postgresql+psycopg2://user@host:5432/db).")
 
     def store(self) -> "LabelStore":
         from danbooru_assets.labels.store import LabelStore

@@ -152,9 +152,11 @@ def build_retrain_sensor(quality_model_job) -> dg.SensorDefinition:
         version = store.version()
         observations = []
         if version != cursor.get("observed_version"):
+            from danbooru_assets.orchestration.assets.quality import labels_observation_metadata
+
             observations.append(
                 dg.AssetObservation(asset_key="labels", tags={"dagster/data_version": version},
-                                    metadata={"observed_by": "retrain_sensor"})
+                                    metadata={"observed_by": "retrain_sensor", **labels_observation_metadata(store)})
             )
         new = store.count_since(int(cursor.get("trained_max_id", 0)))
         needed = settings.load().quality.retrain_min_new_labels

@@ -149,12 +149,30 @@ def round_plan(n_pool: int, fractions: Sequence[float] = (0.01, 0.05, 0.25)) -> 
 
 
 def round_targets(n_pool: int, fractions: Sequence[float], min_round_size: int) -> list[int]:
-    """``round_plan`` with each round r asking for at least ``r × min_round_size`` labels
-    in all (a classifier needs a few per class), never more than the pool."""
-    return [
-        min(n_pool, max(target, min_round_size * (i + 1)))
-        for i, target in enumerate(round_plan(n_pool, fractions))
-    ]
+    """``round_plan`` with minimums: round r adds at least ``r × min_round_size`` labels
+    (cumulative ``min_round_size × r(r+1)/2``), so every round is larger than the one
+    before and the first has a few labels per class.
+
+    When the pool cannot hold those minimums, the targets are scaled down in the same
+    proportions (the last one = the whole pool), so a small pool (the sample data) still
+    goes through every round, each larger than the one before, instead of queueing the
+    whole pool in round 1.
+    """
+    if n_pool <= 0:
+        return [0 for _ in fractions]
+    wanted = []
+    for i, target in enumerate(round_plan(n_pool, fractions)):
+        r = i + 1
+        wanted.append(max(target, min_round_size * r * (r + 1) // 2, wanted[-1] if wanted else 0))
+    if wanted[-1] <= n_pool:
+        return wanted
+    scale = n_pool / wanted[-1]
+    scaled: list[int] = []
+    for i, target in enumerate(wanted):
+        # at least one new image per round while the pool lasts, never beyond the pool
+        floor = (scaled[-1] + 1) if scaled else 1
+        scaled.append(min(n_pool, max(floor, math.ceil(target * scale - 1e-9))))
+    return scaled
 
 
 def current_round(n_labeled: int, plan: Sequence[int]) -> int:

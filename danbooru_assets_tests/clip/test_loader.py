@@ -358,3 +358,20 @@ def test_loader_reads_without_importing_torch() -> None:
     code = "import sys, danbooru_assets.clip.loader, danbooru_assets.dataset.shard_index; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _report_num_workers(queue) -> None:
+    queue.put(default_num_workers(2))
+
+
+def test_no_loader_processes_in_a_daemonic_process() -> None:
+    # A Celery prefork worker's step runs in a daemonic process, which may not start
+    # children: the loader then decodes in that process instead of failing.
+    import multiprocessing
+
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_report_num_workers, args=(queue,), daemon=True)
+    child.start()
+    child.join(60)
+    assert queue.get(timeout=5) == 0
+    assert default_num_workers(2) == 2

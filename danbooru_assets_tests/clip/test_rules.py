@@ -48,11 +48,11 @@ def test_every_reason_is_kept_and_counted() -> None:
     reasons = out.set_index("image_id")["drop_reasons"].to_dict()
     assert reasons == {
         1: "", 2: "", 3: "dark_border_little_content", 4: "below_threshold",
-        5: "unreadable|below_threshold", 6: "too_small", 7: "unreadable|below_threshold",
+        5: "unreadable|below_threshold", 6: "too_small", 7: "not_encoded|below_threshold",
     }
     assert 8 not in reasons  # not usable: never a subset row
     assert out.loc[out["kept"], "image_id"].tolist() == [1, 2]
-    assert dropped == {f"dropped_{n}": c for n, c in zip(SUBSET_REASONS, [2, 3, 1, 1])}
+    assert dropped == {f"dropped_{n}": c for n, c in zip(SUBSET_REASONS, [0, 1, 1, 3, 1, 1], strict=True)}
     assert out["portrait_score"].dtype == np.float32 and np.isnan(out.set_index("image_id").loc[5, "portrait_score"])
 
 

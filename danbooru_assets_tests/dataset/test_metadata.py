@@ -293,3 +293,15 @@ def test_materialization_lists_files_bad_lines_values_and_duplicates(tmp_path: P
     assert "posts.json.gz:2: unusable record (id 1e+20 is not an integer)" in md["bad_line_examples"]
     assert "posts.json.gz:3: image_width 5042.9 is not an integer; stored as null" in md["bad_value_examples"]
     assert "id 1: posts.json.gz:1 (10×20) superseded by posts.json.gz:4 (10×20)" in md["duplicate_id_examples"]
+
+
+def test_parent_and_children_fields_of_both_forms():
+    from danbooru_assets.dataset.metadata import normalise_record
+
+    assert normalise_record({"id": 5, "parent_id": 3, "has_children": False})["parent_id"] == 3
+    dump = normalise_record({"id": "5", "parent_id": "0", "has_children": True, "tags": []})
+    assert dump["parent_id"] is None and dump["has_children"] is True  # "0": no parent
+    problems: list[str] = []
+    bad = normalise_record({"id": 6, "parent_id": 2.5, "has_children": "perhaps"}, problems)
+    assert bad["parent_id"] is None and bad["has_children"] is None
+    assert [p.split()[0] for p in problems] == ["parent_id", "has_children"]

@@ -409,3 +409,33 @@ def test_cli_subcommand_and_main(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "elsewhere" / MARKER_NAME).exists()
     gt = read_ground_truth(tmp_path / "elsewhere")
     assert (gt[gt.has_file].width == 64).all() and not math.isnan(gt.width.mean())
+
+
+def test_duplicate_variants_have_their_ground_truth(sample):
+    root, _, gt = sample
+    variants = gt.loc[gt["duplicate_of"].notna()].set_index("image_id")
+    # 72 images: round(0.02 * 72) = 1 of each variant, each a copy of a same-kind figure image.
+    assert variants["duplicate_kind"].value_counts().to_dict() == {
+        "exact_copy": 1, "parent_child": 1, "resized": 1, "colour": 1, "text": 1}
+    sources = gt.set_index("image_id").loc[variants["duplicate_of"].astype("int64")]
+    assert (sources["kind"].to_numpy() == variants["kind"].to_numpy()).all()
+    lines = {}
+    for path in (root / "metadata").glob("*.json"):
+        for text in path.read_text().splitlines():
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError:
+                continue
+            lines[int(record["id"])] = record
+    for image_id, row in variants.iterrows():
+        source = int(row["duplicate_of"])
+        mine = next((root / "original" / shard_key(image_id)).glob(f"{image_id}.*")).read_bytes()
+        theirs = next((root / "original" / shard_key(source)).glob(f"{source}.*")).read_bytes()
+        if row["duplicate_kind"] == "exact_copy":  # the same bytes, so the same md5 in the metadata
+            assert mine == theirs and lines[image_id]["md5"] == lines[source]["md5"]
+        else:
+            assert mine != theirs and lines[image_id]["md5"] != lines[source]["md5"]
+        if row["duplicate_kind"] == "parent_child":
+            assert int(lines[image_id]["parent_id"]) == source and lines[source]["has_children"] is True
+        if row["duplicate_kind"] == "resized":
+            assert (row["width"], row["height"]) == tuple(round(1.25 * s) for s in sources.loc[source, ["width", "height"]])

@@ -4,6 +4,7 @@ the CLI entry, and real browser runs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -166,6 +167,27 @@ def test_run_label_validates_arguments(tmp_path: Path, capsys: pytest.CaptureFix
     assert "labeling_queue" in capsys.readouterr().err
 
 
+def test_label_command_reads_the_queue_from_url_storage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from danbooru_assets.core.tables import write_parquet
+
+    root = tmp_path / "dataset"
+    # the queue where the IO manager keeps it when DANBOORU_STORAGE is an fsspec URL
+    write_parquet("memory://label-cli/storage/labeling_queue.parquet", _queue(root))
+    monkeypatch.setenv("DANBOORU_STORAGE", "memory://label-cli/storage")
+    monkeypatch.setenv("DANBOORU_SETTINGS", str(tmp_path / "settings.yaml"))
+    monkeypatch.setattr(LabelingServer, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    parser = add_label_arguments(argparse.ArgumentParser())
+    store = f"sqlite:///{tmp_path / 'url' / 'l.sqlite'}"  # a SQLAlchemy URL for the store, too
+    assert run_label(parser.parse_args(["--root", str(root), "--store", store, "--port", "0"])) == 0
+    out = capsys.readouterr().out
+    assert f"{len(IDS)} images in the queue" in out and f"labels go to {tmp_path / 'url' / 'l.sqlite'}" in out
+    assert (tmp_path / "url" / "l.sqlite").exists()
+    monkeypatch.setenv("DANBOORU_STORAGE", "memory://label-cli/empty")
+    assert run_label(parser.parse_args(["--root", str(root), "--store", store, "--port", "0"])) == 2
+    assert "memory://label-cli/empty/labeling_queue.parquet does not exist" in capsys.readouterr().err
+
+
 def test_label_command_serves_until_interrupted(tmp_path: Path) -> None:
     root = tmp_path / "dataset"
     _queue(root).to_parquet(tmp_path / "queue.parquet")
@@ -192,65 +214,69 @@ def test_label_command_serves_until_interrupted(tmp_path: Path) -> None:
         proc.communicate(timeout=20)
 
 
-def _browser():
+CHROMIUM_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run")
+
+
+@contextlib.contextmanager
+def _chromium(*extra_args: str):
+    """Debian's headless Chromium driven by Playwright; skips where either is missing."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"chromium not installed at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-    return sync_api
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def test_page_in_real_browser(app: LabelingServer) -> None:
-    sync_api = _browser()
     store = app.page.store
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        try:
-            # bypass_csp: the page forbids eval, which Playwright's wait_for_function polling uses
-            page = browser.new_page(viewport={"width": 1000, "height": 700}, bypass_csp=True)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(app.url)
+    with _chromium() as browser:
+        # bypass_csp: the page forbids eval, which Playwright's wait_for_function polling uses
+        page = browser.new_page(viewport={"width": 1000, "height": 700}, bypass_csp=True)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(app.url)
 
-            def current() -> str:
-                page.wait_for_function("window.labeling && window.labeling.pending === 0 && document.body.dataset.imageId !== undefined")
-                return page.evaluate("document.body.dataset.imageId")
+        def current() -> str:
+            page.wait_for_function("window.labeling && window.labeling.pending === 0 && document.body.dataset.imageId !== undefined")
+            return page.evaluate("document.body.dataset.imageId")
 
-            def skeleton_pixels() -> int:
-                page.wait_for_function("document.getElementById('img').complete && document.getElementById('img').naturalWidth > 0")
-                return page.evaluate("""() => { const c = document.getElementById('overlay');
-                    if (c.style.display === 'none' || !c.width) return 0;
-                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""")
+        def skeleton_pixels() -> int:
+            page.wait_for_function("document.getElementById('img').complete && document.getElementById('img').naturalWidth > 0")
+            return page.evaluate("""() => { const c = document.getElementById('overlay');
+                if (c.style.display === 'none' || !c.width) return 0;
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""")
 
-            assert current() == "101"
-            assert page.text_content("#progress").startswith("0 / 7 labeled")
-            assert page.text_content("#pred") == "good"
-            assert skeleton_pixels() > 200  # drawn on load
-            page.keyboard.press("k")
-            assert page.evaluate("document.body.dataset.skeleton") == "off" and skeleton_pixels() == 0
-            page.keyboard.press("k")
-            assert skeleton_pixels() > 200
+        assert current() == "101"
+        assert page.text_content("#progress").startswith("0 / 7 labeled")
+        assert page.text_content("#pred") == "good"
+        assert skeleton_pixels() > 200  # drawn on load
+        page.keyboard.press("k")
+        assert page.evaluate("document.body.dataset.skeleton") == "off" and skeleton_pixels() == 0
+        page.keyboard.press("k")
+        assert skeleton_pixels() > 200
 
-            page.keyboard.press("1")
-            assert current() == "202"
-            page.keyboard.press("3")
-            assert current() == "303"
-            page.keyboard.press("s")  # skip 303
-            assert current() == "404"
-            page.keyboard.press("2")
-            assert current() == "505"
-            page.keyboard.press("z")  # undo the "questionable" on 404: it comes back
-            assert current() == "404"
-            assert "undid questionable on 404" in page.text_content("#last")
-            page.keyboard.press("2")
-            page.keyboard.press("1")  # typed fast: queued, labels 505 after 404 is done
-            assert current() == "666"
-            assert page.text_content("#progress").startswith("4 / 7 labeled · 1 skipped")
-            assert errors == []
-        finally:
-            browser.close()
+        page.keyboard.press("1")
+        assert current() == "202"
+        page.keyboard.press("3")
+        assert current() == "303"
+        page.keyboard.press("s")  # skip 303
+        assert current() == "404"
+        page.keyboard.press("2")
+        assert current() == "505"
+        page.keyboard.press("z")  # undo the "questionable" on 404: it comes back
+        assert current() == "404"
+        assert "undid questionable on 404" in page.text_content("#last")
+        page.keyboard.press("2")
+        page.keyboard.press("1")  # typed fast: queued, labels 505 after 404 is done
+        assert current() == "666"
+        assert page.text_content("#progress").startswith("4 / 7 labeled · 1 skipped")
+        assert errors == []
     latest = store.latest().set_index("image_id")["label"].to_dict()
     assert latest == {101: "good", 202: "bad", 404: "questionable", 505: "good"}
     hist = store.history()
@@ -457,55 +483,47 @@ def test_simultaneous_labels_of_one_id_one_wins_others_conflict(app: LabelingSer
 
 
 def test_two_tabs_and_a_rebinding_page_in_real_browser(app: LabelingServer) -> None:
-    sync_api = _browser()
     store = app.page.store
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run",
-            # what a DNS-rebinding attack achieves: the attacker's name resolves to this machine
-            "--host-resolver-rules=MAP evil.example 127.0.0.1"])
-        try:
-            context = browser.new_context(viewport={"width": 1000, "height": 700}, bypass_csp=True)
-            errors: list[str] = []
-            tab1, tab2 = context.new_page(), context.new_page()
-            for tab in (tab1, tab2):
-                tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    # what a DNS-rebinding attack achieves: the attacker's name resolves to this machine
+    with _chromium("--host-resolver-rules=MAP evil.example 127.0.0.1") as browser:
+        context = browser.new_context(viewport={"width": 1000, "height": 700}, bypass_csp=True)
+        errors: list[str] = []
+        tab1, tab2 = context.new_page(), context.new_page()
+        for tab in (tab1, tab2):
+            tab.on("pageerror", lambda exc: errors.append(str(exc)))
 
-            def current(tab: Any) -> str:
-                tab.wait_for_function("window.labeling && window.labeling.session && window.labeling.pending === 0")
-                return tab.evaluate("document.body.dataset.imageId")
+        def current(tab: Any) -> str:
+            tab.wait_for_function("window.labeling && window.labeling.session && window.labeling.pending === 0")
+            return tab.evaluate("document.body.dataset.imageId")
 
-            tab1.goto(app.url)
-            assert current(tab1) == "101"
-            tab2.goto(app.url)
-            assert current(tab2) == "202"  # not the image tab 1 shows
+        tab1.goto(app.url)
+        assert current(tab1) == "101"
+        tab2.goto(app.url)
+        assert current(tab2) == "202"  # not the image tab 1 shows
 
-            store.add(101, "bad", "bob", 2)  # another labeler, after tab 1 was shown 101
-            tab1.keyboard.press("1")
-            assert current(tab1) == "101"  # not saved, still on screen
-            assert tab1.is_visible("#conflict") and "bob" in tab1.text_content("#conflict-text")
-            assert "was not saved" in tab1.text_content("#msg")
-            assert store.label_of(101) == "bad"
-            tab1.keyboard.press("o")  # confirm: overwrite bob's label
-            assert current(tab1) == "303" and not tab1.is_visible("#conflict")
-            assert "overwrote 101 good" in tab1.text_content("#last")
+        store.add(101, "bad", "bob", 2)  # another labeler, after tab 1 was shown 101
+        tab1.keyboard.press("1")
+        assert current(tab1) == "101"  # not saved, still on screen
+        assert tab1.is_visible("#conflict") and "bob" in tab1.text_content("#conflict-text")
+        assert "was not saved" in tab1.text_content("#msg")
+        assert store.label_of(101) == "bad"
+        tab1.keyboard.press("o")  # confirm: overwrite bob's label
+        assert current(tab1) == "303" and not tab1.is_visible("#conflict")
+        assert "overwrote 101 good" in tab1.text_content("#last")
 
-            tab2.keyboard.press("3")  # tab 2 labels 202
-            assert current(tab2) == "404"
-            tab1.keyboard.press("z")  # undoes tab 1's overwrite only
-            assert current(tab1) == "303"  # 101 is bob's again, so nothing comes back
-            assert "undid good on 101" in tab1.text_content("#last")
-            assert store.label_of(101) == "bad" and store.label_of(202) == "bad"
+        tab2.keyboard.press("3")  # tab 2 labels 202
+        assert current(tab2) == "404"
+        tab1.keyboard.press("z")  # undoes tab 1's overwrite only
+        assert current(tab1) == "303"  # 101 is bob's again, so nothing comes back
+        assert "undid good on 101" in tab1.text_content("#last")
+        assert store.label_of(101) == "bad" and store.label_of(202) == "bad"
 
-            # the rebinding page: same server, but addressed by the attacker's name
-            evil = context.new_page()
-            response = evil.goto(f"http://evil.example:{app.port}/")
-            assert response is not None and response.status == 403
-            assert "evil.example" in evil.text_content("body")
-            assert errors == []
-        finally:
-            browser.close()
+        # the rebinding page: same server, but addressed by the attacker's name
+        evil = context.new_page()
+        response = evil.goto(f"http://evil.example:{app.port}/")
+        assert response is not None and response.status == 403
+        assert "evil.example" in evil.text_content("body")
+        assert errors == []
     hist = store.history(101)
     assert hist["label"].tolist() == ["bad", "good", "bad"] and hist["labeler"].tolist() == ["bob", "tester", "tester"]
     assert len(store.history()) == 4
@@ -534,3 +552,209 @@ def test_the_page_is_assembled_from_its_package_files():
         assert f"/* {name} */" not in html  # no marker left behind
     assert html.startswith("<!doctype html>") and html.rstrip().endswith("</html>")
 
+
+
+# ---- grid mode --------------------------------------------------------------------------------
+
+GRID_IDS = list(range(1001, 1011))  # 10 images; predictions cycle good / bad / questionable
+GRID_PRED = {i: ("good", "bad", "questionable")[k % 3] for k, i in enumerate(GRID_IDS)}
+
+
+def _grid_queue(root: Path) -> pd.DataFrame:
+    rows = []
+    for rank, image_id in enumerate(GRID_IDS):
+        rel = f"original/{image_id % 1000:04d}/{image_id}.png"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (400, 600), (20 * rank, 120, 200 - 10 * rank)).save(root / rel)
+        pred = GRID_PRED[image_id]
+        row: dict[str, Any] = {"image_id": image_id, "rel_path": rel, "queue_rank": rank, "predicted_class": pred,
+                               "width": 400, "height": 600,
+                               **{f"p_{c}": (0.6 if c == pred else 0.2) for c in ("good", "questionable", "bad")}}
+        for i in range(len(KEYPOINT_COLUMNS) // 3):  # a vertical line of joints down the middle
+            row.update({KEYPOINT_COLUMNS[3 * i]: 200.0, KEYPOINT_COLUMNS[3 * i + 1]: 60.0 + 28 * i,
+                        KEYPOINT_COLUMNS[3 * i + 2]: 0.9})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture()
+def grid_app(tmp_path: Path) -> Iterator[LabelingServer]:
+    root = tmp_path / "dataset"
+    store = LabelStore(tmp_path / "labels.sqlite")
+    server = make_app(store, root, _grid_queue(root), round=1, labeler="tester", page_size=6).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_grid_page_is_grouped_by_prediction_and_confirms_every_tile(grid_app: LabelingServer) -> None:
+    store = grid_app.page.store
+    session, _ = _open(grid_app)
+    status, page = _call(grid_app, "/api/grid/page", {}, session=session)
+    tiles = page["tiles"]
+    assert status == 200 and len(tiles) == 6 and page["page"] == 1
+    assert {t["image_id"] for t in tiles} == set(GRID_IDS[:6])  # queue order picks the page
+    assert [t["predicted_class"] for t in tiles] == ["good", "good", "questionable", "questionable", "bad", "bad"]
+    # the same page while it is open; a second tab gets other images
+    assert [t["image_id"] for t in _call(grid_app, "/api/grid/page", {}, session=session)[1]["tiles"]] == \
+        [t["image_id"] for t in tiles]
+    other, _ = _open(grid_app)
+    assert {t["image_id"] for t in _call(grid_app, "/api/grid/page", {}, session=other)[1]["tiles"]} == set(GRID_IDS[6:])
+    status, thumb = _call(grid_app, f"/thumbs/{tiles[0]['image_id']}")
+    assert status == 200 and thumb[:2] == b"\xff\xd8" and max(Image.open(__import__("io").BytesIO(thumb)).size) <= 256
+    labels = {str(t["image_id"]): t["predicted_class"] for t in tiles}
+    labels[str(tiles[0]["image_id"])] = "bad"  # one flip
+    status, nxt = _call(grid_app, "/api/grid/confirm", {"page": 1, "labels": labels}, session=session)
+    assert status == 200 and nxt["confirmed"] == 6 and nxt["labeled"] == 6
+    hist = store.history()
+    assert len(hist) == 6 and set(hist["mode"]) == {"grid"} and set(hist["session"]) == {session}
+    assert hist["seconds_spent"].notna().all() and hist["seconds_spent"].nunique() == 1  # the page's time, shared
+    assert store.label_of(tiles[0]["image_id"]) == "bad" and store.label_of(tiles[1]["image_id"]) == "good"
+    assert nxt["throughput"]["session_labels"] == 6
+    tput = store.throughput()
+    assert tput["labels"].tolist() == [6] and tput["mode"].tolist() == ["grid"]
+    # page undo: all six retracted in one step, the page comes back with what was sent
+    status, back = _call(grid_app, "/api/undo", {"mode": "grid"}, session=session)
+    assert status == 200 and sorted(back["retracted"]["images"]) == sorted(GRID_IDS[:6])
+    assert store.latest().empty
+    assert {t["image_id"]: t["preset"] for t in back["tiles"]} == {int(k): v for k, v in labels.items()}
+    status, _ = _call(grid_app, "/api/grid/confirm", {"page": back["page"], "labels": labels}, session=session)
+    assert status == 200 and len(store.latest()) == 6
+    # tile undo: only that image
+    status, one = _call(grid_app, "/api/undo", {"mode": "grid", "image_id": tiles[3]["image_id"]}, session=session)
+    assert status == 200 and one["retracted"]["images"] == [tiles[3]["image_id"]]
+    assert len(store.latest()) == 5 and store.label_of(tiles[3]["image_id"]) is None
+    assert one["tiles"][0]["image_id"] == tiles[3]["image_id"]  # the undone tile comes first
+
+
+@pytest.mark.parametrize("body,status,message", [
+    ({"page": 7, "labels": {"1001": "good"}}, 409, "not the page this tab shows"),
+    ({"page": 1, "labels": {}}, 400, "non-empty object"),
+    ({"page": 1, "labels": [1001]}, 400, "non-empty object"),
+    ({"page": 1, "labels": {"1009": "good"}}, 400, "not on this tab's page"),
+    ({"page": 1, "labels": {"99": "good"}}, 404, "unknown image id"),
+    ({"page": 1, "labels": {"x1": "good"}}, 400, "image_id must be"),
+    ({"page": 1, "labels": {"1001": "great"}}, 400, "unknown class"),
+    ({"page": 1, "labels": {"1001": "good"}, "overwrite": 1}, 400, "overwrite must be"),
+    ({"page": True, "labels": {"1001": "good"}}, 409, "not the page"),
+])
+def test_grid_confirm_refuses_bad_input(grid_app: LabelingServer, body: dict, status: int, message: str) -> None:
+    session, _ = _open(grid_app)
+    assert _call(grid_app, "/api/grid/page", {}, session=session)[0] == 200
+    code, payload = _call(grid_app, "/api/grid/confirm", body, session=session)
+    assert code == status and message in payload["error"], payload
+    assert grid_app.page.store.history().empty
+
+
+def test_grid_confirm_reports_conflicts_per_tile_and_stores_the_rest(grid_app: LabelingServer) -> None:
+    store = grid_app.page.store
+    session, _ = _open(grid_app)
+    tiles = _call(grid_app, "/api/grid/page", {}, session=session)[1]["tiles"]
+    a, b = tiles[0]["image_id"], tiles[4]["image_id"]
+    store.add(a, "questionable", "bob", 1)  # another labeler, after the page was shown
+    store.add(b, "good", "carol", 1)
+    labels = {str(t["image_id"]): "bad" for t in tiles}
+    status, payload = _call(grid_app, "/api/grid/confirm", {"page": 1, "labels": labels}, session=session)
+    assert status == 409 and "2 of 6 tiles" in payload["error"]
+    assert {c["image_id"]: (c["label"], c["labeler"], c["yours"]) for c in payload["conflicts"]} == {
+        a: ("questionable", "bob", "bad"), b: ("good", "carol", "bad")}
+    assert sorted(payload["written"]) == sorted(set(int(k) for k in labels) - {a, b})
+    assert store.label_of(a) == "questionable" and store.label_of(tiles[1]["image_id"]) == "bad"
+    # overwrite the two deliberately: both labels stay in the history (agreement sees them)
+    status, _ = _call(grid_app, "/api/grid/confirm", {"page": 1, "labels": {str(a): "bad", str(b): "bad"},
+                                                      "overwrite": True}, session=session)
+    assert status == 200 and store.label_of(a) == "bad"
+    assert store.history(a)["labeler"].tolist() == ["bob", "tester"]
+
+
+def test_rechecks_reshow_labeled_images_blind(tmp_path: Path) -> None:
+    root = tmp_path / "dataset"
+    store = LabelStore(tmp_path / "labels.sqlite")
+    server = make_app(store, root, _grid_queue(root), round=1, labeler="tester", page_size=4,
+                      recheck_fraction=0.5, seed=3).start()
+    try:
+        session, _ = _open(server)
+        page = _call(server, "/api/grid/page", {}, session=session)[1]
+        assert page["tiles"] and store.history().empty  # nothing labeled yet: nothing to re-show
+        seen_rechecks = 0
+        for _ in range(6):
+            if page["done"]:
+                break
+            on_page = [t["image_id"] for t in page["tiles"]]
+            previously = {i: store.label_of(i) for i in on_page}
+            labels = {str(i): "good" for i in on_page}
+            status, page = _call(server, "/api/grid/confirm", {"page": page["page"], "labels": labels}, session=session)
+            assert status == 200, page
+            seen_rechecks += sum(1 for v in previously.values() if v is not None)
+        hist = store.history()
+        assert seen_rechecks > 0 and (hist["source"] == "recheck").sum() == seen_rechecks
+        assert all(t["preset"] is None for t in page["tiles"])  # never shows the earlier label
+    finally:
+        server.stop()
+
+
+def test_grid_page_in_real_browser(grid_app: LabelingServer) -> None:
+    """A labeler's key presses on a full grid page: move, flip, click, confirm, set all, undo."""
+    store = grid_app.page.store
+    with _chromium() as browser:
+        page = browser.new_page(viewport={"width": 1200, "height": 800}, bypass_csp=True)
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(grid_app.url + "?mode=grid")
+
+        def tiles(page_no: int) -> list[str]:
+            page.wait_for_function(f"window.labeling && window.labeling.pending === 0 && "
+                                   f"document.body.dataset.page === '{page_no}'")
+            return page.evaluate("document.body.dataset.tiles").split(",")
+
+        def skeleton_pixels(index: int) -> int:
+            page.wait_for_function(f"document.querySelectorAll('.tile img')[{index}].naturalWidth > 0")
+            return page.evaluate(f"""() => {{ const c = document.querySelectorAll('.tile canvas')[{index}];
+                if (c.style.display === 'none' || !c.width) return 0;
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }}""")
+
+        # grouped by prediction: good 1001 1004 · questionable 1003 1006 · bad 1002 1005
+        assert tiles(1) == ["1001", "1004", "1003", "1006", "1002", "1005"]
+        assert page.evaluate("document.body.dataset.mode") == "grid"
+        assert page.locator(".tile").count() == 6
+        assert skeleton_pixels(0) > 50
+        page.keyboard.press("t")
+        assert skeleton_pixels(0) == 0
+        page.keyboard.press("t")
+        assert skeleton_pixels(0) > 50
+        page.keyboard.press("l")            # focus 1004
+        page.keyboard.press("3")            # → bad
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight")   # focus 1006
+        page.keyboard.press("1")            # → good
+        page.locator(".tile").nth(5).click()  # 1005: bad → good (a click cycles)
+        assert page.locator(".tile.flipped").count() == 3
+        page.keyboard.press("Enter")
+        assert tiles(2) == ["1007", "1010", "1009", "1008"]
+        assert store.latest().set_index("image_id")["label"].to_dict() == {
+            1001: "good", 1004: "bad", 1003: "questionable", 1006: "good", 1002: "bad", 1005: "good"}
+        assert "6 labels" in page.text_content("#rate")
+        page.keyboard.press("Shift+Digit3")  # the whole page → bad
+        page.keyboard.press("p")             # back to the predictions
+        page.keyboard.press("j")             # down a row (or stay: one row) then set
+        page.keyboard.press("Enter")
+        page.wait_for_function("window.labeling.pending === 0 && document.getElementById('grid-done').style.display === 'block'")
+        assert len(store.latest()) == 10
+        page.keyboard.press("z")             # undo the last page: it comes back as it was sent
+        assert tiles(3) == ["1007", "1010", "1009", "1008"]
+        assert len(store.latest()) == 6
+        assert page.evaluate("[...document.querySelectorAll('.tile')].map(t => t.dataset.label)") == [
+            "good", "good", "questionable", "bad"]
+        page.keyboard.press("Enter")
+        page.wait_for_function("window.labeling.pending === 0 && document.getElementById('grid-done').style.display === 'block'")
+        assert errors == []
+    latest = store.latest().set_index("image_id")["label"].to_dict()
+    assert latest == {1001: "good", 1004: "bad", 1003: "questionable", 1006: "good", 1002: "bad", 1005: "good",
+                      1007: "good", 1010: "good", 1009: "questionable", 1008: "bad"}
+    hist = store.history()
+    # 6 + 4 labels, 4 undo rows, 4 labels again: every tile its own row, one session, grid mode
+    assert len(hist) == 18 and hist.source.tolist().count("undo") == 4
+    assert set(hist["mode"]) == {"grid"} and hist["session"].nunique() == 1
+    assert hist.loc[hist.source == "page", "seconds_spent"].notna().all()

@@ -229,3 +229,81 @@ def test_import_minimal_csv_and_reject_bad_rows_atomically(store: LabelStore, tm
         store.import_csv(bad)
     assert 8 not in store.labeled_ids()
     assert set(LABEL_CLASSES) == {"good", "questionable", "bad"}
+
+
+# ---- throughput columns, migration, grid pages -----------------------------------------------
+
+OLD_SCHEMA = """
+CREATE TABLE labels (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, image_id INTEGER NOT NULL,
+    label TEXT CHECK (label IS NULL OR label IN ('good', 'questionable', 'bad')),
+    labeler TEXT NOT NULL, labeled_at TEXT NOT NULL, round INTEGER NOT NULL DEFAULT 0,
+    source TEXT NOT NULL DEFAULT 'page', retracts INTEGER REFERENCES labels(id));
+INSERT INTO labels (image_id, label, labeler, labeled_at, round, source)
+    VALUES (5, 'good', 'ann', '2024-01-01T00:00:00.000000+00:00', 1, 'page');
+"""
+
+
+def test_a_store_from_before_the_throughput_columns_is_migrated_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+    store = LabelStore(path)
+    assert store.label_of(5) == "good"
+    hist = store.history()
+    assert hist[["session", "mode"]].isna().all().all() and hist["seconds_spent"].isna().all()
+    store.add(6, "bad", "ann", 1, session="s1", mode="single", seconds_spent=2.5)
+    assert store.retract(1, "ann") is not None  # undo of an old row works across the migration
+    LabelStore(path)  # opening again is a no-op
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(labels)")]
+    assert columns.count("seconds_spent") == 1 and store.label_of(5) is None
+    tput = store.throughput()
+    assert tput[["session", "labels", "seconds"]].values.tolist() == [["s1", 1, 2.5]]
+    assert tput["labels_per_minute"].iloc[0] == pytest.approx(24.0)
+
+
+def test_add_page_stores_every_tile_and_reports_conflicts_per_tile(store: LabelStore) -> None:
+    store.add(3, "good", "bob", 1)
+    seen = store.max_id()
+    store.add(4, "bad", "carol", 1)  # after the page was shown
+    written, conflicts = store.add_page({1: "good", 2: "bad", 3: "questionable", 4: "good"}, "ann", 1,
+                                        shown_since={1: seen, 2: seen, 3: seen, 4: seen},
+                                        session="tab", seconds_spent=6.0, sources={2: "recheck"})
+    assert sorted(written) == [1, 2, 3] and [c["image_id"] for c in conflicts] == [4]
+    assert conflicts[0]["labeler"] == "carol"
+    hist = store.history().set_index("image_id")
+    assert hist.loc[[1, 2], "seconds_spent"].tolist() == [2.0, 2.0]  # the page's time over 3 rows
+    assert hist.loc[2, "source"] == "recheck" and store.label_of(4) == "bad"
+    # overwrite (None) writes; a page undo retracts all its rows in one transaction
+    written2, conflicts2 = store.add_page({4: "good"}, "ann", 1, shown_since={4: None}, session="tab")
+    assert conflicts2 == [] and store.label_of(4) == "good"
+    undone = store.retract_many(list(written.values()), "ann")
+    assert len(undone) == 3 and store.label_of(1) is None and store.label_of(3) == "good"
+    # the throughput counts labels written, the undone ones too (they took the time)
+    assert store.throughput()["labels"].tolist() == [4]
+    summary = store.throughput_summary()
+    assert summary["grid_labels"] == 4 and summary["grid_seconds_per_label"] == 1.5
+
+
+def test_negative_or_infinite_seconds_are_not_stored(store: LabelStore) -> None:
+    store.add(1, "good", "ann", session="s", seconds_spent=float("inf"))
+    store.add(2, "good", "ann", session="s", seconds_spent=-3)
+    assert store.history()["seconds_spent"].isna().all()
+    assert store.throughput()["labels_per_minute"].isna().all()
+
+
+def test_a_store_location_is_a_path_or_a_sqlalchemy_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from danbooru_assets import config
+
+    monkeypatch.setenv("DANBOORU_LABELS", f"sqlite:///{tmp_path / 'sub' / 'l.sqlite'}")
+    assert config.labels_path() == f"sqlite:///{tmp_path / 'sub' / 'l.sqlite'}"  # not mangled by pathlib
+    by_url = LabelStore(config.labels_path())
+    by_url.add(1, "good", "ann", 1)
+    by_path = LabelStore(tmp_path / "sub" / "l.sqlite")  # the same file, named as a path
+    assert by_path.label_of(1) == "good" and by_path.version() == by_url.version()
+    monkeypatch.setenv("DANBOORU_LABELS", str(tmp_path / "plain.sqlite"))
+    assert config.labels_path() == tmp_path / "plain.sqlite"
+    for bad, message in (("mysql://host/db", "unsupported database"), ("sqlite://", "in-memory")):
+        with pytest.raises(ValueError, match=message):
+            LabelStore(bad)

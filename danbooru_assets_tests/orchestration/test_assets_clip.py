@@ -10,7 +10,7 @@ from danbooru_assets.core.embeddings import embedding_matrix
 from danbooru_assets.devtools.sample_data import read_ground_truth
 from danbooru_assets.settings import CurationSettings, save_settings, set_setting
 
-INGEST = ["shard_index", "clip_embeddings", "image_stats", "clip_scores"]
+INGEST = ["shard_index", "metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores"]
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,21 @@ def test_second_run_encodes_nothing_and_a_new_image_encodes_one(ingested):
 def test_corrupt_images_get_a_status_not_a_crash(ingested):
     truncated = ingested.summary.broken_ids["truncated"][0]
     shard = f"{truncated % 1000:04d}"
-    emb = ingested.table("clip_embeddings", shard).set_index("image_id")
-    assert emb.loc[truncated, "status"].startswith("unreadable")
-    assert emb.loc[truncated, "embedding"] is None
-    assert (emb["status"] == "ok").sum() >= len(emb) - 2
-    subset = ingested.table("clip_subset", shard).set_index("image_id")
-    assert "unreadable" in subset.loc[truncated, "drop_reasons"]
+    # The prefilter off for this shard: the truncated file's tags must not keep it from the decoder.
+    save_settings(ingested.settings_path, set_setting(CurationSettings(), "prefilter.mode", "off"))
+    try:
+        ingested.materialize(["metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores", "clip_subset"],
+                             shard)
+        emb = ingested.table("clip_embeddings", shard).set_index("image_id")
+        assert emb.loc[truncated, "status"].startswith("unreadable")
+        assert emb.loc[truncated, "embedding"] is None
+        assert (emb["status"] == "ok").sum() >= len(emb) - 2
+        subset = ingested.table("clip_subset", shard).set_index("image_id")
+        assert "unreadable" in subset.loc[truncated, "drop_reasons"]
+    finally:
+        ingested.settings_path.unlink(missing_ok=True)
+        ingested.materialize(["metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores", "clip_subset"],
+                             shard)
     # zero-byte and unknown-extension files never reach the decoder
     zero = ingested.summary.broken_ids["zero_bytes"][0]
     assert zero not in set(ingested.table("clip_embeddings", f"{zero % 1000:04d}")["image_id"])
@@ -208,7 +217,8 @@ def test_subset_rules_record_every_reason(ingested):
     assert {"below_threshold", "dark_border_little_content"} <= reasons
     # The generator's mostly-black images with little content are caught by the image rule.
     truth = read_ground_truth(ingested.root).set_index("image_id")
-    black = subset.loc[subset["image_id"].map(truth["kind"]) == "black_border"]
+    # (those the metadata prefilter keeps from the decoder, e.g. no_humans, are judged by it alone)
+    black = subset.loc[(subset["image_id"].map(truth["kind"]) == "black_border") & (subset["prefilter_reasons"] == "")]
     assert len(black) and black["drop_reasons"].str.contains("dark_border_little_content").mean() >= 0.8
 
 

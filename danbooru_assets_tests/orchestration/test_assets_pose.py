@@ -15,7 +15,7 @@ def posed(pipeline):
     pipeline.run_through("ingest")
     pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
     pipeline.materialize(["clip_subset", "pose_keypoints"], shards=pipeline.shards)
-    pipeline.materialize(["pose_statistics"])
+    pipeline.materialize(["pose_statistics", "near_duplicates"])
     pipeline.materialize(["pose_subset"], shards=pipeline.shards)
     return pipeline
 
@@ -127,7 +127,8 @@ def test_a_replaced_image_is_estimated_again_the_others_reused(posed):
     buf = io.BytesIO()
     Image.open(io.BytesIO(original)).convert("RGB").save(buf, format="JPEG", quality=40)
     assert len(buf.getvalue()) != len(original)
-    stages = ["shard_index", "clip_embeddings", "image_stats", "clip_scores", "clip_subset", "pose_keypoints"]
+    stages = ["shard_index", "metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores", "clip_subset",
+              "pose_keypoints"]
     try:
         path.write_bytes(buf.getvalue())
         result = posed.materialize(stages, shard)

@@ -9,7 +9,7 @@ import pytest
 from danbooru_assets.export.curated import export_curated, read_webdataset_samples
 from danbooru_assets.labels.store import LabelStore
 from danbooru_assets.pose.keypoint_files import read_keypoint_files
-from danbooru_assets.quality.queue import round_plan
+from danbooru_assets.quality.queue import round_targets
 from danbooru_assets.devtools.sample_data import read_ground_truth
 from danbooru_assets.orchestration.sensors import build_retrain_sensor
 from danbooru_assets.settings import CurationSettings, save_settings, set_setting
@@ -32,7 +32,7 @@ def loop(pipeline):
     pipeline.run_through("ingest")
     pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
     pipeline.materialize(["clip_subset", "pose_keypoints"], shards=pipeline.shards)
-    pipeline.materialize(["pose_statistics"])
+    pipeline.materialize(["pose_statistics", "near_duplicates"])
     pipeline.materialize(["pose_subset"], shards=pipeline.shards)
     return pipeline
 
@@ -62,7 +62,8 @@ def test_rounds_queue_label_retrain(loop):
     pool = len(predictions)
     assert pool >= 12 and predictions["p_good"].isna().all()
     first = _label_queue(loop, store, 1)
-    assert len(first) == min(pool, max(4, round_plan(pool, [0.25, 0.5, 0.75])[0]))
+    plan = round_targets(pool, [0.25, 0.5, 0.75], 4)
+    assert len(first) == plan[0]
     assert first["image_id"].is_unique
 
     # Round 2: a model trained on round 1's labels, a queue of new images only.
@@ -75,6 +76,7 @@ def test_rounds_queue_label_retrain(loop):
     second = _label_queue(loop, store, 2)
     assert second["round"].iloc[0] == 2
     assert not set(second["image_id"]) & set(first["image_id"])  # never an image already labeled
+    assert len(second) == plan[1] - plan[0] and len(second) > len(first)  # a real second round, larger
     assert len(set(first["image_id"]) | set(second["image_id"])) <= pool
 
     # Human labels override predictions in the curated dataset.
@@ -101,6 +103,20 @@ def test_rounds_queue_label_retrain(loop):
     assert sorted(int(s["__key__"]) for s in samples) == sorted(curated["image_id"])
     assert all(len(s) == 3 for s in samples)  # key, image bytes, json
 
+    # A second labeler disagrees on one image, agrees on another; the first labeler re-sees
+    # one image (a recheck) and changes their mind: the queue reports both kinds of agreement.
+    a, b, c = (int(i) for i in first["image_id"][:3])
+    truth = read_ground_truth(loop.root).set_index("image_id")["quality"]
+    other = {"good": "bad", "bad": "questionable", "questionable": "good"}
+    store.add(a, other[truth[a]], labeler="second")
+    store.add(b, truth[b], labeler="second")
+    store.add(c, other[truth[c]], labeler="simulated", source="recheck")
+    queue_meta = loop.metadata(loop.materialize(["labeling_queue"]), "labeling_queue")
+    assert queue_meta["images_with_several_labelers"] == 2 and queue_meta["disagreements"] == 2
+    assert queue_meta["self_agreement_pairs"] == 1 and queue_meta["self_agreement_kappa"] == "0.000"
+    assert f"| {a} | second: {other[truth[a]]}, simulated: {truth[a]} |" in queue_meta["disagreements_to_review"]
+    assert f"| {c} | simulated (re-shown): {truth[c]} → {other[truth[c]]} |" in queue_meta["disagreements_to_review"]
+
 
 def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
     from danbooru_assets.orchestration.resources import LabelStoreResource
@@ -126,6 +142,8 @@ def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):
     store.add(2, "bad", "a")
     requests, cursor, _, observed = tick(None)
     assert requests == [] and observed == [store.version()]  # labels observed: automation can start
+    event = next(e for e in sensor.evaluate_tick(dg.build_sensor_context(cursor=None, resources=resources)).asset_events)
+    assert event.metadata["labeled"].value == 2 and "kappa_between_labelers" in event.metadata
     requests, cursor, skip, observed = tick(cursor)
     assert requests == [] and observed == [] and "2 new labels" in skip
     store.add(3, "questionable", "a")

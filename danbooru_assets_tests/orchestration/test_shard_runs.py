@@ -9,7 +9,7 @@ import pytest
 from danbooru_assets_tests.conftest import Pipeline
 
 KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
-INGEST = ["shard_index", "clip_embeddings", "image_stats", "clip_scores"]
+INGEST = ["shard_index", "metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores"]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_one_run_covers_the_range_and_an_empty_shard_passes_every_stage(ranged):
     assert f"| {p.empty} |" in meta["per_shard"]  # the per-shard table a person reads in the UI
     p.materialize(["clip_threshold"], run_config=KEEP_ALL)
     p.materialize(["clip_subset", "pose_keypoints"], shards=p.range)
-    p.materialize(["pose_statistics"])
+    p.materialize(["pose_statistics", "near_duplicates"])
     p.materialize(["pose_subset"], shards=p.range)
     p.materialize(["quality_model"])
     result = p.materialize(["quality_predictions", "curated_dataset"], shards=p.range)

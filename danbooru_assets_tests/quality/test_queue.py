@@ -64,6 +64,17 @@ def test_round_plan_and_current_round() -> None:
 
 def test_round_targets_ask_a_minimum_per_round_within_the_pool() -> None:
     assert round_targets(10_000, (0.01, 0.05, 0.25), 20) == [100, 500, 2500]
-    assert round_targets(1000, (0.01, 0.05, 0.25), 20) == [20, 50, 250]  # 1% would be 10
-    assert round_targets(30, (0.01, 0.05, 0.25), 20) == [20, 30, 30]  # never beyond the pool
+    assert round_targets(363_000, (0.01, 0.05, 0.25), 20) == [3630, 18150, 90750]  # the seed's plan
+    # round r adds at least r × 20: 20, then 40 more, then 60 more
+    assert round_targets(1000, (0.01, 0.05, 0.25), 20) == [20, 60, 250]
+    assert round_targets(200, (0.01, 0.05, 0.25), 20) == [20, 60, 120]
     assert round_targets(0, (0.01,), 20) == [0]
+
+
+@pytest.mark.parametrize("pool", [3, 6, 19, 30, 60, 119])
+def test_a_small_pool_still_has_every_round_each_larger(pool: int) -> None:
+    plan = round_targets(pool, (0.01, 0.05, 0.25), 20)
+    sizes = [b - a for a, b in zip([0] + plan, plan)]
+    assert plan[-1] == pool and all(s >= 1 for s in sizes)  # the whole pool, never beyond, no empty round
+    if pool >= 6:
+        assert sizes[0] < sizes[1] <= sizes[2]  # round 2 queues more than round 1

@@ -19,6 +19,7 @@ from danbooru_assets.clip.model import DEMO_WARNING
 from danbooru_assets.clip.rules import STATS_INPUT_COLUMNS, SUBSET_REASONS
 from danbooru_assets.orchestration.resources import DanbooruDatasetResource
 from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
+from danbooru_assets.orchestration.executors import GPU_QUEUE_TAGS
 from danbooru_assets.orchestration.io_manager import COLUMNS
 from danbooru_assets.orchestration.resources import StorageResource
 from danbooru_assets.core.tables import ShardTables, read_parquet, write_parquet
@@ -51,16 +52,23 @@ INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)
             "area, saturation/greyscale, edge density, original size.",
         ),
     },
-    ins={"shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path", "status"]})},
+    ins={
+        "shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path", "status"]}),
+        # In skip mode the images the metadata rules exclude are never decoded.
+        "metadata_prefilter": dg.AssetIn(metadata={COLUMNS: ["image_id", "decode"]}),
+    },
     partitions_def=shard_partitions,
     backfill_policy=INFERENCE_BACKFILL,
     retry_policy=INFERENCE_RETRY,
     pool="gpu",
+    # With the celery executor (deploy/) this step waits for a worker on a GPU machine.
+    op_tags=GPU_QUEUE_TAGS,
     group_name=GROUP,
 )
 def clip_embeddings_and_image_stats(
     context: dg.AssetExecutionContext,
     shard_index: ShardTables,
+    metadata_prefilter: ShardTables,
     clip_model: ClipModelResource,
     dataset: DanbooruDatasetResource,
     storage: StorageResource,
@@ -71,7 +79,7 @@ def clip_embeddings_and_image_stats(
     from danbooru_assets.clip.image_stats import image_stats_frame
     from danbooru_assets.core.embeddings import embedding_column
     from danbooru_assets.core.progress import ThroughputLogger
-    from danbooru_assets.dataset.shard_index import USABLE_STATUSES
+    from danbooru_assets.dataset.prefilter import decode_candidates
 
     model = clip_model.model()
     fingerprint_id = model.fingerprint_id()
@@ -85,7 +93,8 @@ def clip_embeddings_and_image_stats(
     for shard in sorted(context.partition_keys):
         try:
             index = shard_index[shard]
-            candidates = index.loc[index["status"].isin(USABLE_STATUSES), REUSE_KEY + ["rel_path"]]
+            decode, prefiltered = decode_candidates(index, metadata_prefilter[shard], shard)
+            candidates = index.loc[decode, REUSE_KEY + ["rel_path"]]
             emb_path = storage.asset_path("clip_embeddings", shard)
             stats_path = storage.asset_path("image_stats", shard)
             prev_emb = read_parquet(emb_path) if emb_path.exists() else None
@@ -97,6 +106,7 @@ def clip_embeddings_and_image_stats(
                 "todo": reuse.todo.assign(shard=shard),
                 "reused_emb": reuse.reused[0],
                 "reused_stats": reuse.reused[1],
+                "prefiltered": prefiltered,
             }
         except Exception as exc:  # reported by the shard loop below, with the others
             plan_errors[shard] = exc
@@ -153,6 +163,8 @@ def clip_embeddings_and_image_stats(
             "unreadable": int((embeddings_table["status"] != "ok").sum()),
             "readable": len(ok_stats),
             "greyscale": int(ok_stats["is_greyscale"].sum()),
+            # Usable images the metadata prefilter (skip mode) kept from the decoder.
+            "never_decoded_prefiltered": plan["prefiltered"],
         }
         return (embeddings_table, stats_table), counts
 
@@ -163,7 +175,7 @@ def clip_embeddings_and_image_stats(
     loop = ShardLoop(context, "clip_embeddings")
     results = loop.run(assemble_shard, keep_on_failure=keep)
     common = {
-        **loop.metadata(["images", "encoded", "reused", "unreadable"]),
+        **loop.metadata(["images", "encoded", "reused", "unreadable", "never_decoded_prefiltered"]),
         "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
     }
     yield dg.Output(
@@ -389,14 +401,16 @@ class ClipSubsetConfig(dg.Config):
         "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "status"]}),
         "image_stats": dg.AssetIn(metadata={COLUMNS: STATS_INPUT_COLUMNS}),
         "clip_scores": dg.AssetIn(metadata={COLUMNS: ["image_id", "portrait_score"]}),
+        "metadata_prefilter": dg.AssetIn(metadata={COLUMNS: ["image_id", "reasons", "excluded", "decode"]}),
     },
     # The threshold section too: a new threshold changes the subset, so the UI marks it
     # stale at once (Dagster's staleness follows direct dependencies only).
     deps=settings_keys("image_rules", "clip_threshold"),
     group_name=GROUP,
     kinds={"parquet"},
-    description="The intermediate subset (the seed's 600k): images at or above the threshold that "
-    "pass the image-statistic rules. Dropped rows keep their reasons. Touches no image.",
+    description="The intermediate subset (the seed's 600k): images the metadata prefilter admits, at or "
+    "above the threshold, that pass the image-statistic rules. Dropped rows keep their reasons (an image "
+    "the prefilter excludes: prefiltered, with its prefilter_reasons). Touches no image.",
 )
 def clip_subset(
     context: dg.AssetExecutionContext,
@@ -404,6 +418,7 @@ def clip_subset(
     shard_index: ShardTables,
     image_stats: ShardTables,
     clip_scores: ShardTables,
+    metadata_prefilter: ShardTables,
     clip_threshold,
     settings: SettingsResource,
 ) -> dg.Output:
@@ -419,17 +434,22 @@ def clip_subset(
     threshold = float(clip_threshold["threshold"].iloc[0])
 
     def subset_shard(shard: str):
+        prefilter = metadata_prefilter[shard]
         subset, dropped = apply_clip_rules(
-            shard_index[shard], image_stats[shard], clip_scores[shard], threshold, rules
+            shard_index[shard], image_stats[shard], clip_scores[shard], threshold, rules, prefilter
         )
-        return subset, {"rows": len(subset), "kept": int(subset["kept"].sum()), **dropped}
+        never_decoded = int((~prefilter["decode"].astype(bool)).sum())
+        counts = {"rows": len(subset), "kept": int(subset["kept"].sum()), **dropped}
+        return subset, {**counts, "never_decoded_prefiltered": never_decoded}
 
     loop = ShardLoop(context, "clip_subset", images_key="rows")
     tables = loop.run(subset_shard)
     return dg.Output(
         tables,
         metadata={
-            **loop.metadata(["rows", "kept", *(f"dropped_{n}" for n in SUBSET_REASONS)]),
+            **loop.metadata(
+                ["rows", "kept", *(f"dropped_{n}" for n in SUBSET_REASONS), "never_decoded_prefiltered"]
+            ),
             "kept_fraction": loop.ratio("kept", "rows"),
             "threshold": threshold,
             "rules": dg.MetadataValue.json(rules.model_dump()),

@@ -16,6 +16,7 @@ from danbooru_assets.core.shards import SHARD_KEYS, shard_numbers
 from danbooru_assets.core.tables import ShardTables, prune_shard_files, read_parquet, write_bytes, write_parquet
 from danbooru_assets.orchestration.assets.clip import INFERENCE_RETRY
 from danbooru_assets.orchestration.assets.settings import settings_keys
+from danbooru_assets.orchestration.executors import GPU_QUEUE_TAGS
 from danbooru_assets.orchestration.io_manager import COLUMNS
 from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
 from danbooru_assets.orchestration.resources import (
@@ -38,6 +39,8 @@ PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
 # the files is never taken for the current one.
 IMPORT_RECORD = "import.json"
 NO_POSE = "no_pose"
+# A copy of an image another row keeps (near_duplicates says which, how, and how similar).
+DUPLICATE = "duplicate"
 REUSE_KEY = list(FILE_IDENTITY)
 
 
@@ -161,6 +164,8 @@ def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, 
     },
     deps=[published_keypoints],
     pool="gpu",
+    # With the celery executor (deploy/) this step waits for a worker on a GPU machine.
+    op_tags=GPU_QUEUE_TAGS,
     group_name=GROUP,
     kinds={"pytorch", "parquet"},
     description="17 COCO keypoints (x right, y down, original-image pixels, confidence) and the "
@@ -308,12 +313,18 @@ EXAMPLES_PER_SHEET = 10
 @dg.asset(
     partitions_def=shard_partitions,
     backfill_policy=CHEAP_BACKFILL,
-    ins={"clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "portrait_score"]})},
-    deps=settings_keys("pose_rules"),
+    ins={
+        "clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "portrait_score"]}),
+        "near_duplicates": dg.AssetIn(metadata={COLUMNS: ["image_id", "kept"]}),
+    },
+    # The dedup section too: a new threshold changes the subset, and Dagster's staleness
+    # follows direct dependencies only.
+    deps=settings_keys("pose_rules", "dedup"),
     group_name=GROUP,
     kinds={"parquet"},
-    description="Images whose keypoints pass the geometric rules (the seed's 363k). Every "
-    "dropped row keeps every reason; kept and dropped examples are drawn with skeletons.",
+    description="Images whose keypoints pass the geometric rules (the seed's 363k), less the copies "
+    "near_duplicates drops (reason `duplicate`). Every dropped row keeps every reason; kept and "
+    "dropped examples are drawn with skeletons.",
 )
 def pose_subset(
     context: dg.AssetExecutionContext,
@@ -321,9 +332,11 @@ def pose_subset(
     pose_keypoints: ShardTables,
     pose_statistics,
     clip_subset: ShardTables,
+    near_duplicates,
     settings: SettingsResource,
     dataset: DanbooruDatasetResource,
 ) -> dg.Output:
+    import numpy as np
     import pandas as pd
 
     from danbooru_assets.pose.plots import select_examples
@@ -336,12 +349,19 @@ def pose_subset(
     if density_rule.startswith("skipped"):
         context.log.warning(f"pose_subset: midpoint density rule {density_rule}")
     examples: dict[str, list] = {"kept": [], "dropped": []}  # (keypoint row, decision row, subset)
+    duplicates = near_duplicates.loc[~near_duplicates["kept"].astype(bool), "image_id"].to_numpy()
 
     def filter_shard(shard: str):
         keypoints = pose_keypoints[shard]
         subset_rows = clip_subset[shard]
         ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
         decisions = apply_pose_rules(_ok_features(keypoints), rules, stats)
+        copies = np.isin(decisions["image_id"].to_numpy(), duplicates)
+        if copies.any():  # appended to the rule reasons, so every reason is kept
+            decisions.loc[copies, "drop_reasons"] = [
+                f"{r}|{DUPLICATE}" if r else DUPLICATE for r in decisions.loc[copies, "drop_reasons"]
+            ]
+            decisions.loc[copies, "keep"] = False
         not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
         subset = (
             pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
@@ -356,14 +376,14 @@ def pose_subset(
                 room = EXAMPLES_PER_SHEET - len(examples[label])
                 examples[label].extend((ok.iloc[[r]], decisions.iloc[[r]], subset_rows) for r in rows[:room])
         counts = {"rows": len(subset), "kept": int(subset["keep"].sum())}
-        counts.update({f"dropped_{name}": int(reasons.get(name, 0)) for name in (*REASONS, NO_POSE)})
+        counts.update({f"dropped_{name}": int(reasons.get(name, 0)) for name in (*REASONS, NO_POSE, DUPLICATE)})
         return subset, counts
 
     loop = ShardLoop(context, "pose_subset", images_key="rows")
     tables = loop.run(filter_shard)
     rows = loop.totals.get("rows", 0)
     metadata = {
-        **loop.metadata(["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE))]),
+        **loop.metadata(["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE, DUPLICATE))]),
         "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
         "rules": dg.MetadataValue.json(rules.model_dump()),
         "density_rule": density_rule,

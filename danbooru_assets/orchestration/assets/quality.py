@@ -40,8 +40,36 @@ GROUP = "quality"
 MODEL_DIR = "quality_model_files"
 
 
-def _observe_labels(label_store: LabelStoreResource) -> dg.DataVersion:
-    return dg.DataVersion(label_store.store().version())
+def labels_observation_metadata(store) -> dict:
+    """What an observation of `labels` shows in the UI: counts, the labelers' throughput
+    (labels per minute and seconds per label, per mode and per page session) and agreement."""
+    from danbooru_assets.labels.agreement import agreement_report
+
+    summary = store.summary()
+    throughput = store.throughput_summary()
+    agreement = agreement_report(store.history(), max_listed=0)
+    metadata = {
+        "labeled": summary["n_labeled"],
+        "per_class": dg.MetadataValue.json(summary["per_class"]),
+        "labelers": dg.MetadataValue.json(summary["labelers"]),
+        "history_rows": summary["history_rows"],
+        "sessions": throughput["sessions"],
+        "throughput_by_session": dg.MetadataValue.md(throughput["table_md"]),
+        "kappa_between_labelers": _fmt(agreement["kappa"]),
+        "disagreements": agreement["n_disagreements"],
+        "self_agreement_kappa": _fmt(agreement["self_kappa"]),
+    }
+    for mode in ("single", "grid"):
+        if f"{mode}_labels" in throughput:
+            metadata[f"{mode}_labels"] = throughput[f"{mode}_labels"]
+            metadata[f"{mode}_labels_per_minute"] = _fmt_or_na(throughput[f"{mode}_labels_per_minute"])
+            metadata[f"{mode}_seconds_per_label"] = _fmt_or_na(throughput[f"{mode}_seconds_per_label"])
+    return metadata
+
+
+def _observe_labels(label_store: LabelStoreResource) -> dg.ObserveResult:
+    store = label_store.store()
+    return dg.ObserveResult(data_version=dg.DataVersion(store.version()), metadata=labels_observation_metadata(store))
 
 
 with warnings.catch_warnings():  # observable source assets are marked beta; this use is plain
@@ -143,6 +171,10 @@ def quality_model(
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{float(value):.3f}"
+
+
+def _fmt_or_na(value) -> str:
+    return "n/a" if value is None else f"{float(value):.1f}"
 
 
 def _json_default(value):
@@ -298,9 +330,23 @@ def labeling_queue(
         queue = queue.merge(pose_keypoints.rows(queue["image_id"]), on="image_id", how="left")
     queue["round"] = round_
     queue = queue.sort_values("queue_rank").reset_index(drop=True)
+    from danbooru_assets.labels.agreement import agreement_report, disagreements_markdown
+
+    store = label_store.store()
+    agreement = agreement_report(store.history())
+    throughput = store.throughput_summary()
     metadata = {
         "round": round_,
         "queue_size": len(queue),
+        # two labelers on one image: both labels kept; kappa over every such pair
+        "kappa_between_labelers": _fmt(agreement["kappa"]),
+        "images_with_several_labelers": agreement["images_with_several_labelers"],
+        # images re-shown on purpose (quality.recheck_fraction): a labeler against themself
+        "self_agreement_kappa": _fmt(agreement["self_kappa"]),
+        "self_agreement_pairs": agreement["self_pairs"],
+        "disagreements": agreement["n_disagreements"] + agreement["n_self_disagreements"],
+        "disagreements_to_review": dg.MetadataValue.md(disagreements_markdown(agreement)),
+        "throughput_by_session": dg.MetadataValue.md(throughput["table_md"]),
         "labeled": n_labeled,
         "pool": len(candidates),
         "without_embedding": len(without),

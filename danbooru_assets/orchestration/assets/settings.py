@@ -24,6 +24,8 @@ SECTION_DESCRIPTIONS = {
     "image_rules": "clip.image_rules (size, dark border); read by clip_subset.",
     "pose_rules": "pose (geometric rules); read by pose_subset.",
     "quality": "quality (round plan, classifier, kept classes); read by the labeling-loop assets.",
+    "prefilter": "prefilter (mode, tag/rating/score/deleted/size rules over the metadata); read by metadata_prefilter.",
+    "dedup": "dedup (near-duplicate similarity threshold, parent/child posts); read by near_duplicates and pose_subset.",
 }
 
 
