@@ -124,7 +124,13 @@ def _engine(url: sa.URL, timeout: float) -> sa.Engine:
                 sa.event.listen(engine, "connect", _sqlite_connect)
                 sa.event.listen(engine, "begin", _sqlite_begin)
             else:
-                engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=8)
+                try:
+                    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=8)
+                except ImportError as exc:  # the driver comes with the `deploy` extra
+                    raise ValueError(
+                        f"label store {url.render_as_string()}: its database driver is not installed "
+                        f"({exc}); pip install -e '.[deploy]' (psycopg2 for postgresql+psycopg2://)"
+                    ) from exc
             _ENGINES[key] = engine
         return engine
 
