@@ -400,8 +400,9 @@ def kill_gpu_step(cluster: Cluster, shards: list[str]) -> dict[str, object]:
     killed_at = time.time()
     log(f"SIGKILL to the gpu worker's step process {step_processes} while clip_embeddings_and_image_stats ran")
     result = dagster.wait_run(run_id, timeout=300)
+    failed_after_s = time.time() - killed_at
     errors = " ".join(dagster.run_errors(run_id))
-    check(result.status == "FAILURE", f"the run failed ({result.status}) {time.time() - killed_at:.1f}s after the kill")
+    check(result.status == "FAILURE", f"the run failed ({result.status}) {failed_after_s:.1f}s after the kill")
     check("WorkerLostError" in errors or "exited prematurely" in errors,
           f"its failure names the lost worker: {errors[:300]!r}")
     cluster.stop_worker("gpu")  # the machine is gone
@@ -413,7 +414,7 @@ def kill_gpu_step(cluster: Cluster, shards: list[str]) -> dict[str, object]:
     rerun = dagster.launch_run("__ASSET_JOB", asset_keys=selection, partition_range=(shards[0], shards[-1]))
     again = dagster.wait_run(rerun, timeout=600)
     check(again.success, f"the same run, launched again with a new gpu worker, succeeded in {again.wall_s:.1f}s")
-    return {"failed_after_s": round(time.time() - killed_at, 1), "rerun_s": round(again.wall_s, 1), "temporaries": len(temps)}
+    return {"failed_after_s": round(failed_after_s, 1), "rerun_s": round(again.wall_s, 1), "temporaries": len(temps)}
 
 
 def main() -> int:
