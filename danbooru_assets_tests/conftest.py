@@ -84,6 +84,9 @@ def mini_dataset(tmp_path: Path) -> Path:
     return build_mini_dataset(tmp_path / "danbooru")
 
 
+# clip_threshold run config that keeps every image at the CLIP stage.
+KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
+
 class Pipeline(Sandbox):
     """The sandbox over a small generated sample dataset, with the demo CLIP model
     (tiny architecture, random weights) on the CPU, in-process data loading."""
@@ -101,15 +104,17 @@ class Pipeline(Sandbox):
     def shards(self) -> list[str]:
         return self.summary.shards
 
-    def run_through(self, last_stage: str) -> None:
-        """Materialize every stage up to ``last_stage`` ('ingest', 'clip', 'pose') for every shard."""
+    def run_through(self, last_stage: str, keep_all: bool = False) -> None:
+        """Materialize every stage up to ``last_stage`` ('ingest', 'clip', 'pose') for every
+        shard; ``keep_all``: the CLIP stage keeps every image (the demo model's scores carry
+        no meaning), so every drawn figure reaches the pose stage."""
         self.materialize(["danbooru_metadata", "published_keypoints", "prompt_embeddings"])
         self.materialize(
             ["shard_index", "metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores"], shards=self.shards
         )
         if last_stage == "ingest":
             return
-        self.materialize(["clip_threshold"])
+        self.materialize(["clip_threshold"], run_config=KEEP_ALL if keep_all else None)
         self.materialize(["clip_subset"], shards=self.shards)
         if last_stage == "clip":
             return

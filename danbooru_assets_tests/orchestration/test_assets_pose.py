@@ -5,18 +5,10 @@ import pytest
 
 from danbooru_assets.devtools.sample_data import read_ground_truth
 
-KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
-
 
 @pytest.fixture(scope="module")
 def posed(pipeline):
-    # Keep every image at the CLIP stage (the demo model's scores carry no meaning), so
-    # every drawn figure reaches the pose stage.
-    pipeline.run_through("ingest")
-    pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
-    pipeline.materialize(["clip_subset", "pose_keypoints"], shards=pipeline.shards)
-    pipeline.materialize(["pose_statistics", "near_duplicates"])
-    pipeline.materialize(["pose_subset"], shards=pipeline.shards)
+    pipeline.run_through("pose", keep_all=True)
     return pipeline
 
 

@@ -14,7 +14,6 @@ from danbooru_assets.devtools.sample_data import read_ground_truth
 from danbooru_assets.orchestration.sensors import build_retrain_sensor
 from danbooru_assets.settings import CurationSettings, save_settings, set_setting
 
-KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
 QUALITY_PER_SHARD = ["quality_predictions"]
 
 
@@ -29,11 +28,7 @@ def loop(pipeline):
     }.items():
         settings = set_setting(settings, key, value)
     save_settings(pipeline.settings_path, settings)
-    pipeline.run_through("ingest")
-    pipeline.materialize(["clip_threshold"], run_config=KEEP_ALL)
-    pipeline.materialize(["clip_subset", "pose_keypoints"], shards=pipeline.shards)
-    pipeline.materialize(["pose_statistics", "near_duplicates"])
-    pipeline.materialize(["pose_subset"], shards=pipeline.shards)
+    pipeline.run_through("pose", keep_all=True)
     return pipeline
 
 

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from danbooru_assets_tests.conftest import Pipeline
+from danbooru_assets_tests.conftest import KEEP_ALL, Pipeline
 
-KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
 INGEST = ["shard_index", "metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores"]
 
 
