@@ -215,11 +215,13 @@ clip:
 def write_sample_settings(path: Path | str) -> bool:
     """Write :data:`SAMPLE_SETTINGS_YAML` to ``path`` unless a settings file is there;
     whether it wrote."""
-    path = Path(path)
-    if path.exists():
+    from danbooru_assets.core.tables import write_bytes
+    from danbooru_assets.settings import settings_file
+
+    target = settings_file(path)  # a local file, or next to URL storage like every settings file
+    if target.exists():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, SAMPLE_SETTINGS_YAML)
+    write_bytes(target, SAMPLE_SETTINGS_YAML.encode())
     return True
 
 
