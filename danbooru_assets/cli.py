@@ -26,12 +26,17 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _materialized_summary(result) -> str:
-    """``asset=rows`` once per asset (a range run records one materialization per shard)."""
+    """``asset=rows`` once per asset, summed over its shards (a range run records one
+    materialization per shard, each with that shard's row count)."""
     rows: dict[str, object] = {}
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
         value = mat.metadata.get("dagster/row_count")
-        rows.setdefault(mat.asset_key.to_user_string(), value.value if value is not None else None)
+        name = mat.asset_key.to_user_string()
+        if value is None:
+            rows.setdefault(name, None)
+        else:
+            rows[name] = (rows.get(name) or 0) + value.value
     return ", ".join(f"{k}={v}" if v is not None else k for k, v in rows.items())
 
 

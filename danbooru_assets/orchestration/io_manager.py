@@ -83,9 +83,12 @@ class ParquetIOManager(dg.UPathIOManager):
         _log_removed(context, remove_stale_temp_files(folder))
         for key in keys:
             self.dump_to_path(context, obj[key], folder / f"{key}{self.extension}")
+        # A range's total is named as one; each shard's own row count is its partition's
+        # metadata (ShardLoop.metadata), which a one-shard run gets from here too.
+        rows = int(sum(len(df) for df in obj.values()))
         context.add_output_metadata(
             {
-                "dagster/row_count": int(sum(len(df) for df in obj.values())),
+                ("range_row_count" if len(keys) > 1 else "dagster/row_count"): rows,
                 "shards": len(keys),
                 "path": dg.MetadataValue.path(str(folder if len(keys) > 1 else folder / f"{keys[0]}{self.extension}")),
             }
