@@ -319,7 +319,9 @@ def test_one_shard_after_a_threshold_change_uses_the_new_threshold_without_clip_
         assert (subset["kept"] <= (subset["portrait_score"] >= expected["threshold"])).all()
         between = (subset["portrait_score"] >= expected["threshold"]) & (subset["portrait_score"] < old_threshold)
         assert subset.loc[between, "drop_reasons"].str.contains("below_threshold").sum() == 0
-        # clip_threshold then stores the same value, and clip_subset uses the stored one again.
+        # clip_threshold then stores the same value (its review sheets open images), and
+        # clip_subset uses the stored one again.
+        monkeypatch.undo()
         ingested.materialize(["clip_threshold"])
         assert float(ingested.table("clip_threshold")["threshold"].iloc[0]) == pytest.approx(expected["threshold"])
         meta = ingested.metadata(ingested.materialize(["clip_subset"], shard), "clip_subset")
