@@ -137,7 +137,9 @@ def _verdict(stages: list[StageRow]) -> str:
         if bool(stage.values.get(column)) == out_when:
             why = stage.values.get(reasons) or "?"
             if asset == "near_duplicates":
-                why = f"duplicate of {stage.values.get('duplicate_of')} ({why})"
+                twin = stage.values.get("duplicate_of")
+                twin = int(twin) if isinstance(twin, float) and twin == twin else twin  # an id column with NA reads as float
+                why = f"duplicate of {twin} ({why})"
             return f"dropped by {asset}: {why}"
     curated = by_asset["curated_dataset"]
     if curated.state == "row":

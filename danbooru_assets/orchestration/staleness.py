@@ -9,8 +9,8 @@ what to launch. It runs with every materialization of the asset, and is evaluate
 whenever a settings change is recorded (``danbooru-assets settings set``, the
 ``settings_sensor``, ``danbooru-assets run``), so the warning appears at once.
 
-It compares where in the event log each partition was last materialized with where the
-sections' current versions were first observed: a few queries, no table opened.
+It compares, for each partition, the sections' versions observed last before its latest
+materialization with the file's now: a few queries, no table opened.
 """
 
 
@@ -34,29 +34,35 @@ WATCHED: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def _current_since(instance: dg.DagsterInstance, section: str, digest: str) -> int | None:
-    """The event-log position from which the section's current version (``digest``) was
-    observed: the oldest of the newest observations that all carry it; None when never
-    observed (a hand edit the settings sensor has not seen yet)."""
-    since = None
+def _versions(instance: dg.DagsterInstance, section: str) -> tuple[list[int], list[str | None]]:
+    """The section's observations, oldest first: event-log positions and data versions."""
     records = instance.fetch_observations(dg.AssetKey(section_asset_name(section)), limit=OBSERVATIONS_READ).records
-    for record in records:  # newest first
+    records = sorted(records, key=lambda r: r.storage_id)
+    versions = []
+    for record in records:
         observation = record.event_log_entry.asset_observation
-        if observation is None or observation.tags.get(DATA_VERSION_TAG) != digest:
-            break
-        since = record.storage_id
-    return since
+        versions.append(observation.tags.get(DATA_VERSION_TAG) if observation is not None else None)
+    return [r.storage_id for r in records], versions
 
 
 def stale_partitions(instance: dg.DagsterInstance, asset: str, settings: CurationSettings) -> tuple[list[str], int]:
-    """The stored partitions of ``asset`` last materialized before the current version of
-    a settings section it depends on was recorded (so they read an older one), and how
-    many partitions are materialized. Two queries per section and one per asset."""
+    """The stored partitions of ``asset`` whose latest materialization came after an
+    observation of a section it depends on with another version than the file's now (so
+    it read an older one; a setting changed and changed back is current again), and how
+    many partitions are materialized. One query per section and one per asset."""
+    from bisect import bisect_left
+
     sections, _ = WATCHED[asset]
     now = section_hashes(settings)
-    since = [_current_since(instance, s, now[s]) for s in sections]
+    history = {s: _versions(instance, s) for s in sections}
     latest = instance.get_latest_storage_id_by_partition(dg.AssetKey(asset), dg.DagsterEventType.ASSET_MATERIALIZATION)
-    stale = sorted(p for p, sid in latest.items() if any(t is None or sid < t for t in since))
+
+    def read_then(section: str, storage_id: int) -> str | None:
+        positions, versions = history[section]
+        i = bisect_left(positions, storage_id)  # observations recorded before the materialization
+        return versions[i - 1] if i else None
+
+    stale = sorted(p for p, sid in latest.items() if any(read_then(s, sid) != now[s] for s in sections))
     return stale, len(latest)
 
 
