@@ -93,12 +93,17 @@ def test_one_stale_shard_from_the_asset_page_is_stored_at_the_new_threshold(tmp_
         page.set_default_timeout(120_000)
         try:
             page.goto(dagster.url + "/assets/clip_subset")
+            page.get_by_role("button", name="Materialize").first.wait_for()
             page.get_by_text("Latest materialization").first.wait_for()
             page.get_by_role("button", name="Materialize").first.click()
             dialog = page.get_by_role("dialog").first
             dialog.get_by_text("Launch runs to materialize").wait_for()
-            dialog.get_by_role("button", name="Custom").click()
-            dialog.get_by_text("Select a partition or create one").click()
+            dialog.get_by_text("Partition selection").wait_for()
+            page.wait_for_timeout(1000)  # the dialog settles on its default selection mode
+            picker = dialog.get_by_text("Select a partition or create one")
+            if not picker.is_visible():  # Custom is the default here; choose it where it is not
+                dialog.get_by_role("button", name="Custom").click()
+            picker.click()
             page.keyboard.type(shard)
             page.get_by_role("dialog").nth(1).get_by_text(shard, exact=True).first.click()
             dialog.get_by_text("Launch runs to materialize").click()  # closes the partition list
@@ -121,6 +126,10 @@ def test_one_stale_shard_from_the_asset_page_is_stored_at_the_new_threshold(tmp_
             page.get_by_text("threshold_source").first.wait_for()
             shots.append(tmp_path / "ui_one_shard_partition.png")
             page.screenshot(path=str(shots[-1]))
+        except Exception:
+            shots.append(tmp_path / "ui_one_shard_failure.png")
+            page.screenshot(path=str(shots[-1]))
+            raise
         finally:
             browser.close()
             copy_to = os.environ.get("DANBOORU_UI_SCREENSHOTS")
