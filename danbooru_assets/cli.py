@@ -26,12 +26,17 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _materialized_summary(result) -> str:
-    """``asset=rows`` once per asset (a range run records one materialization per shard)."""
+    """``asset=rows`` once per asset, summed over its shards (a range run records one
+    materialization per shard, each with that shard's row count)."""
     rows: dict[str, object] = {}
     for event in result.get_asset_materialization_events():
         mat = event.step_materialization_data.materialization
         value = mat.metadata.get("dagster/row_count")
-        rows.setdefault(mat.asset_key.to_user_string(), value.value if value is not None else None)
+        name = mat.asset_key.to_user_string()
+        if value is None:
+            rows.setdefault(name, None)
+        else:
+            rows[name] = (rows.get(name) or 0) + value.value
     return ", ".join(f"{k}={v}" if v is not None else k for k, v in rows.items())
 
 
@@ -234,6 +239,11 @@ def report_settings_change(before, after) -> list[str]:
             for observation in section_observations(after, "danbooru-assets settings set"):
                 if observation.asset_key.to_user_string() in names:
                     instance.report_runless_asset_event(observation)
+            # The stale-shard count on each per-shard asset's settings_current check.
+            from danbooru_assets.orchestration.staleness import settings_check_evaluations
+
+            for evaluation in settings_check_evaluations(instance, after):
+                instance.report_runless_asset_event(evaluation)
     return changed
 
 
@@ -271,6 +281,35 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="WebDataset samples per tar (default 1000)")
 
 
+def why_command(args: argparse.Namespace) -> int:
+    """Why one image was kept or dropped: its row in every stored stage table."""
+    from danbooru_assets import config
+    from danbooru_assets.why import trace_image
+
+    print("\n".join(trace_image(config.storage_base(), args.image_id).lines()))
+    return 0
+
+
+def shards_command(args: argparse.Namespace) -> int:
+    """The shards that have images, as the exact selection to backfill them."""
+    from danbooru_assets import config
+    from danbooru_assets.dataset.layout import DatasetLayout, DatasetRootError
+    from danbooru_assets.orchestration.partitions import shard_selection
+
+    dataset = DatasetLayout(config.dataset_root())
+    try:
+        dataset.check_root()
+    except DatasetRootError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shards = dataset.shards_with_images()
+    if not shards:
+        print(f"error: no shard folders with images under {dataset.root_path / dataset.image_folder}", file=sys.stderr)
+        return 2
+    print("\n".join(shard_selection(shards, args.asset)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from danbooru_assets.devtools.sample_data import add_sample_data_arguments, run_sample_data
     from danbooru_assets.labels.app import add_label_arguments, run_label
@@ -301,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
         "own session. Labels go to the SQLite label store.",
     )
     _add_command(sub, "export", export_command, _add_export_arguments, "export the curated dataset for training")
+    _add_command(
+        sub, "why", why_command,
+        lambda p: p.add_argument("image_id", type=int, help="the post id, e.g. 123042"),
+        "why one image was kept or dropped (its row in every stored stage table)",
+    )
+    _add_command(
+        sub, "shards", shards_command,
+        lambda p: p.add_argument("--asset", default="clip_subset", help="the asset in the printed commands (default clip_subset)"),
+        "the shards that have images, as the exact partition selection to backfill them",
+    )
 
     p = sub.add_parser("settings", help="show or change the durable curation settings")
     settings_sub = p.add_subparsers(dest="settings_action", required=True)

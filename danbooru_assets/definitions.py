@@ -47,6 +47,8 @@ from danbooru_assets.orchestration.resources import (
     SettingsResource,
     StorageResource,
 )
+from danbooru_assets.orchestration.staleness import settings_checks
+from danbooru_assets.orchestration.why import why_image
 from danbooru_assets.orchestration.sensors import build_new_data_sensor, build_retrain_sensor, settings_sensor
 from danbooru_assets.pose.backend_names import KEYPOINT_FILES
 
@@ -179,7 +181,8 @@ defs = dg.Definitions(
         labeling_queue,
         curated_dataset,
     ],
-    jobs=[*RUN_STAGES, shard_job, rethreshold_job, reprefilter_job],
+    asset_checks=settings_checks,
+    jobs=[*RUN_STAGES, shard_job, rethreshold_job, reprefilter_job, why_image],
     sensors=[
         build_new_data_sensor(
             shard_job, prepare_job, ingest_job, required_global=["clip_threshold", "pose_statistics", "near_duplicates", "quality_model"]

@@ -14,6 +14,8 @@ shard of its range) and receives every partitioned input as :class:`ShardTables`
 lazy mapping that reads a shard only when asked, with the columns the input declares
 (``dg.AssetIn(metadata={"columns": [...]})``). A global asset gets the same mapping over
 every materialized shard, and ``rows(image_ids)`` reads only the shards those ids live in.
+Outside a run, ``defs.load_asset_value(asset, partition_key="0042")`` returns that shard's
+DataFrame, and a partition range the same lazy mapping.
 """
 
 from __future__ import annotations
@@ -83,9 +85,12 @@ class ParquetIOManager(dg.UPathIOManager):
         _log_removed(context, remove_stale_temp_files(folder))
         for key in keys:
             self.dump_to_path(context, obj[key], folder / f"{key}{self.extension}")
+        # A range's total is named as one; each shard's own row count is its partition's
+        # metadata (ShardLoop.metadata), which a one-shard run gets from here too.
+        rows = int(sum(len(df) for df in obj.values()))
         context.add_output_metadata(
             {
-                "dagster/row_count": int(sum(len(df) for df in obj.values())),
+                ("range_row_count" if len(keys) > 1 else "dagster/row_count"): rows,
                 "shards": len(keys),
                 "path": dg.MetadataValue.path(str(folder if len(keys) > 1 else folder / f"{keys[0]}{self.extension}")),
             }
@@ -100,7 +105,14 @@ class ParquetIOManager(dg.UPathIOManager):
             list(context.asset_partition_keys),
             _declared_columns(context),
         )
-        if tables.missing:
+        if not context.has_input_name and len(tables) + len(tables.missing) == 1:
+            # Loaded from outside a run (``defs.load_asset_value(..., partition_key=...)``):
+            # one partition is its DataFrame, as UPathIOManager gives it; several stay a mapping.
+            key = list(context.asset_partition_keys)[0]
+            if tables.missing:
+                raise KeyError(f"{tables.asset}: shard {key} has no stored table (materialize {tables.asset} for it first)")
+            return tables[key]
+        if tables.missing and context.has_input_name:
             context.log.info(
                 f"{tables.asset}: {len(tables)} of {len(tables) + len(tables.missing)} requested shards have a "
                 f"table; the {len(tables.missing)} never materialized read as empty"

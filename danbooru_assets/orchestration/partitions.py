@@ -56,3 +56,26 @@ def shard_ranges(keys: list[str], max_per_range: int | None = None) -> list[tupl
 def range_tags(first: str, last: str) -> dict[str, str]:
     """Run tags for a run over shards ``first``..``last``."""
     return {RANGE_START_TAG: first, RANGE_END_TAG: last}
+
+
+def partition_selection(keys: list[str]) -> str:
+    """``keys`` in the partition-selection syntax of Dagster's launch dialog and backfill
+    page: contiguous runs as ``[first...last]``, single keys as they are, comma-separated."""
+    return ", ".join(f"[{a}...{b}]" if a != b else a for a, b in shard_ranges(keys))
+
+
+def shard_selection(keys: list[str], asset: str = "clip_subset") -> list[str]:
+    """What ``danbooru-assets shards`` prints: the shards that have images, and the exact
+    selection that backfills exactly them from the UI or a shell."""
+    ranges = shard_ranges(keys)
+    lines = [
+        f"{len(keys)} shards have images, in {len(ranges)} contiguous range{'s' if len(ranges) != 1 else ''}.",
+        "",
+        f"Dagster UI: {asset} → Materialize… → in the partition field replace the selection with:",
+        f"  {partition_selection(keys)}",
+        "",
+        "Or from a shell, one run per range:",
+    ]
+    lines += [f"  dg launch --assets {asset} --partition-range {a}...{b}" for a, b in ranges]
+    lines += ["", "Every stage for exactly these shards: danbooru-assets run"]
+    return lines

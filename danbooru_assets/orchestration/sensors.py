@@ -12,6 +12,7 @@ from danbooru_assets.config import inference_shards_per_run, sensor_interval_s
 from danbooru_assets.dataset.layout import DatasetLayout
 from danbooru_assets.orchestration.assets.settings import section_observations
 from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
+from danbooru_assets.orchestration.staleness import settings_check_evaluations
 from danbooru_assets.orchestration.resources import (
     DanbooruDatasetResource,
     LabelStoreResource,
@@ -192,4 +193,6 @@ def settings_sensor(context: dg.SensorEvaluationContext, settings: SettingsResou
     if not changed:
         return dg.SkipReason("settings unchanged")
     events = [o for o in section_observations(current, "settings_sensor") if o.asset_key.path[-1][len("settings_"):] in changed]
+    # The stale-shard checks too, so the warning shows on the assets at once.
+    events += settings_check_evaluations(context.instance, current)
     return dg.SensorResult(asset_events=events)

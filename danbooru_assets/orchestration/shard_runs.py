@@ -40,6 +40,7 @@ class ShardLoop(Generic[T]):
         self.images_key = images_key
         self.shards: list[str] = sorted(context.partition_keys)
         self.per_shard: dict[str, dict[str, Any]] = {}
+        self.row_counts: dict[str, int] = {}  # rows of each shard's table, when the value is one
         self.totals: dict[str, float] = {}
         self.failures: dict[str, str] = {}
         self.seconds = 0.0
@@ -62,6 +63,8 @@ class ShardLoop(Generic[T]):
             else:
                 values[shard] = value
                 self.per_shard[shard] = counts
+                if hasattr(value, "columns"):
+                    self.row_counts[shard] = len(value)
                 for key, number in counts.items():
                     if isinstance(number, (int, float)) and not isinstance(number, bool):
                         self.totals[key] = self.totals.get(key, 0) + number
@@ -100,18 +103,32 @@ class ShardLoop(Generic[T]):
             f"{rate:,.0f} {self.images_key}/s, ETA {eta:.0f}s"
         )
 
-    def ratio(self, numerator: str, denominator: str) -> float:
-        """``totals[numerator] / totals[denominator]`` (a mean or a fraction), 0.0 over nothing."""
-        over = self.totals.get(denominator, 0)
-        return self.totals.get(numerator, 0) / over if over else 0.0
+    def metadata(
+        self,
+        keys: list[str] | None = None,
+        ratios: dict[str, tuple[str, str]] | None = None,
+        asset_key: str | None = None,
+        row_count_key: str | None = None,
+    ) -> dict[str, Any]:
+        """The step's metadata, and each partition's own figures.
 
-    def metadata(self, keys: list[str] | None = None) -> dict[str, Any]:
-        """Totals of the per-shard counts, the range, and for a range a table per shard."""
+        Each shard's materialization gets that shard's counts of ``keys``, its ``ratios``
+        (``{name: (numerator, denominator)}``) and ``dagster/row_count`` (its table's rows,
+        or its count ``row_count_key``): a few numbers per shard, since every byte is
+        written once per shard (DESIGN.md). The returned metadata, shared by every shard
+        of the run, names the range's totals as such (``range_rows``…) when the run
+        covers several shards, with the range and a table per shard; ``asset_key`` for a
+        multi-asset step."""
         keys = keys or [k for k in self.totals]
-        meta: dict[str, Any] = {k: _number(self.totals.get(k, 0)) for k in keys}
+        ratios = ratios or {}
+        ranged = len(self.shards) > 1
+        prefix = "range_" if ranged else ""
+        meta: dict[str, Any] = {prefix + k: _number(self.totals.get(k, 0)) for k in keys}
+        meta.update({prefix + name: _number(self.ratio(n, d)) for name, (n, d) in ratios.items()})
         meta["shard_range"] = f"{self.shards[0]}..{self.shards[-1]}" if self.shards else ""
         meta["step_seconds"] = round(self.seconds, 3)
-        if len(self.shards) > 1:
+        if ranged:
+            meta["range_shards"] = len(self.shards)
             shown = [s for s in self.shards if s in self.per_shard][:SHARD_TABLE_ROWS]
             header = "| shard | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys)
             lines = [
@@ -122,7 +139,20 @@ class ShardLoop(Generic[T]):
             meta["per_shard"] = dg.MetadataValue.md(
                 "\n".join([header, *lines]) + (f"\n\n… and {more} more shards" if more > 0 else "")
             )
+        for shard, counts in self.per_shard.items():
+            own: dict[str, Any] = {k: _number(counts.get(k, 0)) for k in keys}
+            for name, (n, d) in ratios.items():
+                own[name] = _number(counts.get(n, 0) / counts[d]) if counts.get(d) else 0.0
+            rows = self.row_counts.get(shard) if row_count_key is None else counts.get(row_count_key)
+            if rows is not None:
+                own["dagster/row_count"] = int(rows)
+            self.context.add_asset_metadata(own, asset_key=asset_key, partition_key=shard)
         return meta
+
+    def ratio(self, numerator: str, denominator: str) -> float:
+        """``totals[numerator] / totals[denominator]`` (a mean or a fraction), 0.0 over nothing."""
+        over = self.totals.get(denominator, 0)
+        return self.totals.get(numerator, 0) / over if over else 0.0
 
 
 def _number(value: Any) -> Any:

@@ -1,5 +1,7 @@
 """The CLIP stage's assets end to end on generated sample data, on the CPU."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -290,3 +292,67 @@ def test_threshold_says_how_many_indexed_shards_it_covers(ingested):
     finally:
         extra.unlink()
         ingested.materialize(["clip_threshold"])
+
+
+def test_one_shard_after_a_threshold_change_uses_the_new_threshold_without_clip_threshold(ingested, monkeypatch):
+    """Issue 17: `settings set clip.keep_fraction=0.5`, then Materialize one shard of
+    clip_subset (clip_threshold not rematerialized): the shard is stored at the new
+    threshold, the one clip_threshold then stores, and no image is opened."""
+    import pandas as pd
+
+    from danbooru_assets.clip.scoring import threshold_summary
+
+    shard = ingested.shards[0]
+    old_threshold = float(ingested.table("clip_threshold")["threshold"].iloc[0])
+    scores = pd.concat([ingested.table("clip_scores", s) for s in ingested.shards])
+    expected = threshold_summary(scores["portrait_score"].to_numpy(), 0.5, None, ingested.shards, ingested.shards)
+    assert expected["threshold"] < old_threshold  # 50% kept against the default 20%
+    save_settings(ingested.settings_path, set_setting(CurationSettings(), "clip.keep_fraction", "0.5"))
+    try:
+        _forbid_image_reads(monkeypatch)
+        result = ingested.materialize(["clip_subset"], shard)
+        meta = ingested.metadata(result, "clip_subset")
+        assert meta["threshold"] == pytest.approx(expected["threshold"])
+        assert meta["threshold_source"].startswith("computed in this step")
+        subset = ingested.table("clip_subset", shard)
+        assert subset["kept"].any()
+        assert (subset["kept"] <= (subset["portrait_score"] >= expected["threshold"])).all()
+        between = (subset["portrait_score"] >= expected["threshold"]) & (subset["portrait_score"] < old_threshold)
+        assert subset.loc[between, "drop_reasons"].str.contains("below_threshold").sum() == 0
+        # clip_threshold then stores the same value (its review sheets open images), and
+        # clip_subset uses the stored one again.
+        monkeypatch.undo()
+        ingested.materialize(["clip_threshold"])
+        assert float(ingested.table("clip_threshold")["threshold"].iloc[0]) == pytest.approx(expected["threshold"])
+        meta = ingested.metadata(ingested.materialize(["clip_subset"], shard), "clip_subset")
+        assert meta["threshold_source"] == "stored clip_threshold"
+        assert ingested.table("clip_subset", shard).equals(subset)
+    finally:
+        monkeypatch.undo()
+        ingested.settings_path.unlink(missing_ok=True)
+        ingested.materialize(["clip_threshold"])
+        ingested.materialize(["clip_subset"], shard)
+
+
+def test_a_run_config_threshold_stands_until_the_settings_file_changes(ingested):
+    shard = ingested.shards[1]
+    try:
+        ingested.materialize(["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}})
+        meta = ingested.metadata(ingested.materialize(["clip_subset"], shard), "clip_subset")
+        assert meta["threshold"] == -1.0 and meta["threshold_source"] == "stored clip_threshold"
+    finally:
+        ingested.materialize(["clip_threshold"])
+
+
+def test_one_shard_of_clip_scores_after_a_prompt_change_uses_the_new_prompts(ingested):
+    shard = ingested.shards[2]
+    prompts = ["a knight in leather armour"]
+    settings = set_setting(CurationSettings(), "clip.positive_prompts", json.dumps(prompts))
+    save_settings(ingested.settings_path, settings)
+    try:
+        meta = ingested.metadata(ingested.materialize(["clip_scores"], shard), "clip_scores")
+        assert meta["prompts_used"].startswith("encoded in this step")
+        assert prompt_column(prompts[0]) in ingested.table("clip_scores", shard).columns
+    finally:
+        ingested.settings_path.unlink(missing_ok=True)
+        ingested.materialize(["clip_scores"], shard)

@@ -196,3 +196,24 @@ def test_a_skipped_density_rule_is_said(posed):
     finally:
         posed.materialize(["pose_statistics"])
         posed.materialize(["pose_subset"], shard)
+
+
+def test_one_shard_after_a_dedup_change_fails_naming_what_to_launch(posed):
+    """pose_subset never silently uses a near_duplicates older than the dedup settings:
+    the run fails naming the job, and the shard's table stays as it was."""
+    from danbooru_assets.settings import CurationSettings, save_settings, set_setting
+
+    shard = posed.shards[0]
+    before = posed.table("pose_subset", shard)
+    save_settings(posed.settings_path, set_setting(CurationSettings(), "dedup.threshold", "0.9"))
+    try:
+        with pytest.raises(Exception, match="near_duplicates_job") as failed:
+            posed.materialize(["pose_subset"], shard)
+        assert "dedup changed" in str(failed.value)
+        assert posed.table("pose_subset", shard).equals(before)
+        posed.materialize(["near_duplicates"])
+        posed.materialize(["pose_subset"], shard)  # current now: it runs
+    finally:
+        posed.settings_path.unlink(missing_ok=True)
+        posed.materialize(["near_duplicates"])
+        posed.materialize(["pose_subset"], shard)

@@ -32,12 +32,12 @@ def test_excluded_images_are_never_decoded_and_counted_everywhere(clipped):
 
     result = clipped.materialize(["metadata_prefilter"], shards=clipped.shards)
     meta = clipped.metadata(result, "metadata_prefilter")
-    assert meta["mode"] == "skip" and meta["never_decoded"] == len(skipped)
-    assert meta["kept_fraction"] == pytest.approx(1 - len(skipped) / len(prefilter), abs=1e-4)
+    assert meta["mode"] == "skip" and meta["range_never_decoded"] == len(skipped)  # a range: its totals
+    assert meta["range_kept_fraction"] == pytest.approx(1 - len(skipped) / len(prefilter), abs=1e-4)
     assert "| no_humans |" not in meta["reasons"] and "`comic`" in meta["excluded_tags"]
     result = clipped.materialize(["clip_subset"], shards=clipped.shards)
     sub_meta = clipped.metadata(result, "clip_subset")
-    assert sub_meta["dropped_prefiltered"] == sub_meta["never_decoded_prefiltered"] == len(skipped)
+    assert sub_meta["range_dropped_prefiltered"] == sub_meta["range_never_decoded_prefiltered"] == len(skipped)
 
     subset = _concat(clipped, "clip_subset").set_index("image_id")
     dropped = subset.loc[sorted(skipped)]
@@ -73,9 +73,9 @@ def test_a_rule_change_reads_no_image_and_the_next_ingest_encodes_only_the_newly
 
         result = clipped.materialize(["clip_embeddings", "image_stats"], shards=shards)
         meta = clipped.metadata(result, "clip_embeddings")
-        assert meta["encoded"] == len(admitted_now)
-        assert meta["reused"] == int(before["decode"].sum()) - int((before["decode"] & ~after["decode"]).sum())
-        assert meta["never_decoded_prefiltered"] == int((~after["decode"]).sum())
+        assert meta["range_encoded"] == len(admitted_now)
+        assert meta["range_reused"] == int(before["decode"].sum()) - int((before["decode"] & ~after["decode"]).sum())
+        assert meta["range_never_decoded_prefiltered"] == int((~after["decode"]).sum())
     finally:
         monkeypatch.undo()
         clipped.settings_path.unlink(missing_ok=True)

@@ -193,3 +193,25 @@ def test_missing_embeddings_are_left_out_and_a_clip_model_mix_is_an_error(loop):
     finally:
         write_parquet(path, stored)
         _refresh(loop)
+
+
+def test_predictions_refuse_a_model_older_than_the_classifier_setting(loop):
+    """quality_predictions never predicts with a quality_model trained before
+    quality.classifier changed: the run fails naming quality_model_job."""
+    from danbooru_assets.settings import load_settings
+
+    shard = loop.shards[0]
+    assert bool(loop.table("quality_model")["trained"].iloc[0])  # the rounds above trained one
+    before_bytes = loop.settings_path.read_bytes()
+    before = loop.table("quality_predictions", shard)
+    save_settings(loop.settings_path, set_setting(load_settings(loop.settings_path), "quality.classifier", "mlp"))
+    try:
+        with pytest.raises(Exception, match="quality_model_job"):
+            loop.materialize(["quality_predictions"], shard)
+        assert loop.table("quality_predictions", shard).equals(before)
+        # a new round plan changes no model: predictions run
+        save_settings(loop.settings_path, set_setting(load_settings(loop.settings_path), "quality.classifier", "logreg"))
+        save_settings(loop.settings_path, set_setting(load_settings(loop.settings_path), "quality.min_round_size", "5"))
+        loop.materialize(["quality_predictions"], shard)
+    finally:
+        loop.settings_path.write_bytes(before_bytes)

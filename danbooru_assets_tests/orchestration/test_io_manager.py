@@ -142,3 +142,18 @@ def test_next_materialization_removes_temp_files_a_killed_write_left(tmp_path: P
     assert dg.materialize([per_shard, all_shards], selection=[all_shards], resources=resources).success
     assert not stale_global.exists()
     assert read_parquet(UPath(base) / "all_shards.parquet")["image_id"].tolist() == [1001, 2001]
+
+
+def test_load_asset_value_of_one_partition_is_its_dataframe(tmp_path: Path):
+    """Issue 17: as UPathIOManager does, one partition loads as that shard's DataFrame,
+    several as a mapping; a shard never materialized is a KeyError naming it."""
+    resources = _resources(str(tmp_path / "store"))
+    defs = dg.Definitions(assets=[per_shard], resources=resources)
+    assert dg.materialize([per_shard], tags=range_tags("0001", "0002"), resources=resources).success
+    one = defs.load_asset_value("per_shard", partition_key="0002")
+    assert isinstance(one, pd.DataFrame) and one["image_id"].tolist() == [2002, 4002]
+    with defs.get_asset_value_loader() as loader:
+        several = loader.load_asset_value("per_shard", partition_key_range=dg.PartitionKeyRange("0001", "0002"))
+    assert sorted(several) == ["0001", "0002"] and several["0001"]["image_id"].tolist() == [1001, 2001]
+    with pytest.raises(KeyError, match="shard 0003 has no stored table"):
+        defs.load_asset_value("per_shard", partition_key="0003")

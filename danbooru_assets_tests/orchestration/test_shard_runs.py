@@ -32,8 +32,15 @@ def test_one_run_covers_the_range_and_an_empty_shard_passes_every_stage(ranged):
     assert _materialized(result, "shard_index") == p.range == _materialized(result, "clip_embeddings")
     meta = p.metadata(result, "shard_index")
     assert meta["shard_range"] == f"{p.range[0]}..{p.range[-1]}"
-    assert meta["indexed"] == sum(len(p.table("shard_index", s)) for s in p.range) > 0
+    # the range's totals are named as such; each partition carries its own shard's figures
+    assert meta["range_indexed"] == sum(len(p.table("shard_index", s)) for s in p.range) > 0
+    assert meta["range_row_count"] == meta["range_indexed"] and meta["range_shards"] == len(p.range)
     assert f"| {p.empty} |" in meta["per_shard"]  # the per-shard table a person reads in the UI
+    for event in result.get_asset_materialization_events():
+        if event.asset_key.path == ["clip_embeddings"]:
+            own = event.step_materialization_data.materialization.metadata
+            rows = len(p.table("clip_embeddings", event.partition))
+            assert own["dagster/row_count"].value == own["images"].value == rows, event.partition
     p.materialize(["clip_threshold"], run_config=KEEP_ALL)
     p.materialize(["clip_subset", "pose_keypoints"], shards=p.range)
     p.materialize(["pose_statistics", "near_duplicates"])

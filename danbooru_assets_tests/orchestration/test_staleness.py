@@ -65,3 +65,18 @@ def test_settings_set_marks_exactly_the_readers_stale_without_a_reload(tmp_path:
         assert after["clip_subset"] == ["STALE"]  # every partition
         for name in ("prompt_embeddings", "clip_scores", "pose_subset", "quality_model"):
             assert after[name] in ("FRESH", ["FRESH"]), (name, after)
+        # ... and where a user looks first: clip_subset's check counts every shard stale, the others' none.
+        checks = {name: _check(dagster, name) for name in ("clip_subset", "pose_subset", "clip_scores")}
+        assert checks["clip_subset"] == (False, len(summary.shards)), checks
+        assert checks["pose_subset"] == checks["clip_scores"] == (True, 0), checks
+
+
+CHECK_QUERY = """query($key: AssetKeyInput!) { assetCheckExecutions(assetKey: $key, checkName: "settings_current", limit: 1) {
+    evaluation { success metadataEntries { label ... on IntMetadataEntry { intValue } } } } }"""
+
+
+def _check(dagster: LocalDagster, asset: str) -> tuple[bool, int]:
+    """The latest settings_current evaluation of ``asset``: (passed, stale shards)."""
+    evaluation = dagster.graphql(CHECK_QUERY, {"key": {"path": [asset]}})["assetCheckExecutions"][0]["evaluation"]
+    stale = next(e["intValue"] for e in evaluation["metadataEntries"] if e["label"] == "stale_shards")
+    return evaluation["success"], stale

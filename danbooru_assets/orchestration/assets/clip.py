@@ -26,6 +26,7 @@ from danbooru_assets.core.tables import ShardTables, read_parquet, write_parquet
 from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
 from danbooru_assets.settings import prompt_lists, settings_hash, threshold_settings
 from danbooru_assets.orchestration.resources import ClipModelResource, SettingsResource
+from danbooru_assets.orchestration.settings_guard import outdated_parts, with_settings_record
 from danbooru_assets.orchestration.shard_runs import ShardLoop
 
 if TYPE_CHECKING:
@@ -174,19 +175,29 @@ def clip_embeddings_and_image_stats(
 
     loop = ShardLoop(context, "clip_embeddings")
     results = loop.run(assemble_shard, keep_on_failure=keep)
-    common = {
-        **loop.metadata(["images", "encoded", "reused", "unreadable", "never_decoded_prefiltered"]),
+    keys = ["images", "encoded", "reused", "unreadable", "never_decoded_prefiltered"]
+    speed = {
         "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
     }
     yield dg.Output(
         {shard: tables[0] for shard, tables in results.items()},
         output_name="clip_embeddings",
-        metadata={**common, **model.metadata(), "embedding_dim": int(model.fingerprint()["embed_dim"])},
+        metadata={
+            **loop.metadata(keys, asset_key="clip_embeddings", row_count_key="images"),
+            **speed,
+            **model.metadata(),
+            "embedding_dim": int(model.fingerprint()["embed_dim"]),
+        },
     )
     yield dg.Output(
         {shard: tables[1] for shard, tables in results.items()},
         output_name="image_stats",
-        metadata={**common, "greyscale_fraction": loop.ratio("greyscale", "readable")},
+        metadata={
+            **loop.metadata(
+                keys, {"greyscale_fraction": ("greyscale", "readable")}, asset_key="image_stats", row_count_key="images"
+            ),
+            **speed,
+        },
     )
 
 
@@ -213,7 +224,8 @@ def prompt_embeddings(
 ):
     from danbooru_assets.clip.scoring import prompt_embeddings_table
 
-    positive, negative = prompt_lists(settings.load().clip)
+    current = settings.load()
+    positive, negative = prompt_lists(current.clip)
     # Absent (None) means the settings file's prompts; an empty list is a mistake, never
     # "the defaults": with no positive (or no negative) prompt every score is the same.
     empty = [name for name in ("positive_prompts", "negative_prompts") if getattr(config, name) == []]
@@ -226,7 +238,7 @@ def prompt_embeddings(
     positive = config.positive_prompts if config.positive_prompts is not None else positive
     negative = config.negative_prompts if config.negative_prompts is not None else negative
     model = clip_model.model()
-    table = prompt_embeddings_table(model, positive, negative)
+    table = with_settings_record(prompt_embeddings_table(model, positive, negative), current, "prompts")
     return dg.Output(
         table,
         metadata={
@@ -245,15 +257,34 @@ def prompt_embeddings(
     partitions_def=shard_partitions,
     backfill_policy=CHEAP_BACKFILL,
     ins={"clip_embeddings": dg.AssetIn(metadata={COLUMNS: ["image_id", "status", "embedding", "model_fingerprint_id"]})},
+    # Read to check that prompt_embeddings is not older than them (settings_guard).
+    deps=settings_keys("prompts"),
     group_name=GROUP,
     kinds={"parquet"},
     description="Per-prompt cosine similarities and the combined portrait_score, from stored "
     "image embeddings and prompt_embeddings. Changing prompts never re-reads an image.",
 )
-def clip_scores(context: dg.AssetExecutionContext, clip_embeddings: ShardTables, prompt_embeddings):
-    from danbooru_assets.clip.scoring import score_stored
+def clip_scores(
+    context: dg.AssetExecutionContext,
+    clip_embeddings: ShardTables,
+    prompt_embeddings,
+    settings: SettingsResource,
+    clip_model: ClipModelResource,
+):
+    from danbooru_assets.clip.scoring import prompt_embeddings_table, score_stored
 
     prompts = prompt_embeddings
+    # Never the prompts of before a settings change (a one-shard Materialize from the asset
+    # page): a few prompts are encoded again here, as prompt_embeddings would encode them.
+    current = settings.load()
+    prompts_note = "stored prompt_embeddings"
+    if outdated_parts(prompts, current, "prompts"):
+        prompts = prompt_embeddings_table(clip_model.model(), *prompt_lists(current.clip))
+        prompts_note = (
+            "encoded in this step from the settings file: the stored prompt_embeddings is older than "
+            "settings_prompts (materialize prompt_embeddings to store them)"
+        )
+        context.log.warning(f"clip_scores: prompts {prompts_note}")
 
     def score_shard(shard: str):
         scores = score_stored(clip_embeddings[shard], prompts)
@@ -264,12 +295,12 @@ def clip_scores(context: dg.AssetExecutionContext, clip_embeddings: ShardTables,
     return dg.Output(
         tables,
         metadata={
-            **loop.metadata(["images"]),
-            "mean_portrait_score": loop.ratio("portrait_score_sum", "images"),
+            **loop.metadata(["images"], {"mean_portrait_score": ("portrait_score_sum", "images")}),
             "prompt_set": settings_hash({
                 kind: prompts.loc[prompts["kind"] == kind, "prompt"].tolist() for kind in ("positive", "negative")
             }),
             "model_fingerprint_id": str(prompts["model_fingerprint_id"].iloc[0]),
+            "prompts_used": prompts_note,
             **({"warning": DEMO_WARNING} if bool(prompts["demo_model"].iloc[0]) else {}),
         },
     )
@@ -283,6 +314,7 @@ class ClipThresholdConfig(dg.Config):
 
 
 REVIEW_SHEET_SIZE = 25
+STORED_THRESHOLD = "stored clip_threshold"
 
 
 def _review_sheet(dataset, paths: "pd.Series", rows: "pd.DataFrame", title: str):
@@ -326,26 +358,19 @@ def clip_threshold(
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from danbooru_assets.clip.scoring import threshold_summary
     from danbooru_assets.core.visuals import figure_to_image
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    wanted = threshold_settings(settings.load().clip)
+    current = settings.load()
+    wanted = threshold_settings(current.clip)
     overridden = config.keep_fraction is not None or config.fixed_threshold is not None
     if config.keep_fraction is not None:
         wanted = {"keep_fraction": config.keep_fraction, "fixed_threshold": None}
     if config.fixed_threshold is not None:
         wanted["fixed_threshold"] = config.fixed_threshold
     scores = clip_scores.concat()
-    if scores.empty:
-        raise ValueError(
-            f"no scored images in the {len(clip_scores)} materialized clip_scores partitions: "
-            "materialize clip_scores for shards that have images first"
-        )
+    summary = _threshold_summary(scores, wanted, clip_scores, shard_index)
     values = scores["portrait_score"].to_numpy()
-    summary = threshold_summary(
-        values, wanted["keep_fraction"], wanted["fixed_threshold"], set(clip_scores), set(shard_index)
-    )
     threshold, kept = summary["threshold"], summary["kept"]
     unscored = sorted(set(shard_index) - set(clip_scores))
     coverage = f"{summary['indexed_shards'] - len(unscored)} of {summary['indexed_shards']} indexed shards scored"
@@ -370,7 +395,7 @@ def clip_threshold(
     below = scores.loc[values < threshold].nlargest(REVIEW_SHEET_SIZE, "portrait_score")
     # Only the shards of the ~50 review images are read for their paths.
     paths = shard_index.rows(pd.concat([above, below])["image_id"]).set_index("image_id")["rel_path"]
-    table = pd.DataFrame([{**summary, "settings": json.dumps(wanted)}])
+    table = with_settings_record(pd.DataFrame([{**summary, "settings": json.dumps(wanted)}]), current, "clip_threshold")
     return dg.Output(
         table,
         metadata={
@@ -383,6 +408,38 @@ def clip_threshold(
             "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
             **({"warning": DEMO_WARNING} if clip_model.model().is_demo() else {}),
         },
+    )
+
+
+def _threshold_summary(scores: "pd.DataFrame", wanted: dict, scored: ShardTables, indexed: ShardTables) -> dict:
+    """The clip_threshold row over every stored shard's portrait_score (``scores``)."""
+    from danbooru_assets.clip.scoring import threshold_summary
+
+    if scores.empty:
+        raise ValueError(
+            f"no scored images in the {len(scored)} materialized clip_scores partitions: "
+            "materialize clip_scores for shards that have images first"
+        )
+    return threshold_summary(
+        scores["portrait_score"].to_numpy(), wanted["keep_fraction"], wanted["fixed_threshold"], set(scored), set(indexed)
+    )
+
+
+def current_threshold(stored: "pd.DataFrame", settings, storage: StorageResource) -> tuple[float, str]:
+    """The threshold clip_subset applies, and where it came from: the stored clip_threshold,
+    unless it is older than the settings file's ``clip_threshold`` section; then the one
+    clip_threshold would store now, computed here from every stored shard's scores (the
+    cheap speed: one column of stored tables, no image)."""
+    if not outdated_parts(stored, settings, "clip_threshold"):
+        return float(stored["threshold"].iloc[0]), STORED_THRESHOLD
+    scored = storage.shard_tables("clip_scores", ["portrait_score"])
+    summary = _threshold_summary(
+        scored.concat(), threshold_settings(settings.clip), scored, storage.shard_tables("shard_index")
+    )
+    return float(summary["threshold"]), (
+        "computed in this step from the settings file and the stored scores of "
+        f"{summary['scored_shards']} shards: the stored clip_threshold is older than settings_clip_threshold "
+        "(materialize clip_threshold to store it and its review sheets)"
     )
 
 
@@ -421,17 +478,21 @@ def clip_subset(
     metadata_prefilter: ShardTables,
     clip_threshold,
     settings: SettingsResource,
+    storage: StorageResource,
 ) -> dg.Output:
     from pydantic import ValidationError
 
     from danbooru_assets.clip.rules import apply_clip_rules, rules_with_overrides
 
     overrides = config.model_dump(exclude_none=True)
+    current = settings.load()
     try:
-        rules = rules_with_overrides(settings.load().clip.image_rules, overrides)
+        rules = rules_with_overrides(current.clip.image_rules, overrides)
     except ValidationError as exc:  # a wrong value fails this run, never used for it
         raise dg.Failure(description=f"clip_subset: run config {exc}", allow_retries=False) from None
-    threshold = float(clip_threshold["threshold"].iloc[0])
+    threshold, threshold_source = current_threshold(clip_threshold, current, storage)
+    if threshold_source != STORED_THRESHOLD:
+        context.log.warning(f"clip_subset: threshold {threshold:.6f} {threshold_source}")
 
     def subset_shard(shard: str):
         prefilter = metadata_prefilter[shard]
@@ -448,10 +509,11 @@ def clip_subset(
         tables,
         metadata={
             **loop.metadata(
-                ["rows", "kept", *(f"dropped_{n}" for n in SUBSET_REASONS), "never_decoded_prefiltered"]
+                ["rows", "kept", *(f"dropped_{n}" for n in SUBSET_REASONS), "never_decoded_prefiltered"],
+                {"kept_fraction": ("kept", "rows")},
             ),
-            "kept_fraction": loop.ratio("kept", "rows"),
             "threshold": threshold,
+            "threshold_source": threshold_source,
             "rules": dg.MetadataValue.json(rules.model_dump()),
             "settings_source": "run config" if overrides else settings.source(),
         },

@@ -21,6 +21,7 @@ from pydantic import Field
 from danbooru_assets.core.tables import ShardTables
 from danbooru_assets.orchestration.assets.settings import settings_keys
 from danbooru_assets.orchestration.io_manager import COLUMNS
+from danbooru_assets.orchestration.settings_guard import with_settings_record
 from danbooru_assets.orchestration.resources import (
     ClipModelResource,
     DanbooruDatasetResource,
@@ -130,7 +131,8 @@ def near_duplicates(
     from danbooru_assets.clip.model import DEMO_WARNING
     from danbooru_assets.dedup.groups import KEEP_RULE, KINDS, duplicate_groups
 
-    rules = settings.load().dedup
+    current = settings.load()
+    rules = current.dedup
     if config.threshold is not None:
         rules = rules.model_copy(update={"threshold": config.threshold})
     demo = clip_model.model().is_demo()
@@ -183,4 +185,5 @@ def near_duplicates(
         f"near_duplicates: {result.counts['images']:,} images, {result.counts['groups']:,} groups, "
         f"{len(dropped):,} dropped (" + ", ".join(f"{k} {result.counts['dropped_' + k]}" for k in KINDS) + ")"
     )
-    return dg.Output(result.members, metadata=metadata)
+    # The file's dedup hash at this run: pose_subset refuses a near_duplicates older than the file.
+    return dg.Output(with_settings_record(result.members, current, "dedup"), metadata=metadata)

@@ -25,6 +25,7 @@ from danbooru_assets.orchestration.resources import (
     SettingsResource,
     StorageResource,
 )
+from danbooru_assets.orchestration.settings_guard import require_current
 from danbooru_assets.orchestration.shard_runs import ShardLoop
 from danbooru_assets.settings import PoseRules
 
@@ -315,7 +316,8 @@ EXAMPLES_PER_SHEET = 10
     backfill_policy=CHEAP_BACKFILL,
     ins={
         "clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "portrait_score"]}),
-        "near_duplicates": dg.AssetIn(metadata={COLUMNS: ["image_id", "kept"]}),
+        # Every column: its settings record too (settings_guard).
+        "near_duplicates": dg.AssetIn(),
     },
     # The dedup section too: a new threshold changes the subset, and Dagster's staleness
     # follows direct dependencies only.
@@ -343,7 +345,12 @@ def pose_subset(
     from danbooru_assets.pose.rules import REASONS, apply_pose_rules, density_rule_status, reason_counts
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    rules = config.rules or settings.load().pose
+    current = settings.load()
+    require_current(
+        "pose_subset", "near_duplicates", near_duplicates, current, ("dedup",),
+        launch="near_duplicates_job (duplicates over every shard's clip_subset), then pose_subset for these shards",
+    )
+    rules = config.rules or current.pose
     stats = json.loads(pose_statistics["statistics_json"].iloc[0])
     density_rule = density_rule_status(rules, stats)
     if density_rule.startswith("skipped"):
@@ -381,10 +388,11 @@ def pose_subset(
 
     loop = ShardLoop(context, "pose_subset", images_key="rows")
     tables = loop.run(filter_shard)
-    rows = loop.totals.get("rows", 0)
     metadata = {
-        **loop.metadata(["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE, DUPLICATE))]),
-        "kept_fraction": loop.totals.get("kept", 0) / rows if rows else 0.0,
+        **loop.metadata(
+            ["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE, DUPLICATE))],
+            {"kept_fraction": ("kept", "rows")},
+        ),
         "rules": dg.MetadataValue.json(rules.model_dump()),
         "density_rule": density_rule,
         "settings_source": "run config" if config.rules else settings.source(),

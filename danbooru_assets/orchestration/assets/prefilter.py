@@ -48,10 +48,12 @@ def metadata_prefilter(
     return dg.Output(
         tables,
         metadata={
-            **loop.metadata(["rows", "excluded", "decoded", "never_decoded", "without_metadata", "would_exclude"]),
+            **loop.metadata(
+                ["rows", "excluded", "decoded", "never_decoded", "without_metadata", "would_exclude"],
+                {"decoded_fraction": ("decoded", "rows")},
+            ),
             "mode": rules.mode,
-            "kept_fraction": round(1 - loop.ratio("excluded", "rows"), 4),
-            "decoded_fraction": round(loop.ratio("decoded", "rows"), 4),
+            ("range_kept_fraction" if len(loop.shards) > 1 else "kept_fraction"): round(1 - loop.ratio("excluded", "rows"), 4),
             "reasons": dg.MetadataValue.md(
                 "| rule | images |\n|---|---|\n"
                 + "\n".join(f"| {k.removeprefix('rule_')} | {int(loop.totals.get(k, 0))} |" for k in rule_keys)

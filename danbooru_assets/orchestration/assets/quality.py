@@ -27,6 +27,7 @@ from danbooru_assets.orchestration.resources import (
     StorageResource,
 )
 from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, shard_partitions
+from danbooru_assets.orchestration.settings_guard import require_current, with_settings_record
 from danbooru_assets.orchestration.shard_runs import ShardLoop
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ EMBEDDING_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "embedding", "model_fi
 KEYPOINTS_IN = dg.AssetIn(metadata={COLUMNS: ["image_id", "width", "height", *KEYPOINT_COLUMNS]})
 
 GROUP = "quality"
+# What a trained quality_model follows in the settings (a new round plan changes no model).
+MODEL_SETTINGS = ("quality.classifier",)
 MODEL_DIR = "quality_model_files"
 
 
@@ -105,7 +108,8 @@ def quality_model(
     from danbooru_assets.quality.features import classifier_features, embedded_rows
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    quality = settings.load().quality
+    current = settings.load()
+    quality = current.quality
     store = label_store.store()
     latest = store.latest()
     labeled = latest.loc[latest["label"].isin(CLASSES)]
@@ -115,6 +119,7 @@ def quality_model(
     def untrained(note: str, **extra) -> dg.Output:
         table = pd.DataFrame([{**base, "trained": False, "fingerprint": "", "clip_model_fingerprint_id": "",
                                "model_path": "", "metrics_json": "{}"}])
+        table = with_settings_record(table, current, *MODEL_SETTINGS)
         return dg.Output(table, metadata={**base, **extra, "trained": False, "note": note})
 
     if labeled["label"].nunique() < 2:
@@ -152,6 +157,7 @@ def quality_model(
         [{**base, "trained": True, "fingerprint": fingerprint, "clip_model_fingerprint_id": clip_fingerprint,
           "model_path": str(path), "metrics_json": json.dumps(metrics, default=_json_default)}]
     )
+    table = with_settings_record(table, current, *MODEL_SETTINGS)
     return dg.Output(
         table,
         metadata={
@@ -212,11 +218,18 @@ def quality_predictions(
     pose_keypoints: ShardTables,
     quality_model,
     storage: StorageResource,
+    settings: SettingsResource,
 ) -> dg.Output:
     import pandas as pd
 
     from danbooru_assets.quality.classifier import no_predictions, predict_proba_frame
     from danbooru_assets.quality.features import classifier_features, embedded_rows
+
+    if bool(quality_model["trained"].iloc[0]):  # an untrained model predicts nothing under any setting
+        require_current(
+            "quality_predictions", "quality_model", quality_model, settings.load(), MODEL_SETTINGS,
+            launch="quality_model_job (retrains on the stored labels), then quality_predictions for these shards",
+        )
 
     pipeline = load_model(quality_model, storage)
     fingerprint = str(quality_model["fingerprint"].iloc[0])
