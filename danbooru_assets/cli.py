@@ -90,6 +90,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     from danbooru_assets.definitions import RUN_STAGES, defs
     from danbooru_assets.orchestration.assets.settings import section_observations
     from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
+    from danbooru_assets.orchestration.run_report import curated_note, demo_model_note, output_asset_keys, stage_summary, warning_lines
     from danbooru_assets.orchestration.shard_runs import progress_logger
     from danbooru_assets.settings import SettingsError, load_settings
 
@@ -113,7 +114,11 @@ def run_main_job(args: argparse.Namespace) -> int:
         f"dataset {dataset.root_path}: {len(shards)} shards in {len(ranges)} range{'s' if len(ranges) > 1 else ''}; "
         f"Dagster instance in {home}"
     )
+    if note := demo_model_note():
+        print(note)
     instance = dg.DagsterInstance.get()
+    asset_keys = output_asset_keys(defs.assets or [])
+    outputs: dict[str, dict] = {}
     # The settings sections' data versions, so the UI can tell when a later edit makes
     # these materializations stale.
     for observation in section_observations(settings, "danbooru-assets run"):
@@ -123,7 +128,8 @@ def run_main_job(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     progress_logger.addHandler(bar)
     started = time.perf_counter()
-    log_level = "DEBUG" if args.verbose else "WARNING"
+    # Warnings are printed after each run, one line per kind (run_report); --verbose: all, live.
+    log_level = "DEBUG" if args.verbose else "ERROR"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     try:
         for job in RUN_STAGES:
@@ -142,9 +148,16 @@ def run_main_job(args: argparse.Namespace) -> int:
                     reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the UI"
                     print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
                     return 1
-                print(f"  {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
+                summary = stage_summary(result, asset_keys)
+                outputs.update(summary.metadata)
+                print(f"  {label}: {summary.line() or _materialized_summary(result)} ({took:.1f}s)", flush=True)
+                if not args.verbose:
+                    for line in warning_lines(instance, result.run_id):
+                        print(f"    {line}")
     finally:
         progress_logger.removeHandler(bar)
+    if note := curated_note(outputs):
+        print(note)
     print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dg dev` or `dagster dev` (DAGSTER_HOME={home})")
     return 0
 
