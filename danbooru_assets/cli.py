@@ -90,7 +90,13 @@ def run_main_job(args: argparse.Namespace) -> int:
     from danbooru_assets.definitions import RUN_STAGES, defs
     from danbooru_assets.orchestration.assets.settings import section_observations
     from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
-    from danbooru_assets.orchestration.run_report import curated_note, demo_model_note, output_asset_keys, stage_summary, warning_lines
+    from danbooru_assets.orchestration.run_report import (
+        curated_note,
+        demo_model_note,
+        output_asset_keys,
+        stage_summary,
+        warning_lines,
+    )
     from danbooru_assets.orchestration.shard_runs import progress_logger
     from danbooru_assets.settings import SettingsError, load_settings
 
