@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import time
 
 
@@ -94,6 +95,13 @@ def run_main_job(args: argparse.Namespace) -> int:
     from danbooru_assets.definitions import RUN_STAGES, defs
     from danbooru_assets.orchestration.assets.settings import section_observations
     from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
+    from danbooru_assets.orchestration.run_report import (
+        curated_note,
+        demo_model_note,
+        output_asset_keys,
+        stage_summary,
+        warning_lines,
+    )
     from danbooru_assets.orchestration.shard_runs import progress_logger
     from danbooru_assets.settings import SettingsError, load_settings
 
@@ -117,7 +125,11 @@ def run_main_job(args: argparse.Namespace) -> int:
         f"dataset {dataset.root_path}: {len(shards)} shards in {len(ranges)} range{'s' if len(ranges) > 1 else ''}; "
         f"Dagster instance in {home}"
     )
+    if note := demo_model_note():
+        print(note)
     instance = dg.DagsterInstance.get()
+    asset_keys = output_asset_keys(defs.assets or [])
+    outputs: dict[str, dict] = {}
     # The settings sections' data versions, so the UI can tell when a later edit makes
     # these materializations stale.
     for observation in section_observations(settings, "danbooru-assets run"):
@@ -127,7 +139,8 @@ def run_main_job(args: argparse.Namespace) -> int:
     bar = ProgressBar()
     progress_logger.addHandler(bar)
     started = time.perf_counter()
-    log_level = "DEBUG" if args.verbose else "WARNING"
+    # Warnings are printed after each run, one line per kind (run_report); --verbose: all, live.
+    log_level = "DEBUG" if args.verbose else "ERROR"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     try:
         for job in RUN_STAGES:
@@ -146,9 +159,16 @@ def run_main_job(args: argparse.Namespace) -> int:
                     reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the UI"
                     print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
                     return 1
-                print(f"  {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
+                summary = stage_summary(result, asset_keys)
+                outputs.update(summary.metadata)
+                print(f"  {label}: {summary.line() or _materialized_summary(result)} ({took:.1f}s)", flush=True)
+                if not args.verbose:
+                    for line in warning_lines(instance, result.run_id):
+                        print(f"    {line}")
     finally:
         progress_logger.removeHandler(bar)
+    if note := curated_note(outputs):
+        print(note)
     print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dg dev` or `dagster dev` (DAGSTER_HOME={home})")
     return 0
 
@@ -158,10 +178,12 @@ def settings_command(args: argparse.Namespace) -> int:
     from danbooru_assets.settings import (
         SettingsError,
         assign,
+        describe_change,
         load_settings,
         read_settings_data,
-        save_settings,
+        setting_value,
         validate_settings,
+        write_assignments,
     )
 
     path = config.settings_path()
@@ -171,43 +193,46 @@ def settings_command(args: argparse.Namespace) -> int:
         except SettingsError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    else:
-        try:
-            data = read_settings_data(path) or {}
-        except SettingsError as exc:
-            print(f"error: {exc}; fix or delete the file first", file=sys.stderr)
-            return 2
-        try:
-            before = validate_settings(data, str(path))
-        except SettingsError:
-            before = None  # a value this set may fix; every section counts as changed
-        assigned: list[tuple[str, str]] = []
-        for assignment in args.assignments:
-            key, sep, value = assignment.partition("=")
-            if not sep:
-                print(f"error: expected KEY=VALUE, got {assignment!r}; {path} unchanged", file=sys.stderr)
-                return 2
-            try:
-                data = assign(data, key.strip(), value)
-            except SettingsError as exc:
-                print(f"error: {assignment}: {exc}; {path} unchanged", file=sys.stderr)
-                return 2
-            assigned.append((key.strip(), assignment))
-        try:
-            settings = validate_settings(data, f"settings file {path}")
-        except SettingsError as exc:
-            culprit = _blamed_assignment(exc.key or "", assigned)
-            message = f"{culprit}: {exc.detail}" if culprit else str(exc)
-            print(f"error: {message}; {path} unchanged", file=sys.stderr)
-            return 2
-        save_settings(path, settings)
-        changed = report_settings_change(before, settings)
-        print(f"saved {path}; changed sections: {', '.join(changed) or 'none'}"
-              + (" (observed: the UI marks the assets that read them stale)" if changed else ""))
-    import yaml
+        import yaml
 
-    print(f"# {path}{'' if path.exists() else ' (not written yet: defaults)'}")
-    print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+        print(f"# {path}{'' if path.exists() else ' (not written yet: defaults)'}")
+        print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+        return 0
+    try:
+        data = read_settings_data(path) or {}
+    except SettingsError as exc:
+        print(f"error: {exc}; fix or delete the file first", file=sys.stderr)
+        return 2
+    try:
+        before = validate_settings(data, str(path))
+    except SettingsError:
+        before = None  # a value this set may fix; every section counts as changed
+    assigned: list[tuple[str, str]] = []
+    for assignment in args.assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            print(f"error: expected KEY=VALUE, got {assignment!r}; {path} unchanged", file=sys.stderr)
+            return 2
+        try:
+            data = assign(data, key.strip(), value)
+        except SettingsError as exc:
+            print(f"error: {assignment}: {exc}; {path} unchanged", file=sys.stderr)
+            return 2
+        assigned.append((key.strip(), assignment))
+    try:
+        settings = validate_settings(data, f"settings file {path}")
+        # Only the keys given are written (comments, order and the rest of the file stay).
+        write_assignments(path, [(key, setting_value(settings, data, key)) for key, _ in assigned], settings)
+    except SettingsError as exc:
+        culprit = _blamed_assignment(exc.key or "", assigned)
+        message = f"{culprit}: {exc.detail}" if culprit else str(exc)
+        print(f"error: {message}; {path} unchanged", file=sys.stderr)
+        return 2
+    for key in dict.fromkeys(key for key, _ in assigned):
+        print(describe_change(key, before, settings))
+    changed = report_settings_change(before, settings)
+    print(f"saved {path}; changed sections: {', '.join(changed) or 'none'}"
+          + (" (observed: the UI marks the assets that read them stale)" if changed else ""))
     return 0
 
 
@@ -269,8 +294,10 @@ def export_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_command(sub, name: str, func, add_arguments, help: str, description: str | None = None) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=description)
+def _add_command(
+    sub, name: str, func, add_arguments, help: str, description: str | None = None, **parser_options
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=description, **parser_options)
     add_arguments(p)
     p.set_defaults(func=func)
     return p
@@ -310,11 +337,41 @@ def shards_command(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless the help names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" not in text and action.default not in (None, argparse.SUPPRESS, False):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _settings_keys_help() -> str:
+    """Every key ``settings set`` takes, with its default."""
+    import json
+
+    from danbooru_assets.settings import CurationSettings, setting_keys, setting_value
+
+    defaults = CurationSettings()
+    lines = ["keys (default):"]
+    for key in setting_keys():
+        value = setting_value(defaults, {}, key)
+        if not isinstance(value, dict):  # sections are listed through their keys
+            shown = json.dumps(value)
+            lines.append(f"  {key} ({shown if len(shown) <= 50 else shown[:47] + '...'})")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from danbooru_assets.devtools.sample_data import add_sample_data_arguments, run_sample_data
     from danbooru_assets.labels.app import add_label_arguments, run_label
 
-    parser = argparse.ArgumentParser(prog="danbooru-assets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="danbooru-assets",
+        description="Curate Danbooru-style illustration datasets (a Dagster code location). "
+        "Start with `danbooru-assets run` (the sample data when DANBOORU_ROOT is unset), then `dg dev` to browse.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_command(
         sub, "sample-data", run_sample_data, add_sample_data_arguments, "generate the deterministic sample dataset in DIR"
@@ -337,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve the labeling page for the current labeling_queue",
         "Serve the labeling page (localhost by default): keys 1 good, 2 questionable, "
         "3 bad, z undo, s skip, k skeleton (after a conflict: o overwrite, n keep theirs). Each tab is its "
-        "own session. Labels go to the SQLite label store.",
+        "own session. Labels go to the label store: a SQLite file, or a Postgres database for several "
+        "machines (--store or DANBOORU_LABELS, e.g. postgresql+psycopg2://user@host:5432/labels).",
+        formatter_class=_DefaultsHelpFormatter,  # shows --port's default
     )
     _add_command(sub, "export", export_command, _add_export_arguments, "export the curated dataset for training")
     _add_command(
@@ -354,7 +413,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("settings", help="show or change the durable curation settings")
     settings_sub = p.add_subparsers(dest="settings_action", required=True)
     settings_sub.add_parser("show", help="print the settings in force")
-    ps = settings_sub.add_parser("set", help="set values, e.g. clip.keep_fraction=0.3")
+    ps = settings_sub.add_parser(
+        "set",
+        help="set values, e.g. clip.keep_fraction=0.3",
+        description=textwrap.fill(
+            "Set the given keys in the settings file ($DANBOORU_SETTINGS, default data/settings.yaml) "
+            "and nothing else: comments, key order and other keys stay. VALUE is YAML (0.3, null, [a, b]). "
+            "Prints each key's old and new value."
+        ),
+        epilog=_settings_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ps.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     p.set_defaults(func=settings_command)
     return parser

@@ -38,10 +38,11 @@ ENVIRONMENT: dict[str, EnvVariable] = {
         EnvVariable("DANBOORU_CLIP_PRETRAINED", "the model's hub tag", "CLIP weights: hub tag or local file ('' = random)"),
         EnvVariable("DANBOORU_POSE_BACKEND", "keypoint_files on sample data, else keypoint_rcnn", "the pose estimator"),
         EnvVariable("DANBOORU_KEYPOINTS", "the sample's tarball on sample data", "published keypoint files to import (sets the backend to keypoint_files)"),
+        EnvVariable("DANBOORU_POSE_FALLBACK", "none", "with keypoint files: a model backend (keypoint_rcnn, bizarre_pose, mediapipe) run on the images that have no keypoint file"),
         EnvVariable("DANBOORU_POSE_CHECKPOINT", "the backend's own weights", "pose model checkpoint"),
         EnvVariable("DANBOORU_BIZARRE_POSE_REPO", "none", "checkout of ShuhongChen/bizarre-pose-estimator (backend bizarre_pose)"),
         EnvVariable("DANBOORU_INFERENCE_SHARDS_PER_RUN", "50", "shards per run of a backfill of the inference assets"),
-        EnvVariable("DANBOORU_SENSOR_INTERVAL_S", "300", "seconds between new_data_sensor checks (at least 5)"),
+        EnvVariable("DANBOORU_SENSOR_INTERVAL_S", "30", "seconds between new_data_sensor checks (at least 5)"),
         EnvVariable("DANBOORU_EXECUTOR", "in_process", "how a run executes its steps: in_process (one process) or celery (steps spread over Celery workers, deploy/)"),
         EnvVariable("DANBOORU_CELERY_BROKER", "redis://127.0.0.1:6379/0", "the Celery broker the celery executor and its workers share"),
         EnvVariable("DANBOORU_CELERY_BACKEND", "the broker's URL", "the Celery result backend"),
@@ -58,7 +59,9 @@ PLANNED_EVENTS_ENV = "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS"
 
 DEFAULT_POSE_BACKEND = "keypoint_rcnn"
 DEFAULT_INFERENCE_SHARDS_PER_RUN = 50
-DEFAULT_SENSOR_INTERVAL_S = 300
+# A tick is one listdir per shard folder and a stat per metadata file (README: New data
+# measures it); 30 s puts a new image in the pipeline within half a minute.
+DEFAULT_SENSOR_INTERVAL_S = 30
 MIN_SENSOR_INTERVAL_S = 5
 
 # Where the sample dataset keeps its published keypoints (the seed's tarball format).
@@ -141,6 +144,7 @@ class PoseEnvironment:
     backend: str
     checkpoint: str
     bizarre_pose_repo: str
+    fallback: str = ""  # with keypoint files: the model backend for images without a file
 
 
 def pose_environment() -> PoseEnvironment:
@@ -152,6 +156,7 @@ def pose_environment() -> PoseEnvironment:
         backend=env("DANBOORU_POSE_BACKEND") or DEFAULT_POSE_BACKEND,
         checkpoint=env("DANBOORU_POSE_CHECKPOINT"),
         bizarre_pose_repo=env("DANBOORU_BIZARRE_POSE_REPO"),
+        fallback=env("DANBOORU_POSE_FALLBACK"),
     )
 
 

@@ -104,22 +104,27 @@ reprefilter_job = stage_job(
     "A prefilter rule changed: metadata_prefilter and clip_subset in one run over the chosen shards. No image is read.",
 )
 
-# Every per-shard asset: what the new-data sensor runs for a range of changed shards
-# once the global assets exist (before that, only the ingest stage).
+# What the new-data sensor runs for a range of changed shards once the global assets exist
+# (before that, only the ingest stage): every per-shard asset, and near_duplicates between
+# clip_subset and pose_subset, so a new image is deduplicated against everything kept
+# (every shard) before pose_subset and the labeling queue can take it.
+SHARD_JOB_ASSETS = [
+    shard_index,
+    metadata_prefilter,
+    clip_embeddings_and_image_stats,
+    clip_scores,
+    clip_subset,
+    pose_keypoints,
+    near_duplicates,
+    pose_subset,
+    quality_predictions,
+    curated_dataset,
+]
 shard_job = stage_job(
     "shard_job",
-    [
-        shard_index,
-        metadata_prefilter,
-        clip_embeddings_and_image_stats,
-        clip_scores,
-        clip_subset,
-        pose_keypoints,
-        pose_subset,
-        quality_predictions,
-        curated_dataset,
-    ],
-    "Every per-shard asset of a range of shards, with the current global threshold and statistics.",
+    SHARD_JOB_ASSETS,
+    "Every per-shard asset of a range of shards, with the current global threshold and statistics, and "
+    "near_duplicates over every shard's kept images (new images are deduplicated before pose_subset).",
 )
 
 # `danbooru-assets run` runs these in order, each as one run over the shards' range(s).
@@ -149,7 +154,14 @@ def pose_estimator_resource() -> PoseEstimatorResource:
     the sample's tarball), else the model backend (``config.pose_environment``)."""
     pose = config.pose_environment()
     if pose.keypoint_files:
-        return PoseEstimatorResource(backend=KEYPOINT_FILES, keypoint_files=env_or("DANBOORU_KEYPOINTS", pose.keypoint_files))
+        return PoseEstimatorResource(
+            backend=KEYPOINT_FILES,
+            keypoint_files=env_or("DANBOORU_KEYPOINTS", pose.keypoint_files),
+            # Images without a keypoint file: estimated by this backend when one is named.
+            fallback_backend=env_or("DANBOORU_POSE_FALLBACK", pose.fallback),
+            checkpoint=env_or("DANBOORU_POSE_CHECKPOINT", pose.checkpoint),
+            bizarre_pose_repo=env_or("DANBOORU_BIZARRE_POSE_REPO", pose.bizarre_pose_repo),
+        )
     return PoseEstimatorResource(
         backend=env_or("DANBOORU_POSE_BACKEND", pose.backend),
         checkpoint=env_or("DANBOORU_POSE_CHECKPOINT", pose.checkpoint),

@@ -606,3 +606,106 @@ def section_asset_name(section: str) -> str:
 def section_hashes(settings: CurationSettings) -> dict[str, str]:
     """``{section: hash}`` for every section: the data versions of the settings assets."""
     return {name: settings_hash(part(settings)) for name, part in SECTIONS.items()}
+
+
+def _lookup(data: Any, dotted_key: str) -> Any:
+    """The value at ``dotted_key`` in nested mappings, or :data:`_ABSENT`."""
+    node = data
+    for part in dotted_key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+_ABSENT = object()
+
+
+def _round_trip_yaml():
+    from ruamel.yaml import YAML
+
+    rt = YAML(typ="rt")
+    rt.preserve_quotes = True
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.width = 4096  # a long prompt stays on one line, as PyYAML wrote it
+    return rt
+
+
+def _plain(value: Any) -> Any:
+    """``value`` for the round-trip dumper: a string that PyYAML (YAML 1.1, what loads the
+    file) would read as something else (``off``, ``yes``, ``1e3``) is double-quoted."""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    if isinstance(value, str):
+        try:
+            same = yaml.safe_load(value) == value
+        except yaml.YAMLError:
+            same = False
+        return value if same else DoubleQuotedScalarString(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+SETTINGS_HEADER = "# danbooru_assets curation settings (see README: Settings)\n"
+
+
+def write_assignments(path: Path | str, values: list[tuple[str, Any]], expected: CurationSettings) -> None:
+    """Set each ``(dotted key, value)`` in the settings file and nothing else: comments,
+    key order and every other line stay as they are (a round-trip YAML edit); a missing
+    file starts from the header. ``expected``: the validated settings the edit must
+    produce when the file is read back (:func:`load_settings`); otherwise nothing is
+    written and a :class:`SettingsError` says so."""
+    import io
+
+    path = settings_file(path)
+    rt = _round_trip_yaml()
+    text = path.read_text(encoding="utf-8") if path.exists() else SETTINGS_HEADER
+    doc = rt.load(text)
+    if doc is None:  # only comments (or the header we start from): keep them above the keys
+        doc = rt.load(text.rstrip("\n") + "\n__placeholder__: 0\n")
+        del doc["__placeholder__"]
+    for dotted_key, value in values:
+        parts = dotted_key.split(".")
+        node = doc
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = _plain(value)
+    out = io.StringIO()
+    rt.dump(doc, out)
+    new_text = out.getvalue()
+    if not new_text.lstrip().startswith("#") and not path.exists():
+        new_text = SETTINGS_HEADER + new_text
+    # The file is loaded by PyYAML; what it reads back must be what was validated.
+    try:
+        reread = validate_settings(yaml.safe_load(new_text) or {}, f"settings file {path}")
+    except (yaml.YAMLError, SettingsError) as exc:
+        raise SettingsError(f"{path}: the edited file would not load ({exc}); unchanged") from None
+    if reread != expected:
+        raise SettingsError(f"{path}: the edited file would not read back as set; unchanged")
+    write_bytes(path, new_text.encode("utf-8"))
+
+
+def describe_change(key: str, before: CurationSettings | None, after: CurationSettings) -> str:
+    """``clip.keep_fraction: 0.2 -> 0.5`` (``(unchanged)`` when equal), values as JSON."""
+    old = _lookup(before.model_dump(mode="json"), key) if before is not None else _ABSENT
+    new = _lookup(after.model_dump(mode="json"), key)
+    shown_new = json.dumps(new, ensure_ascii=False)
+    if old is _ABSENT:
+        return f"{key}: {shown_new}"
+    if old == new:
+        return f"{key}: {shown_new} (unchanged)"
+    return f"{key}: {json.dumps(old, ensure_ascii=False)} -> {shown_new}"
+
+
+def setting_value(settings: CurationSettings, data: dict, dotted_key: str) -> Any:
+    """What ``settings set`` writes for ``dotted_key``: the validated value (``jpeg`` is
+    written ``jpg``, tags lower-case), or what was given for a whole section."""
+    value = _lookup(settings.model_dump(mode="json"), dotted_key)
+    if isinstance(value, dict) and _lookup(data, dotted_key) is not _ABSENT:
+        return _lookup(data, dotted_key)
+    return value

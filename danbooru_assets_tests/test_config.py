@@ -39,7 +39,7 @@ def test_defaults_and_overrides(monkeypatch, tmp_path):
     assert config.dataset_root() == tmp_path / "data" / "sample"
     assert config.storage_base() == str(tmp_path / "data" / "storage")
     assert config.inference_shards_per_run() == 50
-    assert config.sensor_interval_s() == 300
+    assert config.sensor_interval_s() == 30
     monkeypatch.setenv("DANBOORU_ROOT", str(tmp_path / "real"))
     monkeypatch.setenv("DANBOORU_INFERENCE_SHARDS_PER_RUN", "0")
     monkeypatch.setenv("DANBOORU_SENSOR_INTERVAL_S", "1")

@@ -163,17 +163,18 @@ class DatasetLayout:
     def shard_fingerprint(self, shard: str, previous: dict | None = None) -> dict:
         """File count, folder mtime and newest file mtime of a bucket folder.
 
-        The folder's own mtime changes when files are added or removed; only then are
-        the files stat-ed again, so an unchanged 5,000-file shard costs one listdir.
+        The folder's own mtime changes when files are added, removed or renamed; only then
+        is the folder listed and its files stat-ed again, so an unchanged shard costs one
+        stat (the new-data sensor's steady tick: README, New data).
         """
         folder = self.image_dir(shard)
         try:
             dir_mtime = folder.stat().st_mtime_ns
+            if previous and previous.get("dir_mtime") == dir_mtime:
+                return dict(previous)
             names = os.listdir(folder)
         except FileNotFoundError:
             return {"files": 0, "dir_mtime": 0, "newest_mtime": 0}
-        if previous and previous.get("dir_mtime") == dir_mtime and previous.get("files") == len(names):
-            return dict(previous)
         newest = 0
         for name in names:
             try:

@@ -10,7 +10,7 @@ starts a sensor or opens a run::
 
     with LocalDagster(tmp / "dagster_home", env={"DANBOORU_ROOT": str(root), ...}) as dagster:
         backfill_id = dagster.launch_backfill(["clip_threshold", "clip_subset"], all_partitions=True)
-        result = dagster.wait_backfill(backfill_id, timeout=600)
+        result = dagster.wait_backfill(backfill_id)  # as long as it advances
         print(result.status, result.seconds, result.n_runs)
 
 It writes nothing into the repository: the instance (SQLite storage, run and compute
@@ -81,6 +81,70 @@ class DagsterHarnessError(RuntimeError):
 
 class GraphQLError(DagsterHarnessError):
     """A GraphQL response with ``errors`` or an error union member (PythonError, …)."""
+
+
+# How long a wait goes on with nothing advancing (a status, a run's event log, a server's
+# log, a command's output) before it gives up. Waits end on a stall, not on a deadline: a
+# busy machine makes everything slower but keeps it moving, and a wait must not fail then.
+DEFAULT_STALL_S = 300.0
+
+
+class Progress:
+    """The clock of a wait that ends on a stall: :meth:`update` with what is watched at each
+    poll; :meth:`expired` says why to stop (``stall_s`` seconds since it last changed, or
+    ``timeout`` seconds in all when a cap is given), else ``None``."""
+
+    def __init__(self, stall_s: float = DEFAULT_STALL_S, timeout: float | None = None):
+        self.stall_s = stall_s
+        self.timeout = timeout
+        self.started = self.changed = time.monotonic()
+        self._last: Any = object()
+
+    def update(self, state: Any) -> None:
+        if state != self._last:
+            self._last = state
+            self.changed = time.monotonic()
+
+    def expired(self) -> str | None:
+        now = time.monotonic()
+        if now - self.changed > self.stall_s:
+            return f"no progress for {now - self.changed:.0f}s"
+        if self.timeout is not None and now - self.started > self.timeout:
+            return f"not done after {self.timeout:.0f}s"
+        return None
+
+
+def run_until_quiet(
+    cmd: list[str], stall_s: float = DEFAULT_STALL_S, **popen: Any
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` that waits as long as the
+    command keeps printing (the CLI prints progress every few seconds) and kills it after
+    ``stall_s`` seconds of silence, saying so at the end of its stderr."""
+    import threading
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    out: dict[str, list[str]] = {"stdout": [], "stderr": []}
+    last = [time.monotonic()]
+
+    def pump(name: str, stream) -> None:
+        for line in stream:
+            out[name].append(line)
+            last[0] = time.monotonic()
+
+    threads = [threading.Thread(target=pump, args=(n, getattr(proc, n)), daemon=True) for n in out]
+    for thread in threads:
+        thread.start()
+    killed = ""
+    while proc.poll() is None:
+        if time.monotonic() - last[0] > stall_s:
+            proc.kill()
+            killed = f"\n[run_until_quiet: killed after {stall_s:.0f}s without output]\n"
+            break
+        time.sleep(0.5)
+    proc.wait()
+    for thread in threads:
+        thread.join(timeout=10)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out["stdout"]), "".join(out["stderr"]) + killed)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -176,7 +240,8 @@ class LocalDagster:
     working directory (default ``home``), which is also where the code location's
     relative default paths (``data/…``) would resolve. ``daemon=False`` starts only the
     webserver (no sensors, backfills or queued runs then). ``startup_timeout``: seconds
-    to wait for the location (and daemons). ``grace_s``: SIGTERM → SIGKILL delay.
+    without progress (what is still missing, the servers' logs) after which starting
+    gives up. ``grace_s``: SIGTERM → SIGKILL delay.
     """
 
     def __init__(
@@ -187,7 +252,7 @@ class LocalDagster:
         *,
         cwd: Path | None = None,
         daemon: bool = True,
-        startup_timeout: float = 240.0,
+        startup_timeout: float = DEFAULT_STALL_S,
         grace_s: float = 10.0,
         host: str = "127.0.0.1",
         port: int | None = None,
@@ -324,10 +389,12 @@ class LocalDagster:
                     + self.log_tails()
                 )
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, stall_s: float) -> None:
         """Poll until GraphQL answers, the location is LOADED without a load error, and
-        (with the daemon) the sensor, backfill and run-queue daemons are healthy."""
-        deadline = time.monotonic() + timeout
+        (with the daemon) the sensor, backfill and run-queue daemons are healthy. Gives up
+        after ``stall_s`` seconds in which neither what is missing nor the servers' logs
+        changed."""
+        watch = Progress(stall_s)
         last = "the webserver did not answer yet"
         while True:
             self._check_alive()
@@ -337,12 +404,23 @@ class LocalDagster:
                     return
             except (OSError, urllib.error.URLError, GraphQLError) as exc:
                 last = f"{type(exc).__name__}: {exc}"
-            if time.monotonic() > deadline:
+            watch.update((last, self._log_sizes()))
+            why = watch.expired()
+            if why:
                 raise DagsterHarnessError(
-                    f"Dagster was not ready after {timeout:.0f}s at {self.url} ({last}); "
+                    f"Dagster was not ready at {self.url}: {why} ({last}); "
                     f"DAGSTER_HOME={self.home}\n" + self.log_tails()
                 )
             time.sleep(0.5)
+
+    def _log_sizes(self) -> tuple[int, ...]:
+        sizes = []
+        for path in (self.webserver_log, self.daemon_log):
+            try:
+                sizes.append(path.stat().st_size)
+            except OSError:
+                sizes.append(-1)
+        return tuple(sizes)
 
     def _readiness(self) -> str:
         """'' when ready, else what is still missing. A location load error raises at once."""
@@ -514,14 +592,23 @@ class LocalDagster:
         return self._ok(data["partitionBackfillOrError"], "PartitionBackfill", f"backfill {backfill_id}")
 
     def wait_backfill(
-        self, backfill_id: str, timeout: float, poll_s: float = 1.0, since: float | None = None
+        self,
+        backfill_id: str,
+        timeout: float | None = None,
+        poll_s: float = 1.0,
+        since: float | None = None,
+        stall_s: float = DEFAULT_STALL_S,
     ) -> BackfillResult:
         """Poll until the backfill finishes (COMPLETED_SUCCESS, COMPLETED_FAILED, FAILED,
-        CANCELED) and all its runs have ended, or ``timeout`` seconds pass (the result then
-        has the status seen last; check ``.success``). ``since``: ``time.time()`` of the
-        launch, for ``seconds`` (default: now)."""
+        CANCELED) and all its runs have ended, as long as it advances: it gives up after
+        ``stall_s`` seconds in which neither the backfill, nor its runs' statuses, nor any
+        unfinished run's event log changed (or after ``timeout`` seconds in all, when a cap
+        is given). The result then has the status seen last (``STALLED (…)``/``TIMEOUT
+        (…)``; check ``.success``). ``since``: ``time.time()`` of the launch, for
+        ``seconds`` (default: now)."""
         since = time.time() if since is None else since
-        deadline = time.monotonic() + timeout
+        watch = Progress(stall_s, timeout)
+        cursors: dict[str, str | None] = {}
         while True:
             self._check_alive()
             state = self.backfill_status(backfill_id)
@@ -529,21 +616,31 @@ class LocalDagster:
             done = state["status"] in FINISHED_BACKFILL_STATUSES and all(
                 r["status"] in FINISHED_RUN_STATUSES for r in runs
             )
-            if done or time.monotonic() > deadline:
+            for r in runs:
+                if r["status"] not in FINISHED_RUN_STATUSES:
+                    cursors[r["runId"]] = self._event_cursor(r["runId"], cursors.get(r["runId"]))
+            watch.update((
+                state["status"],
+                sorted((r["runId"], r["status"]) for r in runs),
+                json.dumps(state.get("assetBackfillData"), sort_keys=True, default=str),
+                sorted(cursors.items()),
+            ))
+            why = None if done else watch.expired()
+            if done or why:
                 counts: dict[str, int] = {}
                 for r in runs:
                     counts[r["status"]] = counts.get(r["status"], 0) + 1
                 ended = state.get("endTimestamp")
                 return BackfillResult(
                     backfill_id=backfill_id,
-                    status=state["status"] if done else f"TIMEOUT ({state['status']})",
+                    status=state["status"] if done else f"{_stopped(why)} ({state['status']})",
                     created=state.get("timestamp"),
                     ended=ended,
                     seconds=(ended if done and ended else time.time()) - since,
                     n_runs=len(runs),
                     run_statuses=counts,
                     asset_statuses=(state.get("assetBackfillData") or {}).get("assetBackfillStatuses") or [],
-                    error=(state.get("error") or {}).get("message"),
+                    error=(state.get("error") or {}).get("message") or (None if done else why),
                 )
             time.sleep(poll_s)
 
@@ -618,26 +715,55 @@ class LocalDagster:
         )
         return self._ok(data["runOrError"], "Run", f"run {run_id}")
 
-    def wait_run(self, run_id: str, timeout: float, poll_s: float = 0.25, since: float | None = None) -> RunResult:
-        """Poll until the run ends (SUCCESS, FAILURE, CANCELED) or ``timeout`` passes (the
-        status is then ``TIMEOUT (…)``). ``wall_s`` counts from ``since`` (default: now)."""
+    def wait_run(
+        self,
+        run_id: str,
+        timeout: float | None = None,
+        poll_s: float = 0.25,
+        since: float | None = None,
+        stall_s: float = DEFAULT_STALL_S,
+    ) -> RunResult:
+        """Poll until the run ends (SUCCESS, FAILURE, CANCELED), as long as it advances: it
+        gives up after ``stall_s`` seconds in which neither its status nor its event log
+        changed (status ``STALLED (…)``), or after ``timeout`` seconds in all when a cap is
+        given (``TIMEOUT (…)``). ``wall_s`` counts from ``since`` (default: now)."""
         since = time.time() if since is None else since
-        deadline = time.monotonic() + timeout
+        watch = Progress(stall_s, timeout)
+        cursor = None
         while True:
             self._check_alive()
             run = self.run_status(run_id)
             done = run["status"] in FINISHED_RUN_STATUSES
-            if done or time.monotonic() > deadline:
+            if not done:
+                cursor = self._event_cursor(run_id, cursor)
+            watch.update((run["status"], cursor))
+            why = None if done else watch.expired()
+            if done or why:
                 end = run.get("endTime")
                 return RunResult(
                     run_id=run_id,
-                    status=run["status"] if done else f"TIMEOUT ({run['status']})",
+                    status=run["status"] if done else f"{_stopped(why)} ({run['status']})",
                     creation_time=run.get("creationTime"),
                     start_time=run.get("startTime"),
                     end_time=end,
                     wall_s=(end if done and end else time.time()) - since,
                 )
             time.sleep(poll_s)
+
+    def _event_cursor(self, run_id: str, after: str | None) -> str | None:
+        """The cursor of the run's last event (``after`` when nothing new): a cheap way to
+        see that a run is still writing events (progress lines every few seconds)."""
+        data = self.graphql(
+            """query($id: ID!, $after: String) { logsForRun(runId: $id, afterCursor: $after, limit: 1000) {
+                 __typename ... on EventConnection { cursor } ... on Error { message } ... on PythonError { stack } } }""",
+            {"id": run_id, "after": after},
+        )
+        conn = data["logsForRun"]
+        return conn.get("cursor") or after if conn.get("__typename") == "EventConnection" else after
+
+    def run_progress(self, run_id: str, after: str | None = None) -> tuple[str, str | None]:
+        """``(status, event cursor)``: what :class:`Progress` watches for one run."""
+        return self.run_status(run_id)["status"], self._event_cursor(run_id, after)
 
     def runs(self, filter: Mapping[str, Any] | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Runs matching a ``RunsFilter`` (e.g. ``{"statuses": ["FAILURE"]}``,
@@ -797,8 +923,15 @@ class LocalDagster:
         return self._ok(data["sensorOrError"], "Sensor", f"sensor {name}")["sensorState"]["ticks"]
 
 
+def _stopped(why: str | None) -> str:
+    return "TIMEOUT" if why and why.startswith("not done") else "STALLED"
+
+
 __all__ = [
     "ASSET_JOB",
+    "DEFAULT_STALL_S",
+    "Progress",
+    "run_until_quiet",
     "BackfillResult",
     "DagsterHarnessError",
     "GraphQLError",

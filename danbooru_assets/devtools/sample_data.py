@@ -239,7 +239,8 @@ def add_sample_data_arguments(parser: argparse.ArgumentParser) -> argparse.Argum
     """Arguments of ``danbooru-assets sample-data``."""
     parser.add_argument("root", nargs="?", type=Path, default=None,
                         help="output folder (default: $DANBOORU_SAMPLE_ROOT or ./data/sample)")
-    parser.add_argument("--images", type=int, default=300, help="image files to write (default 300)")
+    parser.add_argument("--images", type=int, default=RUN_SAMPLE_IMAGES,
+                        help=f"image files to write (default {RUN_SAMPLE_IMAGES}, what `danbooru-assets run` generates)")
     parser.add_argument("--shards", type=int, default=10, help="bucket folders to spread them over (default 10)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-side", type=int, default=256, help="smallest image side in px (default 256)")

@@ -159,15 +159,29 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         800, description="Short side the model sees (keypoint_rcnn's min_size; images are decoded near it)."
     )
     allow_random_weights: bool = Field(False, description="Tests only: random-initialised weights.")
+    fallback_backend: str = Field(
+        "",
+        description="keypoint_files: a model backend (keypoint_rcnn, bizarre_pose, mediapipe; its checkpoint "
+        "and repository as above) run on the images that have no keypoint file; empty: they keep status "
+        "no_keypoint_file and pose_subset drops them as no_pose.",
+    )
 
     def uses_files(self) -> bool:
         return self.backend == KEYPOINT_FILES
+
+    def has_fallback(self) -> bool:
+        return self.uses_files() and bool(self.fallback_backend)
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(
                 f"unknown pose backend {self.backend!r}: set `pose_estimator.backend` "
                 f"(or DANBOORU_POSE_BACKEND) to one of {', '.join(BACKENDS)}"
+            )
+        if self.fallback_backend and self.fallback_backend not in set(BACKENDS) - {KEYPOINT_FILES}:
+            raise ValueError(
+                f"unknown pose fallback backend {self.fallback_backend!r}: set `pose_estimator.fallback_backend` "
+                f"(or DANBOORU_POSE_FALLBACK) to one of {', '.join(b for b in BACKENDS if b != KEYPOINT_FILES)}"
             )
         if self.uses_files() and not Path(self.keypoint_files).exists():
             raise FileNotFoundError(
@@ -176,17 +190,19 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             )
 
     def estimator(self) -> "PoseEstimator":
+        """The model of ``backend``, or with keypoint files the ``fallback_backend``'s."""
         from danbooru_assets.pose.backends import make_estimator
 
         self.check()
+        backend = self.fallback_backend if self.uses_files() else self.backend
         return make_estimator(
-            self.backend,
+            backend,
             checkpoint=self.checkpoint,
             device=self.device,
             allow_random_weights=self.allow_random_weights,
             bizarre_pose_repo=self.bizarre_pose_repo,
             batch_size=self.batch_size,
-            **({"min_size": self.input_size} if self.backend == "keypoint_rcnn" else {}),
+            **({"min_size": self.input_size} if backend == "keypoint_rcnn" else {}),
         )
 
     def fingerprint(self) -> str:
@@ -196,11 +212,20 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         from danbooru_assets.pose.backends import fingerprint_string
 
         if self.uses_files():
-            from danbooru_assets.pose.keypoint_files import source_fingerprint
-
-            self.check()
-            return fingerprint_string({**source_fingerprint(self.keypoint_files), "axis_order": self.axis_order})
+            files = self.files_fingerprint()
+            if not self.has_fallback():
+                return files
+            # Rows are reused only under the same fallback model too.
+            return fingerprint_string({"files": files, "fallback": self.estimator().fingerprint()})
         return fingerprint_string(self.estimator().fingerprint())
+
+    def files_fingerprint(self) -> str:
+        """The keypoint files' identity alone (what published_keypoints imported)."""
+        from danbooru_assets.pose.backends import fingerprint_string
+        from danbooru_assets.pose.keypoint_files import source_fingerprint
+
+        self.check()
+        return fingerprint_string({**source_fingerprint(self.keypoint_files), "axis_order": self.axis_order})
 
 
 # -- label store --

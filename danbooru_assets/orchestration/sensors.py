@@ -62,7 +62,9 @@ def build_new_data_sensor(
         name="new_data_sensor",
         jobs=jobs,
         minimum_interval_seconds=sensor_interval_s(),
-        default_status=dg.DefaultSensorStatus.STOPPED,
+        # On from the start: a copied image is picked up without a visit to the UI (a tick
+        # costs a listdir per shard folder; stop it in the UI to pause new-data runs).
+        default_status=dg.DefaultSensorStatus.RUNNING,
         description="Fingerprints every shard folder (file count, newest mtime) and the metadata "
         "files. Changed metadata: one conversion run first, then every shard once it has landed. "
         "Changed shard folders: runs over contiguous ranges of them. A shard seen for the first "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from danbooru_assets.devtools.local_dagster import LocalDagster
+from danbooru_assets.devtools.local_dagster import LocalDagster, Progress
 
 # Starts a Dagster webserver and daemon: minutes, not seconds.
 pytestmark = pytest.mark.slow
@@ -52,16 +52,18 @@ def test_a_killed_run_frees_its_gpu_pool_slot(tmp_path: Path):
     with LocalDagster(tmp_path / "home", env={"POOL_TEST_DIR": str(markers)}, workspace=workspace) as dagster:
         first = dagster.launch_run("__ASSET_JOB", ["pool_step"])
         pid_file = markers / f"pid-{first}"
-        deadline = time.monotonic() + 120
+        watch, cursor = Progress(), None  # waits while the run advances (queued, starting, …)
         while not pid_file.exists():
-            assert time.monotonic() < deadline, f"the first run never reached its step\n{dagster.log_tails()}"
+            status, cursor = dagster.run_progress(first, cursor)
+            watch.update((status, cursor))
+            assert not watch.expired(), f"the first run never reached its step ({status})\n{dagster.log_tails()}"
             time.sleep(0.2)
         (markers / "killed-once").write_text("")
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        assert dagster.wait_run(first, timeout=120).status == "FAILURE"
+        assert dagster.wait_run(first).status == "FAILURE"
 
         started = time.monotonic()
         second = dagster.launch_run("__ASSET_JOB", ["pool_step"])
-        result = dagster.wait_run(second, timeout=150)
+        result = dagster.wait_run(second)
         assert result.status == "SUCCESS", dagster.log_tails()
         print(f"second run succeeded {time.monotonic() - started:.1f}s after launch")

@@ -9,7 +9,6 @@ that the main job has materialized; the same GraphQL the UI's asset graph reads.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import pytest
 
 from danbooru_assets.devtools.local_dagster import LocalDagster
 from danbooru_assets.devtools.sample_data import generate_sample_dataset
-from danbooru_assets_tests.orchestration.test_ui_backfill import MAIN_JOB_TIMEOUT_S, _env
+from danbooru_assets.devtools.local_dagster import run_until_quiet
+from danbooru_assets_tests.orchestration.test_ui_backfill import STALL_S, _env
 
 # Starts a Dagster webserver: minutes, not seconds.
 pytestmark = pytest.mark.slow
@@ -49,16 +49,15 @@ def test_settings_set_marks_exactly_the_readers_stale_without_a_reload(tmp_path:
     env = {**os.environ, **_env(tmp_path, summary.root)}
     work = tmp_path / "work"
     work.mkdir()
-    main = subprocess.run([sys.executable, "-m", "danbooru_assets.cli", "run"], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=MAIN_JOB_TIMEOUT_S)
+    main = run_until_quiet([sys.executable, "-m", "danbooru_assets.cli", "run"], STALL_S, cwd=work, env=env)
     assert main.returncode == 0, main.stdout[-3000:] + main.stderr[-3000:]
 
     with LocalDagster(tmp_path / "dagster_home", _env(tmp_path, summary.root), cwd=work, daemon=False) as dagster:
         before = _status(dagster, summary.shards)
         assert all(s in ("FRESH", ["FRESH"]) for s in before.values()), before
 
-        done = subprocess.run([sys.executable, "-m", "danbooru_assets.cli", "settings", "set", "clip.keep_fraction=0.35"],
-                              cwd=work, env=env, capture_output=True, text=True, timeout=120)
+        done = run_until_quiet([sys.executable, "-m", "danbooru_assets.cli", "settings", "set", "clip.keep_fraction=0.35"],
+                               STALL_S, cwd=work, env=env)
         assert done.returncode == 0 and "clip_threshold" in done.stdout, done.stdout + done.stderr
         after = _status(dagster, summary.shards)  # the same webserver: no code reload
         assert after["clip_threshold"] == "STALE"

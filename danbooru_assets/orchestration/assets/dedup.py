@@ -108,6 +108,9 @@ def _candidates(clip_subset: ShardTables, clip_embeddings: ShardTables, shard_in
         "shard_index": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "md5", "parent_id"]}),
     },
     deps=settings_keys("dedup"),
+    # One at a time across runs (the instance's default pool limit is 1): concurrent
+    # new-data runs each re-run it, and the later one must see the earlier one's shards.
+    pool="dedup",
     group_name=GROUP,
     kinds={"parquet"},
     description="Duplicate groups among clip_subset's kept images: the same md5, Danbooru parent/child "

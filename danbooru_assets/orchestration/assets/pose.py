@@ -40,6 +40,8 @@ PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
 # the files is never taken for the current one.
 IMPORT_RECORD = "import.json"
 NO_POSE = "no_pose"
+# pose_keypoints' status of an image the published keypoint files have no file for.
+NO_KEYPOINT_FILE = "no_keypoint_file"
 # A copy of an image another row keeps (near_duplicates says which, how, and how similar).
 DUPLICATE = "duplicate"
 REUSE_KEY = list(FILE_IDENTITY)
@@ -66,7 +68,7 @@ def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseE
     if record.exists():  # from here until the new record is written, no import is current
         record.unlink()
     # Taken before reading: a file changed during the import makes the record stale, not wrong.
-    fingerprint = pose_estimator.fingerprint()
+    fingerprint = pose_estimator.files_fingerprint()
     started = time.perf_counter()
     keypoints, report = read_keypoint_files(pose_estimator.keypoint_files, axis_order=pose_estimator.axis_order)
     for name, reason in report.malformed[:50]:
@@ -189,12 +191,13 @@ def pose_keypoints(
 
     fingerprint = pose_estimator.fingerprint()
     if pose_estimator.uses_files():
-        check_import_is_current(storage, fingerprint, pose_estimator.keypoint_files)
+        check_import_is_current(storage, pose_estimator.files_fingerprint(), pose_estimator.keypoint_files)
     estimator = None  # a model loads once per run, on the first shard that needs it
     seconds_estimating = 0.0
 
     def estimate_shard(shard: str):
         nonlocal estimator, seconds_estimating
+        fallback_estimated = 0
         subset = clip_subset[shard]
         wanted = subset.loc[subset["kept"], ["image_id", "rel_path", "width", "height"]]
         # An id missing from the index now has no identity: it never matches, and is estimated.
@@ -214,6 +217,17 @@ def pose_keypoints(
             fresh = pd.DataFrame()
         elif pose_estimator.uses_files():
             fresh = _keypoints_from_files(storage, shard, todo["image_id"].to_numpy(), fingerprint)
+            no_file = fresh["status"] == NO_KEYPOINT_FILE
+            if no_file.any() and pose_estimator.has_fallback():
+                estimator = estimator or pose_estimator.estimator()
+                estimated = _keypoints_from_model(
+                    context, estimator, pose_estimator.batch_size, pose_estimator.input_size, dataset,
+                    todo.loc[todo["image_id"].isin(fresh.loc[no_file, "image_id"])],
+                )
+                # Its rows name the model (`backend`) and are reused under the combined fingerprint.
+                fresh = pd.concat([fresh.loc[~no_file], estimated.assign(backend_fingerprint=fingerprint)],
+                                  ignore_index=True)
+                fallback_estimated = len(estimated)
         else:
             estimator = estimator or pose_estimator.estimator()
             fresh = _keypoints_from_model(
@@ -234,6 +248,11 @@ def pose_keypoints(
             table["height"] = pd.Series(dtype="int64")
         table = table.sort_values("image_id").reset_index(drop=True)
         counts = {"images": len(table), "estimated": len(todo), "reused": len(reused)}
+        if pose_estimator.uses_files():
+            # Kept images with no keypoint file (reused rows included): no pose, so pose_subset
+            # drops them as no_pose until a file arrives or a fallback estimates them.
+            counts["no_keypoint_file"] = int((table["status"] == NO_KEYPOINT_FILE).sum())
+            counts["fallback_estimated"] = fallback_estimated
         counts.update({f"status_{k}": int(v) for k, v in table["status"].value_counts().items()})
         return table, counts
 
@@ -241,10 +260,23 @@ def pose_keypoints(
     tables = loop.run(estimate_shard, keep_on_failure=lambda shard, table: write_parquet(
         storage.asset_path("pose_keypoints", shard), table))
     estimated = loop.totals.get("estimated", 0)
+    files_note = {}
+    if pose_estimator.uses_files():
+        missing = int(loop.totals.get("no_keypoint_file", 0))
+        if pose_estimator.has_fallback():
+            files_note["fallback_backend"] = pose_estimator.fallback_backend
+        elif missing:
+            files_note["no_keypoint_file_note"] = (
+                f"{missing} kept images have no keypoint file: pose_subset drops them as no_pose until their "
+                f"files are imported (published_keypoints), or set DANBOORU_POSE_FALLBACK (e.g. keypoint_rcnn; "
+                f"resource pose_estimator.fallback_backend) to estimate them with a model"
+            )
+            context.log.warning(files_note["no_keypoint_file_note"])
     return dg.Output(
         tables,
         metadata={
             **loop.metadata(),
+            **files_note,
             "backend": pose_estimator.backend,
             "backend_fingerprint": fingerprint,
             "images_per_s": round(estimated / seconds_estimating, 1) if estimated and seconds_estimating > 0 else 0.0,
@@ -370,6 +402,8 @@ def pose_subset(
             ]
             decisions.loc[copies, "keep"] = False
         not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
+        # A copy without a pose is still named a copy (a keypoint file may come later).
+        not_ok.loc[not_ok["image_id"].isin(duplicates), "drop_reasons"] = f"{NO_POSE}|{DUPLICATE}"
         subset = (
             pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
             .merge(subset_rows, on="image_id", how="left")
@@ -378,6 +412,7 @@ def pose_subset(
         )
         reasons = reason_counts(decisions)
         reasons[NO_POSE] = len(not_ok)
+        reasons[DUPLICATE] = reasons.get(DUPLICATE, 0) + int(not_ok["image_id"].isin(duplicates).sum())
         if len(decisions):  # examples for the sheets, at most EXAMPLES_PER_SHEET of each overall
             for label, rows in zip(("kept", "dropped"), select_examples(decisions, n=EXAMPLES_PER_SHEET)):
                 room = EXAMPLES_PER_SHEET - len(examples[label])
