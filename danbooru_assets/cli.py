@@ -66,6 +66,13 @@ class ProgressBar(logging.Handler):
 
 def run_main_job(args: argparse.Namespace) -> int:
     from danbooru_assets import config
+    from danbooru_assets.core.shards import parse_shard_list
+
+    try:  # checked before anything is generated or started
+        chosen = parse_shard_list(args.shards) if args.shards is not None else None
+    except ValueError as exc:
+        print(f"error: --shards {args.shards}: {exc}", file=sys.stderr)
+        return 2
 
     home = config.ensure_dagster_home()
     config.set_planned_events_default()
@@ -103,7 +110,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     except DatasetRootError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    shards = args.shards.split(",") if args.shards else dataset.shards_with_images()
+    shards = chosen if chosen is not None else dataset.shards_with_images()
     if not shards:
         print(f"error: no shard folders with images under {dataset.root_path / dataset.image_folder}", file=sys.stderr)
         return 2
