@@ -35,6 +35,20 @@ def _materialized_summary(result) -> str:
     return ", ".join(f"{k}={v}" if v is not None else k for k, v in rows.items())
 
 
+def failed_check_lines(result) -> list[str]:
+    """One line per failed asset check of a run (what the UI shows on the asset's checks)."""
+    lines = []
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        severity = getattr(evaluation.severity, "value", str(evaluation.severity)).lower()
+        why = evaluation.description or ", ".join(
+            f"{k}={getattr(v, 'value', v)}" for k, v in list(evaluation.metadata.items())[:3]
+        )
+        lines.append(f"    check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} failed ({severity}): {why}")
+    return lines
+
+
 class ProgressBar(logging.Handler):
     """Draws the shard loop's progress records (``danbooru_assets.progress``) as one line
     that updates in place on a terminal, and as a line every few seconds elsewhere."""
@@ -149,6 +163,8 @@ def run_main_job(args: argparse.Namespace) -> int:
                     print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
                     return 1
                 print(f"  {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
+                for line in failed_check_lines(result):
+                    print(line, flush=True)
     finally:
         progress_logger.removeHandler(bar)
     print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dg dev` or `dagster dev` (DAGSTER_HOME={home})")

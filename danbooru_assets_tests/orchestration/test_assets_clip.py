@@ -290,3 +290,59 @@ def test_threshold_says_how_many_indexed_shards_it_covers(ingested):
     finally:
         extra.unlink()
         ingested.materialize(["clip_threshold"])
+
+
+def test_duplicate_files_odd_entries_and_truncated_bodies_leave_the_shard_complete(ingested):
+    """Issue 20 (2, 3, 4, 10): 90036063.jpg + .png + 090036063.jpg, a link loop, a folder
+    named like an image, a dangling link and half a JPEG: one row per id, every entry a
+    status, the shard stored, the unique_ids check's warning recorded."""
+    import io
+    import os
+
+    shard = ingested.shards[4]
+    folder = ingested.root / "original" / shard
+    source = next(p for p in sorted(folder.iterdir()) if p.suffix == ".jpg")
+    image_id = int(source.stem)
+    png = io.BytesIO()
+    Image.open(source).save(png, format="PNG")
+    added = [folder / f"{image_id}.png", folder / f"0{image_id}.jpg"]
+    added[0].write_bytes(png.getvalue())
+    added[1].write_bytes(source.read_bytes())
+    base = int(shard) + 1000 * 980  # unused ids of this bucket
+    loop, dangling, directory, half = (folder / f"{base + 1000 * k}.jpg" for k in range(4))
+    os.symlink(loop, loop)
+    os.symlink(folder / "nothing-here.jpg", dangling)
+    directory.mkdir()
+    data = source.read_bytes()
+    half.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    save_settings(ingested.settings_path, set_setting(CurationSettings(), "prefilter.mode", "off"))
+    try:
+        result = ingested.materialize(INGEST, shard)
+        index = ingested.table("shard_index", shard).set_index("rel_path")
+        rel = f"original/{shard}/"
+        assert index.loc[rel + source.name, "status"] in ("ok", "no_metadata")
+        assert index.loc[rel + added[0].name, "status"] == "duplicate_file"
+        assert index.loc[rel + added[1].name, "problem"].endswith(f"{rel}{source.name} is read")
+        assert index.loc[rel + loop.name, "status"] == "link_loop"
+        assert index.loc[rel + dangling.name, "status"] == "broken_link"
+        assert index.loc[rel + directory.name, "status"] == "not_a_file"
+        meta = ingested.metadata(result, "shard_index")
+        assert (meta["status_duplicate_file"], meta["status_link_loop"], meta["status_broken_link"],
+                meta["status_not_a_file"]) == (2, 1, 1, 1)
+        emb = ingested.table("clip_embeddings", shard)
+        assert not emb["image_id"].duplicated().any()
+        assert emb.set_index("image_id").loc[image_id, "status"] == "ok"
+        assert emb.set_index("image_id").loc[base + 3000, "status"].startswith("unreadable: truncated")
+        assert ingested.metadata(result, "clip_embeddings")["truncated"] == 1
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert not checks["unique_ids"].passed and checks["unique_ids"].severity.value == "WARN"
+
+        from danbooru_assets.cli import failed_check_lines
+
+        assert any("shard_index:unique_ids failed (warn)" in line for line in failed_check_lines(result))
+    finally:
+        ingested.settings_path.unlink(missing_ok=True)
+        for path in [*added, loop, dangling, half]:
+            path.unlink()
+        directory.rmdir()
+        ingested.materialize(INGEST, shard)

@@ -78,6 +78,7 @@ def clip_embeddings_and_image_stats(
     from danbooru_assets.clip.image_pass import embed_images_with_stats
     from danbooru_assets.clip.image_stats import image_stats_frame
     from danbooru_assets.core.embeddings import embedding_column
+    from danbooru_assets.core.images import TRUNCATED
     from danbooru_assets.core.progress import ThroughputLogger
     from danbooru_assets.dataset.prefilter import decode_candidates
 
@@ -161,6 +162,8 @@ def clip_embeddings_and_image_stats(
             "encoded": len(todo),
             "reused": 0 if reused_emb is None else len(reused_emb),
             "unreadable": int((embeddings_table["status"] != "ok").sum()),
+            # Of those, the files whose data ends before their pixels do (core.images).
+            "truncated": int(embeddings_table["status"].str.startswith(f"unreadable: {TRUNCATED}").sum()),
             "readable": len(ok_stats),
             "greyscale": int(ok_stats["is_greyscale"].sum()),
             # Usable images the metadata prefilter (skip mode) kept from the decoder.
@@ -175,7 +178,7 @@ def clip_embeddings_and_image_stats(
     loop = ShardLoop(context, "clip_embeddings")
     results = loop.run(assemble_shard, keep_on_failure=keep)
     common = {
-        **loop.metadata(["images", "encoded", "reused", "unreadable", "never_decoded_prefiltered"]),
+        **loop.metadata(["images", "encoded", "reused", "unreadable", "truncated", "never_decoded_prefiltered"]),
         "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
     }
     yield dg.Output(
