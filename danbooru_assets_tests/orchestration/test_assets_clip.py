@@ -346,3 +346,34 @@ def test_duplicate_files_odd_entries_and_truncated_bodies_leave_the_shard_comple
             path.unlink()
         directory.rmdir()
         ingested.materialize(INGEST, shard)
+
+
+def test_a_truncated_stored_table_is_set_aside_and_recomputed_from_the_images(ingested):
+    """Issue 20 (5): a truncated clip_embeddings/<shard>.parquet failed every run, naming
+    the shard but not the file. Now: moved aside, named, recomputed; a damaged cheap
+    table read as an input names its file and how it is mended."""
+    shard = ingested.shards[5]
+    emb_path = ingested.storage.asset_path("clip_embeddings", shard)
+    before = ingested.table("clip_embeddings", shard)
+    emb_path.write_bytes(emb_path.read_bytes()[: emb_path.stat().st_size // 2])
+    try:
+        result = ingested.materialize(INGEST, shard)
+        meta = ingested.metadata(result, "clip_embeddings")
+        assert meta["damaged_tables_set_aside"] == 1 and str(emb_path) in meta["damaged_tables"]
+        assert meta["reused"] == 0 and meta["encoded"] == meta["images"] == len(before)
+        after = ingested.table("clip_embeddings", shard)
+        assert after["image_id"].tolist() == before["image_id"].tolist()
+        assert after["status"].tolist() == before["status"].tolist()
+        assert ingested.table("image_stats", shard)["image_id"].tolist() == before["image_id"].tolist()
+        # A cheap table, damaged, read by the next asset: the file is named with the cure.
+        scores = ingested.storage.asset_path("clip_scores", shard)
+        scores.write_bytes(b"")
+        failed = ingested.materialize(["clip_subset"], shard, raise_on_error=False)
+        assert not failed.success
+        message = next(e for e in failed.all_events if e.is_step_failure).step_failure_data.error.message
+        assert str(scores) in message and "materialize clip_scores for shard" in message
+        ingested.materialize(["clip_scores", "clip_subset"], shard)  # the cure
+        assert len(ingested.table("clip_scores", shard)) > 0
+    finally:
+        for moved in emb_path.parent.glob(f"{emb_path.name}.damaged-*"):
+            moved.unlink()
