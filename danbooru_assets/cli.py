@@ -134,6 +134,15 @@ def run_main_job(args: argparse.Namespace) -> int:
         f"Dagster instance in {home}"
     )
     instance = dg.DagsterInstance.get()
+    from danbooru_assets.orchestration.stale_runs import (
+        cli_run_tags,
+        new_run_id,
+        recover_dead_runs,
+        reporting_pool_waits,
+    )
+
+    # A killed earlier run must not keep its pool slot: nothing else frees it here.
+    recover_dead_runs(instance, say=print)
     # The settings sections' data versions, so the UI can tell when a later edit makes
     # these materializations stale.
     for observation in section_observations(settings, "danbooru-assets run"):
@@ -152,9 +161,12 @@ def run_main_job(args: argparse.Namespace) -> int:
             print(f"== {job.name} ({len(runs)} run{'s' if len(runs) > 1 else ''})", flush=True)
             for tags in runs:
                 t0 = time.perf_counter()
-                result = job_def.execute_in_process(
-                    run_config=run_config, instance=instance, tags=tags, raise_on_error=False
-                )
+                run_id = new_run_id()
+                with reporting_pool_waits(instance, run_id, say=lambda line: print(line, flush=True)):
+                    result = job_def.execute_in_process(
+                        run_config=run_config, instance=instance, tags={**tags, **cli_run_tags()},
+                        raise_on_error=False, run_id=run_id,
+                    )
                 label = f"shards {tags['dagster/asset_partition_range_start']}..{tags['dagster/asset_partition_range_end']}" if tags else job.name
                 took = time.perf_counter() - t0
                 if not result.success:
