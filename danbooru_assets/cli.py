@@ -169,14 +169,13 @@ def run_main_job(args: argparse.Namespace) -> int:
                     )
                 label = f"shards {tags['dagster/asset_partition_range_start']}..{tags['dagster/asset_partition_range_end']}" if tags else job.name
                 took = time.perf_counter() - t0
+                checks = failed_check_lines(result)  # printed whether the run failed or not
                 if not result.success:
                     failure = next((e for e in result.all_events if e.is_step_failure), None)
                     reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the UI"
-                    print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
+                    print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}", *checks, sep="\n")
                     return 1
-                print(f"  {label}: {_materialized_summary(result)} ({took:.1f}s)", flush=True)
-                for line in failed_check_lines(result):
-                    print(line, flush=True)
+                print(f"  {label}: {_materialized_summary(result)} ({took:.1f}s)", *checks, sep="\n", flush=True)
     finally:
         progress_logger.removeHandler(bar)
     print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dg dev` or `dagster dev` (DAGSTER_HOME={home})")
