@@ -37,7 +37,7 @@ from danbooru_assets.orchestration.stale_runs import cli_run_tags
 
 @dg.asset(pool="gpu")
 def pool_step(context) -> None:
-    Path(os.environ["POOL_MARKER"]).write_text(context.run_id)
+    Path(os.environ["POOL_MARKER"]).write_text(context.run.run_id)
     time.sleep(float(os.environ.get("POOL_SLEEP", "0")))
 
 defs = dg.Definitions(assets=[pool_step], jobs=[dg.define_asset_job("pool_job", [pool_step])])
