@@ -41,6 +41,20 @@ def _materialized_summary(result) -> str:
     return ", ".join(f"{k}={v}" if v is not None else k for k, v in rows.items())
 
 
+def failed_check_lines(result) -> list[str]:
+    """One line per failed asset check of a run (what the UI shows on the asset's checks)."""
+    lines = []
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        severity = getattr(evaluation.severity, "value", str(evaluation.severity)).lower()
+        why = evaluation.description or ", ".join(
+            f"{k}={getattr(v, 'value', v)}" for k, v in list(evaluation.metadata.items())[:3]
+        )
+        lines.append(f"    check {evaluation.asset_key.to_user_string()}:{evaluation.check_name} failed ({severity}): {why}")
+    return lines
+
+
 class ProgressBar(logging.Handler):
     """Draws the shard loop's progress records (``danbooru_assets.progress``) as one line
     that updates in place on a terminal, and as a line every few seconds elsewhere."""
@@ -72,6 +86,13 @@ class ProgressBar(logging.Handler):
 
 def run_main_job(args: argparse.Namespace) -> int:
     from danbooru_assets import config
+    from danbooru_assets.core.shards import parse_shard_list
+
+    try:  # checked before anything is generated or started
+        chosen = parse_shard_list(args.shards) if args.shards is not None else None
+    except ValueError as exc:
+        print(f"error: --shards {args.shards}: {exc}", file=sys.stderr)
+        return 2
 
     home = config.ensure_dagster_home()
     config.set_planned_events_default()
@@ -116,7 +137,7 @@ def run_main_job(args: argparse.Namespace) -> int:
     except DatasetRootError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    shards = args.shards.split(",") if args.shards else dataset.shards_with_images()
+    shards = chosen if chosen is not None else dataset.shards_with_images()
     if not shards:
         print(f"error: no shard folders with images under {dataset.root_path / dataset.image_folder}", file=sys.stderr)
         return 2
@@ -130,6 +151,15 @@ def run_main_job(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get()
     asset_keys = output_asset_keys(defs.assets or [])
     outputs: dict[str, dict] = {}
+    from danbooru_assets.orchestration.stale_runs import (
+        cli_run_tags,
+        new_run_id,
+        recover_dead_runs,
+        reporting_pool_waits,
+    )
+
+    # A killed earlier run must not keep its pool slot: nothing else frees it here.
+    recover_dead_runs(instance, say=print)
     # The settings sections' data versions, so the UI can tell when a later edit makes
     # these materializations stale.
     for observation in section_observations(settings, "danbooru-assets run"):
@@ -149,19 +179,23 @@ def run_main_job(args: argparse.Namespace) -> int:
             print(f"== {job.name} ({len(runs)} run{'s' if len(runs) > 1 else ''})", flush=True)
             for tags in runs:
                 t0 = time.perf_counter()
-                result = job_def.execute_in_process(
-                    run_config=run_config, instance=instance, tags=tags, raise_on_error=False
-                )
+                run_id = new_run_id()
+                with reporting_pool_waits(instance, run_id, say=lambda line: print(line, flush=True)):
+                    result = job_def.execute_in_process(
+                        run_config=run_config, instance=instance, tags={**tags, **cli_run_tags()},
+                        raise_on_error=False, run_id=run_id,
+                    )
                 label = f"shards {tags['dagster/asset_partition_range_start']}..{tags['dagster/asset_partition_range_end']}" if tags else job.name
                 took = time.perf_counter() - t0
+                checks = failed_check_lines(result)  # printed whether the run failed or not
                 if not result.success:
                     failure = next((e for e in result.all_events if e.is_step_failure), None)
                     reason = failure.step_failure_data.error.message.strip() if failure else "see the run in the UI"
-                    print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}")
+                    print(f"  {label}: FAILED after {took:.1f}s (run {result.run_id})\n{reason}", *checks, sep="\n")
                     return 1
                 summary = stage_summary(result, asset_keys)
                 outputs.update(summary.metadata)
-                print(f"  {label}: {summary.line() or _materialized_summary(result)} ({took:.1f}s)", flush=True)
+                print(f"  {label}: {summary.line() or _materialized_summary(result)} ({took:.1f}s)", *checks, sep="\n", flush=True)
                 if not args.verbose:
                     for line in warning_lines(instance, result.run_id):
                         print(f"    {line}")

@@ -143,3 +143,28 @@ def test_run_with_a_broken_settings_file_stops_in_one_line(tmp_path: Path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: settings file {settings}: not valid YAML at line 2 ('keep_fraction: [1'): expected ',' or ']', but got '<stream end>'"]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("9999", "'9999' is not a shard; expected comma-separated four-digit shard keys from 0000 to 0999"),
+        ("63", "'63' is not a shard (did you mean 0063?); expected comma-separated four-digit"),
+        ("../../etc", "'../../etc' is not a shard; expected"),
+        ("0042,,0107", "'' is not a shard"),
+        ("", "'' is not a shard"),
+    ],
+)
+def test_run_refuses_bad_shards_in_one_line(tmp_path: Path, monkeypatch, capsys, value, expected):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DANBOORU_ROOT", str(tmp_path))
+    assert main(["run", "--shards", value]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(f"error: --shards {value}: ") and err.count("\n") == 1 and expected in err
+    assert "Traceback" not in err and not (tmp_path / "home").exists()
+
+
+def test_shard_list_parses_the_valid_form():
+    from danbooru_assets.core.shards import parse_shard_list
+
+    assert parse_shard_list("0107, 0042,0107") == ["0042", "0107"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from pydantic import BaseModel
 
 from danbooru_assets.settings import (
     CurationSettings,
@@ -328,3 +329,58 @@ def test_settings_file_at_a_url_round_trips(tmp_path):
     fs.pipe(url, b"clip:\n  keep_fraction: 7\n")
     with pytest.raises(SettingsError, match=rf"settings file {url}: clip.keep_fraction"):
         load_settings(url)
+
+
+def _number_keys() -> list[str]:
+    """Every dotted key whose value is a number or a list of numbers."""
+    from danbooru_assets.settings import _takes_numbers
+
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from walk(field.annotation, f"{prefix}{name}.")
+            elif _takes_numbers(field.annotation):
+                yield prefix + name
+
+    return list(walk(CurationSettings))
+
+
+@pytest.mark.parametrize("key", _number_keys())
+@pytest.mark.parametrize("value", ["true", "yes", "false", "off"])
+def test_numbers_refuse_booleans(key: str, value: str, tmp_path: Path):
+    # YAML reads these as booleans; pydantic's lax mode would save 1.0 and 0.0.
+    shown = f"[{value}]" if key == "quality.round_fractions" else value
+    with pytest.raises(SettingsError) as exc:
+        set_setting(CurationSettings(), key, shown)
+    assert f"{key}: Input should be a number, not a boolean" in str(exc.value)
+    *sections, leaf = key.split(".")
+    text = "".join(f"{'  ' * depth}{name}:\n" for depth, name in enumerate(sections))
+    assert load_error(write(tmp_path, text + f"{'  ' * len(sections)}{leaf}: {shown}\n")).key == key
+
+
+def test_number_keys_cover_the_known_cases():
+    assert {"clip.keep_fraction", "dedup.threshold", "pose.min_confidence", "quality.round_fractions",
+            "prefilter.min_score", "clip.image_rules.min_side"} <= set(_number_keys())
+    assert "pose.check_left_right" not in _number_keys()
+
+
+class _CountingStr(str):
+    comparisons = 0
+
+    def __eq__(self, other):
+        type(self).comparisons += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+def test_prompt_validation_is_linear():
+    from danbooru_assets.settings import _checked_names
+
+    names = [_CountingStr(f"prompt {i}") for i in range(2000)]
+    _CountingStr.comparisons = 0
+    assert _checked_names(names, list(names), "prompt") == names
+    # One set and one count: a few comparisons per name, not one per pair (4 million).
+    assert _CountingStr.comparisons <= 10 * len(names)
+    with pytest.raises(ValueError, match="prompt listed twice: prompt 7"):
+        _checked_names([*names, "prompt 7"], [*names, "prompt 7"], "prompt")

@@ -86,10 +86,12 @@ def register_demo_model() -> None:
     with _register_lock:
         if _demo_registered and DEMO_MODEL_NAME in open_clip.list_models():
             return
-        # open_clip registers configs from files; the file stem is the model name.
-        folder = Path(tempfile.mkdtemp(prefix="danbooru_clip_configs_"))
-        (folder / f"{DEMO_MODEL_NAME}.json").write_text(json.dumps(DEMO_MODEL_CONFIG))
-        open_clip.add_model_config(folder)
+        # open_clip registers configs from files (the file stem is the model name) and
+        # reads them at once into its registry, so the folder goes when registered; its
+        # later rescans skip a path that no longer exists.
+        with tempfile.TemporaryDirectory(prefix="danbooru_clip_configs_") as folder:
+            (Path(folder) / f"{DEMO_MODEL_NAME}.json").write_text(json.dumps(DEMO_MODEL_CONFIG))
+            open_clip.add_model_config(folder)
         _demo_registered = True
 
 

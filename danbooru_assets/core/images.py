@@ -15,6 +15,11 @@ the shard index reads sizes; both follow the same rules:
   when needed to fit the limit, so a 1500 px file for a 224 px model decodes at ~375 px;
   other formats decode whole, so over the limit they are never decoded
   (:class:`ImageDecodeError` with status ``too_large``).
+- **Truncated data** is ``unreadable`` with a reason starting ``truncated``, never a
+  decoded image: Pillow's errors (``LOAD_TRUNCATED_IMAGES`` stays off), a JPEG whose size
+  cannot hold the pixels its header declares (:func:`jpeg_data_shortfall`), and a JPEG cut
+  short before its end marker, which libjpeg fills with grey in silence
+  (:func:`jpeg_missing_rows`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ ORIENTATION_TRANSPOSE = {
     8: Image.Transpose.ROTATE_90,
 }
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# The reason of every file whose data ends before its pixels do ("unreadable: truncated…").
+TRUNCATED = "truncated"
+# libjpeg gives the blocks a scan lacks (data cut short, then an end marker) all-zero
+# coefficients, which decode to exactly this mid-grey; Pillow reports nothing.
+JPEG_MISSING_FILL = 128
 
 
 class ImageDecodeError(OSError):
@@ -168,7 +178,60 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 
 def _reason(exc: BaseException, path: Path) -> str:
     # Statuses are grouped and counted, so the reason does not repeat the file name.
-    return str(exc).replace(str(path), "<file>").strip() or type(exc).__name__
+    text = str(exc).replace(str(path), "<file>").strip() or type(exc).__name__
+    # Pillow's "image file is truncated (…)" (LOAD_TRUNCATED_IMAGES off, as here) and
+    # friends: one reason for every cut-short file.
+    return f"{TRUNCATED}: {text}" if "truncated" in text.lower() else text
+
+
+def jpeg_data_shortfall(file_bytes: int, width: int, height: int) -> str:
+    """Why ``file_bytes`` cannot hold a JPEG of ``width`` x ``height`` ("" when it can).
+
+    Every 8x8 block of the first component costs at least one bit (the shortest Huffman
+    code of its DC value), so fewer bytes than blocks / 8 is a header claiming pixels the
+    file does not hold (a 12000x12000 header over a 536x395 image's data)."""
+    least = -(-int(width) // 8) * -(-int(height) // 8) // 8
+    if int(file_bytes) >= least:
+        return ""
+    return (f"{TRUNCATED}: {int(file_bytes):,} bytes cannot hold the {width}x{height} pixels the header declares "
+            f"(at least {least:,} bytes)")
+
+
+def jpeg_missing_rows(img: Image.Image, stored_height: int) -> int:
+    """Rows at the bottom of a decoded JPEG that are libjpeg's fill for missing data (0
+    when none): exact :data:`JPEG_MISSING_FILL` grey, in the shape a cut leaves.
+
+    Blocks are coded MCU row by MCU row, left to right, so a scan cut short leaves the
+    rest of its MCU row grey from the cut to the right edge, then every later MCU row
+    grey: a grey band of whole MCU rows at the bottom with a grey step at the right end of
+    the row above it. A picture whose own bottom rows are flat mid-grey (128, 128, 128)
+    has no such step and is decoded. Not recognised: a cut that falls exactly at the start
+    of an MCU row (its band has no step; the size check may still catch it), and a
+    progressive JPEG cut in a later scan (it decodes blurred, not grey)."""
+    if img.mode not in ("RGB", "L") or not img.height or not img.width:
+        return 0
+    layers = getattr(img, "layer", None) or []
+    h_max = max((layer[1] for layer in layers), default=1) or 1
+    v_max = max((layer[2] for layer in layers), default=1) or 1
+    scale = max(1, round(stored_height / img.height))
+    mcu_rows = max(1, -(-8 * v_max // scale))
+    mcu_cols = max(1, -(-8 * h_max // scale))
+    pixels = np.asarray(img)
+    if img.height < mcu_rows or not (pixels[-mcu_rows:] == JPEG_MISSING_FILL).all():
+        return 0
+    flat = (pixels == JPEG_MISSING_FILL).reshape(img.height, -1).all(axis=1)
+    grey_rows = int(img.height - np.flatnonzero(~flat)[-1] - 1) if (~flat).any() else img.height
+    top = img.height - grey_rows
+    if top == 0:  # nothing but the fill
+        return grey_rows
+    # Subsampled chroma is upsampled smoothly: the content's colour bleeds one pixel row
+    # into the grey below and above it.
+    bleed = 1 if v_max > 1 and mcu_rows > 1 else 0
+    if top % mcu_rows > bleed:  # a cut's band starts where an MCU row does (they count from the top)
+        return 0
+    top -= top % mcu_rows
+    above = pixels[max(0, top - mcu_rows + bleed): top, -mcu_cols:]
+    return grey_rows if above.size and (above == JPEG_MISSING_FILL).all() else 0
 
 
 def read_image_header(path: Path | str) -> ImageHeader:
@@ -208,7 +271,8 @@ def open_image_rgb(
     """
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        file_bytes = path.stat().st_size
+        if file_bytes == 0:
             raise ImageDecodeError(path, "zero-byte file")
         with Image.open(path) as img:
             orientation = exif_orientation(img)
@@ -217,6 +281,9 @@ def open_image_rgb(
             problem = size_problem(stored[0], stored[1], jpeg, max_pixels)
             if problem:
                 raise ImageDecodeError(path, problem, STATUS_TOO_LARGE)
+            shortfall = jpeg_data_shortfall(file_bytes, *stored) if jpeg else ""
+            if shortfall:
+                raise ImageDecodeError(path, shortfall)
             if jpeg:
                 scale = _jpeg_draft_scale(stored[0], stored[1], target_short_side, max_pixels)
                 if scale > 1:
@@ -228,6 +295,12 @@ def open_image_rgb(
                     f"{max_pixels:,} (max_pixels)", STATUS_TOO_LARGE,
                 )
             img.load()
+            missing = jpeg_missing_rows(img, stored[1]) if jpeg else 0
+            if missing:
+                raise ImageDecodeError(
+                    path, f"{TRUNCATED}: the last {missing} of {img.height} decoded rows are the decoder's grey fill "
+                    "for data the file lacks",
+                )
             rgb = to_rgb8(img)
             if rgb is img:
                 rgb = img.copy()  # detached from the file the context manager closes

@@ -22,6 +22,7 @@ import re
 import tarfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
@@ -32,6 +33,8 @@ if TYPE_CHECKING:  # loaded where used: loading the code location imports neithe
     import pyarrow as pa
 
 PARQUET_SUFFIX = ".parquet"
+# A damaged table set aside: ``0065.parquet.damaged-20261203T185300Z``.
+DAMAGED_INFIX = ".damaged-"
 
 
 # A temporary file untouched this long was left by a writer that died (see the module doc).
@@ -164,20 +167,70 @@ def write_bytes(path: UPath | Path | str, data: bytes) -> None:
     _atomic_write(path, write_local, lambda: data)
 
 
+class DamagedTableError(ValueError):
+    """A stored table that exists but cannot be read as Parquet (cut short, zero bytes,
+    overwritten by something else); the message names the file."""
+
+    def __init__(self, path: UPath | Path | str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: damaged, not a readable Parquet table ({reason})")
+
+
 def read_arrow(path: UPath | Path | str, columns: list[str] | None = None) -> pa.Table:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     # ParquetFile skips the dataset layer of read_table: ~4x less fixed cost per file,
     # which matters for 1,000 small shard files.
     path = UPath(path)
-    if is_local(path):
-        return pq.ParquetFile(str(path.path)).read(columns=columns)
-    with path.open("rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)
+    try:
+        if is_local(path):
+            return pq.ParquetFile(str(path.path)).read(columns=columns)
+        with path.open("rb") as f:
+            return pq.ParquetFile(f).read(columns=columns)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as exc:  # pyarrow names neither the file nor what to do
+        raise DamagedTableError(path, str(exc).strip() or type(exc).__name__) from exc
 
 
 def read_parquet(path: UPath | Path | str, columns: list[str] | None = None) -> pd.DataFrame:
     return read_arrow(path, columns).to_pandas()
+
+
+@dataclass
+class SetAside:
+    """A damaged stored table renamed out of the way (see :func:`read_or_set_aside`)."""
+
+    path: str
+    moved_to: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path} could not be read ({self.reason}); moved aside to {Path(self.moved_to).name}, recomputing"
+
+
+def read_or_set_aside(
+    path: UPath | Path | str, columns: list[str] | None = None
+) -> tuple[pd.DataFrame | None, SetAside | None]:
+    """A stage's own stored table, to reuse its rows: ``(table, None)``; ``(None, None)``
+    when there is none. A damaged one (:class:`DamagedTableError`) is renamed to
+    ``<name>.damaged-<UTC time>`` beside it, never deleted and never read again (no
+    reader lists that name), and ``(None, SetAside)`` says so: the caller computes the
+    shard afresh and names the file in its log and metadata."""
+    path = UPath(path)
+    if not path.exists():
+        return None, None
+    try:
+        return read_parquet(path, columns), None
+    except DamagedTableError as exc:
+        moved = path.with_name(f"{path.name}{DAMAGED_INFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        if is_local(path):
+            os.replace(path.path, moved.path)
+        else:
+            path.fs.mv(path.path, moved.path)
+        return None, SetAside(str(path), str(moved), exc.reason)
 
 
 def remove_stale_temp_files(
@@ -254,7 +307,11 @@ class ShardTables(Mapping[str, "pd.DataFrame"]):
         if shard in self.keys_with_data:
             try:
                 return read_parquet(self.path(shard), columns)
-            except Exception as exc:  # a corrupt or truncated table: say which file
+            except DamagedTableError as exc:  # say which file, and how it is mended
+                raise DamagedTableError(
+                    exc.path, f"{exc.reason}; materialize {self.asset} for shard {shard} again to recompute it"
+                ) from exc
+            except Exception as exc:
                 raise ValueError(f"{self.path(shard)}: cannot read {self.asset} of shard {shard}: {exc}") from exc
         if shard in self.missing and self.keys_with_data:
             if self._empty is None:  # the schema of a stored shard, read once

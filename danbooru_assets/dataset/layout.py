@@ -7,9 +7,11 @@ digits, and JSON-lines metadata under ``<root>/metadata/``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,32 @@ IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp"})
 
 class DatasetRootError(FileNotFoundError):
     pass
+
+
+# What a shard folder entry that is not a readable regular file is, and why.
+ENTRY_LINK_LOOP = "link_loop"
+ENTRY_BROKEN_LINK = "broken_link"
+ENTRY_NOT_A_FILE = "not_a_file"
+ENTRY_PROBLEMS = {
+    ENTRY_LINK_LOOP: "a symbolic link loop (too many levels of symbolic links)",
+    ENTRY_BROKEN_LINK: "a symbolic link to nothing (its target does not exist)",
+    ENTRY_NOT_A_FILE: "not a regular file (a folder, pipe or socket)",
+}
+
+
+def classify_entry(entry: os.DirEntry) -> tuple[str, os.stat_result | None]:
+    """``("", stat)`` for a regular file or a link to one, else ``(kind, None)`` with kind
+    one of :data:`ENTRY_PROBLEMS`. ``DirEntry.is_file`` says False for a dangling link and
+    raises for a loop; both are told apart here so neither vanishes from the index."""
+    try:
+        st = entry.stat()  # follows links
+    except FileNotFoundError:
+        return (ENTRY_BROKEN_LINK if entry.is_symlink() else ENTRY_NOT_A_FILE), None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return ENTRY_LINK_LOOP, None
+        raise
+    return ("", st) if stat.S_ISREG(st.st_mode) else (ENTRY_NOT_A_FILE, None)
 
 
 def resolve_inside(root: Path | str, rel_path: str) -> Path:
@@ -51,6 +79,10 @@ class ShardFiles:
     file_bytes: np.ndarray  # int64
     mtime: np.ndarray  # float64
     is_link: np.ndarray  # bool: the directory entry is a symbolic link
+    # Per entry: "" for a regular file (or a link to one), else why it is no file to read:
+    # one of ENTRY_PROBLEMS' keys (a folder or a link loop named like an image is listed,
+    # never skipped in silence).
+    not_a_file: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.name)
@@ -103,8 +135,10 @@ class DatasetLayout:
         return ""
 
     def scan_shard(self, shard: str) -> ShardFiles:
-        """Every regular file in the shard's bucket folder: one ``scandir`` pass, one
-        ``stat`` per file (size, mtime), nothing opened."""
+        """Every entry of the shard's bucket folder but hidden ones: one ``scandir`` pass,
+        one ``stat`` per entry (size, mtime), nothing opened. An entry that is no regular
+        file (a folder, a dangling link, a link loop) is listed with size and mtime 0 and
+        its kind in ``not_a_file``."""
         import numpy as np
 
         folder = self.image_dir(shard)
@@ -112,16 +146,18 @@ class DatasetLayout:
         sizes: list[int] = []
         mtimes: list[float] = []
         links: list[bool] = []
+        kinds: list[str] = []
         if folder.is_dir():
             with os.scandir(folder) as entries:
                 for entry in entries:
-                    if entry.name.startswith(".") or not entry.is_file():
+                    if entry.name.startswith("."):
                         continue
-                    st = entry.stat()
+                    kind, st = classify_entry(entry)
                     names.append(entry.name)
-                    sizes.append(st.st_size)
-                    mtimes.append(st.st_mtime)
+                    sizes.append(st.st_size if st is not None else 0)
+                    mtimes.append(st.st_mtime if st is not None else 0.0)
                     links.append(entry.is_symlink())  # from the directory entry: no extra syscall
+                    kinds.append(kind)
         stems = [n.partition(".")[0] for n in names]
         ids = np.array([int(s) if s.isdigit() else -1 for s in stems], dtype=np.int64)
         # By id, then name (123.jpg before 123.png); files without an id last.
@@ -134,6 +170,7 @@ class DatasetLayout:
             file_bytes=np.array(sizes, dtype=np.int64)[order] if names else np.zeros(0, dtype=np.int64),
             mtime=np.array(mtimes, dtype=np.float64)[order] if names else np.zeros(0, dtype=np.float64),
             is_link=np.array(links, dtype=bool)[order] if names else np.zeros(0, dtype=bool),
+            not_a_file=[kinds[i] for i in order],
         )
 
     def shards_with_images(self) -> list[str]:
@@ -179,6 +216,6 @@ class DatasetLayout:
         for name in names:
             try:
                 newest = max(newest, os.stat(folder / name).st_mtime_ns)
-            except FileNotFoundError:  # removed between listdir and stat
+            except OSError:  # removed between listdir and stat, a dangling link, a link loop
                 continue
         return {"files": len(names), "dir_mtime": dir_mtime, "newest_mtime": newest}

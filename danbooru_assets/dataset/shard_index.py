@@ -21,7 +21,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from danbooru_assets.dataset.layout import IMAGE_EXTENSIONS, DatasetLayout
+from danbooru_assets.dataset.layout import (
+    ENTRY_BROKEN_LINK,
+    ENTRY_LINK_LOOP,
+    ENTRY_NOT_A_FILE,
+    ENTRY_PROBLEMS,
+    IMAGE_EXTENSIONS,
+    DatasetLayout,
+)
 from danbooru_assets.core.images import (
     STATUS_TOO_LARGE as DECODE_TOO_LARGE,
     ImageDecodeError,
@@ -33,9 +40,16 @@ from danbooru_assets.core.images import (
 from danbooru_assets.dataset.metadata import METADATA_COLUMNS, empty_metadata_frame, last_row_per_id, metadata_arrow_schema
 from danbooru_assets.core.shards import NUM_SHARDS, shard_key
 
-# A row carries the first status that applies, in this order: outside_root, wrong_shard,
-# zero_bytes, unknown_extension, unreadable_header / too_large, no_metadata, ok.
+# A row carries the first status that applies, in this order: link_loop / broken_link /
+# not_a_file, outside_root, wrong_shard, zero_bytes, unknown_extension, unreadable_header /
+# too_large, no_metadata, duplicate_file, ok.
 STATUS_OK = "ok"
+STATUS_LINK_LOOP = ENTRY_LINK_LOOP  # a symbolic link loop named like an image
+STATUS_BROKEN_LINK = ENTRY_BROKEN_LINK  # a symbolic link whose target does not exist
+STATUS_NOT_A_FILE = ENTRY_NOT_A_FILE  # a folder (or pipe, socket) named like an image
+# Another file of the same id in the same folder (90036063.jpg + .png + 090036063.jpg) is
+# the one read (chosen_file); this row's problem names it.
+STATUS_DUPLICATE_FILE = "duplicate_file"
 STATUS_OUTSIDE_ROOT = "outside_root"  # a symbolic link (or folder) leading out of the dataset root: never read
 STATUS_WRONG_SHARD = "wrong_shard"  # id % 1000 is another bucket: not read (its own bucket is where it belongs)
 STATUS_ZERO_BYTES = "zero_bytes"
@@ -45,8 +59,12 @@ STATUS_TOO_LARGE = "too_large"  # over the dataset layout's max_pixels: never de
 STATUS_NO_METADATA = "no_metadata"
 STATUSES = (
     STATUS_OK, STATUS_NO_METADATA, STATUS_UNREADABLE_HEADER, STATUS_TOO_LARGE, STATUS_UNKNOWN_EXTENSION,
-    STATUS_ZERO_BYTES, STATUS_WRONG_SHARD, STATUS_OUTSIDE_ROOT,
+    STATUS_ZERO_BYTES, STATUS_WRONG_SHARD, STATUS_OUTSIDE_ROOT, STATUS_DUPLICATE_FILE, STATUS_LINK_LOOP,
+    STATUS_BROKEN_LINK, STATUS_NOT_A_FILE,
 )
+# Which file of an id is read when its folder holds several (see chosen_files): after the
+# metadata's file_ext, extensions in this order.
+EXTENSION_PREFERENCE = ("jpg", "png", "webp", "gif", "bmp")
 # Rows with these statuses hold a decodable-looking image; later stages read them.
 USABLE_STATUSES = (STATUS_OK, STATUS_NO_METADATA)
 
@@ -91,6 +109,39 @@ def _outside_root(dataset: DatasetLayout, shard: str, rel_path: np.ndarray, is_l
     return outside, problems
 
 
+def chosen_files(ids: np.ndarray, names: list[str], norm_ext: np.ndarray, meta_ext: np.ndarray,
+                 candidate: np.ndarray) -> np.ndarray:
+    """For rows that share an id, the row each one defers to (-1: none, it is read).
+
+    Among an id's ``candidate`` rows (readable so far) one is read, by this rule, first
+    difference wins: its extension is the metadata's ``file_ext``; its name is the id's
+    plain spelling (``90036063.jpg``, not ``090036063.jpg``); its extension comes first in
+    :data:`EXTENSION_PREFERENCE`; its name sorts first."""
+    defer = np.full(len(ids), -1, dtype=np.int64)
+    rows = np.flatnonzero(candidate)
+    if len(rows) < 2:
+        return defer
+    unique, counts = np.unique(ids[rows], return_counts=True)
+    repeated = rows[np.isin(ids[rows], unique[counts > 1])]
+    by_id: dict[int, list[int]] = {}
+    for i in repeated:
+        by_id.setdefault(int(ids[i]), []).append(int(i))
+    rank = {e: n for n, e in enumerate(EXTENSION_PREFERENCE)}
+    for image_id, group in by_id.items():
+        def key(i: int):
+            return (
+                norm_ext[i] != meta_ext[i],
+                names[i].partition(".")[0] != str(image_id),
+                rank.get(norm_ext[i], len(rank)),
+                names[i],
+            )
+        best = min(group, key=key)
+        for i in group:
+            if i != best:
+                defer[i] = best
+    return defer
+
+
 def build_shard_index(
     dataset: DatasetLayout, shard: str, metadata: pa.Table | pd.DataFrame | None
 ) -> tuple[pd.DataFrame, ShardIndexReport]:
@@ -118,6 +169,8 @@ def build_shard_index(
     file_bytes = files.file_bytes[named]
     mtime = files.mtime[named]
     is_link = files.is_link[named]
+    not_a_file = np.array([k for k, ok in zip(files.not_a_file, named) if ok], dtype=object)
+    names = [n for n, ok in zip(files.name, named) if ok]
 
     # Join by id: metadata is sorted by id, so a binary search finds each file's row.
     if len(meta_ids):
@@ -150,16 +203,21 @@ def build_shard_index(
     status = np.full(n, STATUS_OK, dtype=object)
     problem = np.full(n, "", dtype=object)
 
-    outside, outside_problems = _outside_root(dataset, shard, rel_path, is_link)
+    # Nothing to read at all: a folder, a dangling link, a link loop named like an image.
+    entry_bad = not_a_file != "" if n else np.zeros(0, dtype=bool)
+    status[entry_bad] = not_a_file[entry_bad]
+    problem[entry_bad] = [ENTRY_PROBLEMS[k] for k in not_a_file[entry_bad]]
+    outside, outside_problems = _outside_root(dataset, shard, rel_path, is_link & ~entry_bad)
+    outside &= ~entry_bad
     status[outside], problem[outside] = STATUS_OUTSIDE_ROOT, outside_problems[outside]
     # A misplaced file (123.jpg in 0042) is listed where it lies but never read: its id's
     # own shard is where later stages look for it, and reading it here would give one id
     # two rows across shards.
-    wrong = ~outside & (ids % NUM_SHARDS != int(shard))
+    wrong = ~entry_bad & ~outside & (ids % NUM_SHARDS != int(shard))
     status[wrong] = STATUS_WRONG_SHARD
     problem[wrong] = [f"id {i} belongs in bucket {shard_key(i)}, not {shard}" for i in ids[wrong]]
-    zero = ~outside & ~wrong & (file_bytes == 0)
-    unknown = ~outside & ~wrong & ~zero & ~np.isin(ext, list(IMAGE_EXTENSIONS))
+    zero = ~entry_bad & ~outside & ~wrong & (file_bytes == 0)
+    unknown = ~entry_bad & ~outside & ~wrong & ~zero & ~np.isin(ext, list(IMAGE_EXTENSIONS))
     status[zero], problem[zero] = STATUS_ZERO_BYTES, "file is empty"
     status[unknown] = STATUS_UNKNOWN_EXTENSION
     problem[unknown] = [f"extension '.{e}' is not an image type" for e in ext[unknown]]
@@ -183,6 +241,11 @@ def build_shard_index(
         status[i], problem[i] = STATUS_TOO_LARGE, size_problem(width[i], height[i], bool(jpeg[i]), dataset.max_pixels)
     no_meta = (status == STATUS_OK) & ~has_meta
     status[no_meta], problem[no_meta] = STATUS_NO_METADATA, "no metadata line for this id"
+    # One file per id is read; the others of the same folder name it.
+    defer = chosen_files(ids, names, norm_ext, meta_ext, np.isin(status, USABLE_STATUSES))
+    for i in np.flatnonzero(defer >= 0):
+        status[i] = STATUS_DUPLICATE_FILE
+        problem[i] = f"id {ids[i]} has another file in this folder; {rel_path[defer[i]]} is read"
 
     columns = {
         "image_id": pa.array(ids, pa.int64()),

@@ -179,6 +179,14 @@ def build_retrain_sensor(quality_model_job) -> dg.SensorDefinition:
 SETTINGS_SENSOR_INTERVAL_S = 30
 
 
+class SettingsFileInvalid(dg.DagsterError):
+    """The settings file cannot be used; the message names the file, the line or key and why.
+
+    A ``DagsterError``: Dagster passes its own errors through a sensor's evaluation
+    unwrapped, so this line is the failed tick's message, not a generic "Error occurred
+    during the execution of evaluation_fn" with the cause further down."""
+
+
 @dg.sensor(
     name="settings_sensor",
     minimum_interval_seconds=SETTINGS_SENSOR_INTERVAL_S,
@@ -188,7 +196,10 @@ SETTINGS_SENSOR_INTERVAL_S = 30
 )
 def settings_sensor(context: dg.SensorEvaluationContext, settings: SettingsResource):
     seen = json.loads(context.cursor) if context.cursor else {}
-    current = settings.load()
+    try:
+        current = settings.load()
+    except dg.Failure as exc:
+        raise SettingsFileInvalid(exc.description or str(exc)) from None
     hashes = section_hashes(current)
     changed = {name for name, digest in hashes.items() if seen.get(name) != digest}
     context.update_cursor(json.dumps(hashes))

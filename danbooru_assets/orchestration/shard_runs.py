@@ -159,3 +159,16 @@ def _number(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 4)
     return value
+
+
+def set_aside_metadata(set_aside: list) -> dict[str, Any]:
+    """The damaged stored tables a step moved aside and recomputed (``core.tables.SetAside``),
+    for its materialization; nothing when there were none."""
+    if not set_aside:
+        return {}
+    return {
+        "damaged_tables_set_aside": len(set_aside),
+        "damaged_tables": dg.MetadataValue.md(
+            "\n".join(f"- `{d.path}` → `{d.moved_to}`: {d.reason}" for d in set_aside[:50])
+        ),
+    }

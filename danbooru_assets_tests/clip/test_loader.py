@@ -88,7 +88,7 @@ def test_broken_files_raise_named_error(tmp_path: Path, kind: str) -> None:
     assert str(path) in str(info.value)
     assert info.value.reason and str(path) not in info.value.reason
     expected = {"zero": "zero-byte file", "unknown": "unknown or unsupported image format",
-                "missing": "file not found", "truncated": "image file is truncated"}[kind]
+                "missing": "file not found", "truncated": "truncated: image file is truncated"}[kind]
     assert info.value.reason.startswith(expected)
 
 

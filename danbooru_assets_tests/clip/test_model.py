@@ -142,3 +142,23 @@ def test_encode_text_normalised() -> None:
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     assert not np.allclose(emb[0], emb[1])
     assert _demo().encode_text([]).shape == (0, 64)
+
+
+def test_registering_the_demo_model_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    # A fresh process registers the demo once; its config folder must not outlive that.
+    code = (
+        "from danbooru_assets.clip.model import register_demo_model, DEMO_MODEL_NAME\n"
+        "import open_clip\n"
+        "register_demo_model(); register_demo_model()\n"
+        "assert DEMO_MODEL_NAME in open_clip.list_models()\n"
+        "open_clip.add_model_config(open_clip.factory._MODEL_CONFIG_PATHS[0])  # a later rescan keeps it\n"
+        "assert DEMO_MODEL_NAME in open_clip.list_models()\n"
+        "open_clip.create_model(DEMO_MODEL_NAME, pretrained=None)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("danbooru_clip_configs_")] == []

@@ -83,3 +83,41 @@ def test_one_parquet_writer_for_folders_and_urls_and_pruning_of_gone_shards(base
     assert list(tables) == ["0001", "0003"] and tables.missing == ["0002"]
     assert list(tables["0002"].columns) == ["image_id"] and len(tables["0002"]) == 0  # a gone shard reads empty
     assert sorted(tables.rows([2001, 3, 2])["image_id"]) == [3, 2001]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "text"])
+def test_a_damaged_table_is_named_and_set_aside_never_deleted(tmp_path: Path, damage: str):
+    import pandas as pd
+
+    from danbooru_assets.core.tables import DamagedTableError, read_or_set_aside, read_parquet, write_parquet
+
+    path = tmp_path / "clip_embeddings" / "0065.parquet"
+    assert read_or_set_aside(path) == (None, None)  # none stored: nothing to reuse
+    write_parquet(path, pd.DataFrame({"image_id": range(100)}))
+    table, damaged = read_or_set_aside(path)
+    assert damaged is None and len(table) == 100
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "empty": b"", "text": b"not parquet"}[damage])
+    with pytest.raises(DamagedTableError, match=f"{path}: damaged, not a readable Parquet table"):
+        read_parquet(path)
+    table, damaged = read_or_set_aside(path)
+    assert table is None and damaged.path == str(path) and not path.exists()
+    assert Path(damaged.moved_to).parent == path.parent and Path(damaged.moved_to).name.startswith("0065.parquet.damaged-")
+    assert str(path) in str(damaged) and "moved aside" in str(damaged)
+    from danbooru_assets.core.tables import ShardTables
+
+    assert list(ShardTables("clip_embeddings", path.parent, ["0065"])) == []  # the set-aside file is never read
+
+
+def test_a_damaged_table_at_a_url_is_set_aside_too():
+    import pandas as pd
+    from upath import UPath
+
+    from danbooru_assets.core.tables import read_or_set_aside, write_parquet
+
+    path = UPath("memory://damaged-test/pose_keypoints/0067.parquet")
+    write_parquet(path, pd.DataFrame({"image_id": [1]}))
+    with path.open("wb") as f:
+        f.write(b"")
+    table, damaged = read_or_set_aside(path)
+    assert table is None and not path.exists() and UPath(damaged.moved_to).exists()

@@ -26,12 +26,14 @@ def test_scan_shard_marks_links_and_orders_by_id(tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("z")
     (folder / ".hidden.jpg").write_bytes(b"h")
     os.symlink(folder / "1001.png", folder / "3001.png")
-    os.symlink(tmp_path / "missing.jpg", folder / "4001.jpg")  # dangling: not a file, not listed
+    os.symlink(tmp_path / "missing.jpg", folder / "4001.jpg")  # dangling: listed as such, never silently skipped
+    (folder / "5001.jpg").mkdir()  # a folder named like an image: the same
     files = DatasetLayout(root).scan_shard("0001")
-    assert files.name == ["1001.png", "2001.jpg", "3001.png", "notes.txt"]
-    assert files.image_id.tolist() == [1001, 2001, 3001, -1]
-    assert files.is_link.tolist() == [False, False, True, False]
-    assert files.file_bytes.tolist() == [3, 5, 3, 1]  # a link's size is its target's
+    assert files.name == ["1001.png", "2001.jpg", "3001.png", "4001.jpg", "5001.jpg", "notes.txt"]
+    assert files.image_id.tolist() == [1001, 2001, 3001, 4001, 5001, -1]
+    assert files.is_link.tolist() == [False, False, True, True, False, False]
+    assert files.file_bytes.tolist() == [3, 5, 3, 0, 0, 1]  # a link's size is its target's
+    assert files.not_a_file == ["", "", "", "broken_link", "not_a_file", ""]
     empty = DatasetLayout(root).scan_shard("0999")
     assert len(empty) == 0 and empty.is_link.dtype == bool
 

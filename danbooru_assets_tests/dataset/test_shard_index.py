@@ -176,5 +176,63 @@ def test_bucket_folder_linked_out_of_the_root(tmp_path: Path):
 
 def test_every_status_is_documented_in_order_of_precedence():
     assert set(STATUSES) == {"ok", "no_metadata", "unreadable_header", "too_large", "unknown_extension",
-                             "zero_bytes", "wrong_shard", "outside_root"}
+                             "zero_bytes", "wrong_shard", "outside_root", "duplicate_file", "link_loop",
+                             "broken_link", "not_a_file"}
     assert set(USABLE_STATUSES) == {"ok", "no_metadata"}
+
+
+# ---------------------------------------------------------------- reliability round 2: odd entries, duplicate ids
+
+def test_link_loops_folders_and_dangling_links_get_a_status_each(tmp_path: Path):
+    root = tmp_path / "root"
+    folder = _tree(root, "0063")
+    (folder / "1063.jpg").write_bytes(jpeg_bytes())
+    os.symlink(folder / "2063.jpg", folder / "2063.jpg")  # a link to itself: a loop
+    os.symlink(folder / "3063.png", folder / "4063.png")  # and a loop of two
+    os.symlink(folder / "4063.png", folder / "3063.png")
+    (folder / "90014063.jpg").mkdir()  # a folder named like an image
+    os.symlink(tmp_path / "gone.jpg", folder / "5063.jpg")  # a link to nothing
+    index, report = _index_tree(root, "0063", tmp_path)
+    by_id = index.set_index("image_id")
+    assert by_id.loc[1063, "status"] == "no_metadata"
+    assert by_id.loc[2063, "status"] == "link_loop" and "loop" in by_id.loc[2063, "problem"]
+    assert by_id.loc[3063, "status"] == by_id.loc[4063, "status"] == "link_loop"
+    assert by_id.loc[90014063, "status"] == "not_a_file" and "folder" in by_id.loc[90014063, "problem"]
+    assert by_id.loc[5063, "status"] == "broken_link"
+    assert report.files == 6 and report.header_reads == 1
+    assert all(check(index).passed for check in SHARD_INDEX_CHECKS)
+
+
+def test_one_file_per_id_is_read_by_the_documented_rule(tmp_path: Path):
+    from danbooru_assets.orchestration.assets.index import check_unique_ids
+
+    root = tmp_path / "root"
+    folder = _tree(root, "0063", [
+        {"id": 90036063, "image_width": 40, "image_height": 30, "file_ext": "png"},
+        {"id": 1063, "image_width": 40, "image_height": 30, "file_ext": "jpg"},
+    ])
+    # metadata says png: the png is read, whatever else lies there
+    (folder / "90036063.jpg").write_bytes(jpeg_bytes())
+    (folder / "90036063.png").write_bytes(png_header_only(40, 30))
+    (folder / "090036063.jpg").write_bytes(jpeg_bytes())
+    # no metadata: the plain spelling first, then jpg before png
+    (folder / "2063.png").write_bytes(png_header_only(40, 30))
+    (folder / "2063.jpg").write_bytes(jpeg_bytes())
+    (folder / "02063.jpg").write_bytes(jpeg_bytes())
+    # an unreadable file is never the one read
+    (folder / "1063.jpg").write_bytes(b"")
+    (folder / "1063.webp").write_bytes(png_header_only(40, 30))
+    index, _ = _index_tree(root, "0063", tmp_path)
+    read = index.loc[index["status"].isin(USABLE_STATUSES)]
+    assert not read["image_id"].duplicated().any()
+    assert sorted(read["rel_path"]) == ["original/0063/1063.webp", "original/0063/2063.jpg",
+                                        "original/0063/90036063.png"]
+    dups = index.loc[index["status"] == "duplicate_file"].set_index("rel_path")["problem"]
+    assert dups["original/0063/90036063.jpg"].endswith("original/0063/90036063.png is read")
+    assert dups["original/0063/090036063.jpg"].endswith("original/0063/90036063.png is read")
+    assert dups["original/0063/2063.png"].endswith("original/0063/2063.jpg is read")
+    assert dups["original/0063/02063.jpg"].endswith("original/0063/2063.jpg is read")
+    assert len(dups) == 4
+    result = check_unique_ids(index)
+    assert not result.passed and result.severity.value == "WARN"
+    assert "one file each is read" in result.description

@@ -356,3 +356,90 @@ def test_one_shard_of_clip_scores_after_a_prompt_change_uses_the_new_prompts(ing
     finally:
         ingested.settings_path.unlink(missing_ok=True)
         ingested.materialize(["clip_scores"], shard)
+
+
+def test_duplicate_files_odd_entries_and_truncated_bodies_leave_the_shard_complete(ingested):
+    """Issue 20 (2, 3, 4, 10): 90036063.jpg + .png + 090036063.jpg, a link loop, a folder
+    named like an image, a dangling link and half a JPEG: one row per id, every entry a
+    status, the shard stored, the unique_ids check's warning recorded."""
+    import io
+    import os
+
+    shard = ingested.shards[4]
+    folder = ingested.root / "original" / shard
+    source = next(p for p in sorted(folder.iterdir()) if p.suffix == ".jpg")
+    image_id = int(source.stem)
+    png = io.BytesIO()
+    Image.open(source).save(png, format="PNG")
+    added = [folder / f"{image_id}.png", folder / f"0{image_id}.jpg"]
+    added[0].write_bytes(png.getvalue())
+    added[1].write_bytes(source.read_bytes())
+    base = int(shard) + 1000 * 980  # unused ids of this bucket
+    loop, dangling, directory, half = (folder / f"{base + 1000 * k}.jpg" for k in range(4))
+    os.symlink(loop, loop)
+    os.symlink(folder / "nothing-here.jpg", dangling)
+    directory.mkdir()
+    data = source.read_bytes()
+    half.write_bytes(data[: len(data) // 2] + b"\xff\xd9")
+    save_settings(ingested.settings_path, set_setting(CurationSettings(), "prefilter.mode", "off"))
+    try:
+        result = ingested.materialize(INGEST, shard)
+        index = ingested.table("shard_index", shard).set_index("rel_path")
+        rel = f"original/{shard}/"
+        assert index.loc[rel + source.name, "status"] in ("ok", "no_metadata")
+        assert index.loc[rel + added[0].name, "status"] == "duplicate_file"
+        assert index.loc[rel + added[1].name, "problem"].endswith(f"{rel}{source.name} is read")
+        assert index.loc[rel + loop.name, "status"] == "link_loop"
+        assert index.loc[rel + dangling.name, "status"] == "broken_link"
+        assert index.loc[rel + directory.name, "status"] == "not_a_file"
+        meta = ingested.metadata(result, "shard_index")
+        assert (meta["status_duplicate_file"], meta["status_link_loop"], meta["status_broken_link"],
+                meta["status_not_a_file"]) == (2, 1, 1, 1)
+        emb = ingested.table("clip_embeddings", shard)
+        assert not emb["image_id"].duplicated().any()
+        assert emb.set_index("image_id").loc[image_id, "status"] == "ok"
+        assert emb.set_index("image_id").loc[base + 3000, "status"].startswith("unreadable: truncated")
+        assert ingested.metadata(result, "clip_embeddings")["truncated"] == 1
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        assert not checks["unique_ids"].passed and checks["unique_ids"].severity.value == "WARN"
+
+        from danbooru_assets.cli import failed_check_lines
+
+        assert any("shard_index:unique_ids failed (warn)" in line for line in failed_check_lines(result))
+    finally:
+        ingested.settings_path.unlink(missing_ok=True)
+        for path in [*added, loop, dangling, half]:
+            path.unlink()
+        directory.rmdir()
+        ingested.materialize(INGEST, shard)
+
+
+def test_a_truncated_stored_table_is_set_aside_and_recomputed_from_the_images(ingested):
+    """Issue 20 (5): a truncated clip_embeddings/<shard>.parquet failed every run, naming
+    the shard but not the file. Now: moved aside, named, recomputed; a damaged cheap
+    table read as an input names its file and how it is mended."""
+    shard = ingested.shards[5]
+    emb_path = ingested.storage.asset_path("clip_embeddings", shard)
+    before = ingested.table("clip_embeddings", shard)
+    emb_path.write_bytes(emb_path.read_bytes()[: emb_path.stat().st_size // 2])
+    try:
+        result = ingested.materialize(INGEST, shard)
+        meta = ingested.metadata(result, "clip_embeddings")
+        assert meta["damaged_tables_set_aside"] == 1 and str(emb_path) in meta["damaged_tables"]
+        assert meta["reused"] == 0 and meta["encoded"] == meta["images"] == len(before)
+        after = ingested.table("clip_embeddings", shard)
+        assert after["image_id"].tolist() == before["image_id"].tolist()
+        assert after["status"].tolist() == before["status"].tolist()
+        assert ingested.table("image_stats", shard)["image_id"].tolist() == before["image_id"].tolist()
+        # A cheap table, damaged, read by the next asset: the file is named with the cure.
+        scores = ingested.storage.asset_path("clip_scores", shard)
+        scores.write_bytes(b"")
+        failed = ingested.materialize(["clip_subset"], shard, raise_on_error=False)
+        assert not failed.success
+        message = next(e for e in failed.all_events if e.is_step_failure).step_failure_data.error.message
+        assert str(scores) in message and "materialize clip_scores for shard" in message
+        ingested.materialize(["clip_scores", "clip_subset"], shard)  # the cure
+        assert len(ingested.table("clip_scores", shard)) > 0
+    finally:
+        for moved in emb_path.parent.glob(f"{emb_path.name}.damaged-*"):
+            moved.unlink()

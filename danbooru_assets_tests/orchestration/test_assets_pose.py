@@ -217,3 +217,19 @@ def test_one_shard_after_a_dedup_change_fails_naming_what_to_launch(posed):
         posed.settings_path.unlink(missing_ok=True)
         posed.materialize(["near_duplicates"])
         posed.materialize(["pose_subset"], shard)
+
+
+def test_a_zero_byte_pose_table_is_set_aside_and_recomputed(posed):
+    """Issue 20 (5): a zero-byte pose_keypoints/<shard>.parquet failed every run."""
+    shard = posed.shards[1]
+    path = posed.storage.asset_path("pose_keypoints", shard)
+    before = posed.table("pose_keypoints", shard)
+    path.write_bytes(b"")
+    result = posed.materialize(["pose_keypoints"], shard)
+    meta = posed.metadata(result, "pose_keypoints")
+    assert meta["damaged_tables_set_aside"] == 1 and str(path) in meta["damaged_tables"]
+    assert meta["estimated"] == meta["images"] == len(before) and meta["reused"] == 0
+    pd.testing.assert_frame_equal(posed.table("pose_keypoints", shard), before)
+    moved = [p for p in path.parent.iterdir() if p.name.startswith(f"{path.name}.damaged-")]
+    assert len(moved) == 1 and moved[0].stat().st_size == 0  # kept, never deleted
+    moved[0].unlink()

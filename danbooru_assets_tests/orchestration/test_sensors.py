@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from danbooru_assets.orchestration.assets.index import danbooru_metadata, shard_index
 from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory
@@ -107,3 +108,38 @@ def test_first_tick_on_a_processed_dataset_requests_only_what_changed(mini_datas
     (mini_dataset / "original" / "0001" / "1001.jpg").write_bytes(jpeg_bytes((48, 32)))
     requests, _, _ = _tick(instance, dataset, None, storage)
     assert _ranges(requests) == [("0001", "0001")] and requests[0].job_name == "shard_job"
+
+
+def test_settings_sensor_tick_names_the_broken_file_and_line(tmp_path):
+    from danbooru_assets.orchestration.resources import SettingsResource
+    from danbooru_assets.orchestration.sensors import settings_sensor
+
+    path = tmp_path / "settings.yaml"
+    path.write_text("clip:\n  keep_fraction: [1\n")
+    context = dg.build_sensor_context(resources={"settings": SettingsResource(path=str(path))})
+    with pytest.raises(dg.DagsterError) as exc:  # Dagster reports its own errors as the tick's message
+        settings_sensor.evaluate_tick(context)
+    assert str(exc.value).startswith(f"settings file {path}: not valid YAML at line 2 ('keep_fraction: [1')")
+    path.write_text("clip:\n  keep_fraction: 0.3\n")
+    assert settings_sensor.evaluate_tick(dg.build_sensor_context(resources={"settings": SettingsResource(path=str(path))})).asset_events
+
+
+@pytest.mark.slow
+def test_settings_sensor_tick_message_under_the_daemon(tmp_path):
+    """The same, the way users see it: a real daemon's failed tick, read from the webserver."""
+    import time
+
+    from danbooru_assets.devtools.local_dagster import LocalDagster
+
+    settings = tmp_path / "settings.yaml"
+    settings.write_text("clip:\n  keep_fraction: [1\n")
+    env = {"DANBOORU_SETTINGS": str(settings), "DANBOORU_ROOT": str(tmp_path / "none"),
+           "DANBOORU_STORAGE": str(tmp_path / "storage"), "DANBOORU_LABELS": str(tmp_path / "labels.sqlite")}
+    with LocalDagster(tmp_path / "home", env=env, cwd=Path.cwd()) as dagster:
+        deadline = time.monotonic() + 300  # the sensor runs by default, every 30 s; this only bounds a hang
+        while not (failed := [t for t in dagster.sensor_ticks("settings_sensor") if t["status"] == "FAILURE"]):
+            assert time.monotonic() < deadline, f"no failed tick\n{dagster.log_tails()}"
+            time.sleep(2)
+        assert failed[0]["error"]["message"].startswith(
+            f"danbooru_assets.orchestration.sensors.SettingsFileInvalid: settings file {settings}: not valid YAML at line 2"
+        )

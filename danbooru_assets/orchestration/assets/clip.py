@@ -22,12 +22,12 @@ from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
 from danbooru_assets.orchestration.executors import GPU_QUEUE_TAGS
 from danbooru_assets.orchestration.io_manager import COLUMNS
 from danbooru_assets.orchestration.resources import StorageResource
-from danbooru_assets.core.tables import ShardTables, read_parquet, write_parquet
+from danbooru_assets.core.tables import ShardTables, read_or_set_aside, read_parquet, write_parquet
 from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
 from danbooru_assets.settings import prompt_lists, settings_hash, threshold_settings
 from danbooru_assets.orchestration.resources import ClipModelResource, SettingsResource
 from danbooru_assets.orchestration.settings_guard import outdated_parts, with_settings_record
-from danbooru_assets.orchestration.shard_runs import ShardLoop
+from danbooru_assets.orchestration.shard_runs import ShardLoop, set_aside_metadata
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -79,6 +79,7 @@ def clip_embeddings_and_image_stats(
     from danbooru_assets.clip.image_pass import embed_images_with_stats
     from danbooru_assets.clip.image_stats import image_stats_frame
     from danbooru_assets.core.embeddings import embedding_column
+    from danbooru_assets.core.images import TRUNCATED
     from danbooru_assets.core.progress import ThroughputLogger
     from danbooru_assets.dataset.prefilter import decode_candidates
 
@@ -91,6 +92,7 @@ def clip_embeddings_and_image_stats(
     # counts, so the re-run encodes the rest and the two agree again.
     plans: dict[str, dict] = {}
     plan_errors: dict[str, Exception] = {}
+    set_aside: list = []
     for shard in sorted(context.partition_keys):
         try:
             index = shard_index[shard]
@@ -98,8 +100,14 @@ def clip_embeddings_and_image_stats(
             candidates = index.loc[decode, REUSE_KEY + ["rel_path"]]
             emb_path = storage.asset_path("clip_embeddings", shard)
             stats_path = storage.asset_path("image_stats", shard)
-            prev_emb = read_parquet(emb_path) if emb_path.exists() else None
-            prev_stats = read_parquet(stats_path) if stats_path.exists() else None
+            # A damaged stored table is set aside and its shard computed afresh (named in
+            # the log and on the materialization), never a failure on every run.
+            prev_emb, damaged_emb = read_or_set_aside(emb_path)
+            prev_stats, damaged_stats = read_or_set_aside(stats_path)
+            for damaged in (damaged_emb, damaged_stats):
+                if damaged is not None:
+                    context.log.warning(str(damaged))
+                    set_aside.append(damaged)
             if prev_emb is not None:
                 prev_emb = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
             reuse = plan_reuse(candidates, [prev_emb, prev_stats], REUSE_KEY)
@@ -162,6 +170,8 @@ def clip_embeddings_and_image_stats(
             "encoded": len(todo),
             "reused": 0 if reused_emb is None else len(reused_emb),
             "unreadable": int((embeddings_table["status"] != "ok").sum()),
+            # Of those, the files whose data ends before their pixels do (core.images).
+            "truncated": int(embeddings_table["status"].str.startswith(f"unreadable: {TRUNCATED}").sum()),
             "readable": len(ok_stats),
             "greyscale": int(ok_stats["is_greyscale"].sum()),
             # Usable images the metadata prefilter (skip mode) kept from the decoder.
@@ -175,9 +185,10 @@ def clip_embeddings_and_image_stats(
 
     loop = ShardLoop(context, "clip_embeddings")
     results = loop.run(assemble_shard, keep_on_failure=keep)
-    keys = ["images", "encoded", "reused", "unreadable", "never_decoded_prefiltered"]
+    keys = ["images", "encoded", "reused", "unreadable", "truncated", "never_decoded_prefiltered"]
     speed = {
         "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
+        **set_aside_metadata(set_aside),
     }
     yield dg.Output(
         {shard: tables[0] for shard, tables in results.items()},

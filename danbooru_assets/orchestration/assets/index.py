@@ -91,7 +91,10 @@ def load_shard_metadata(storage: StorageResource, shard: str) -> "pa.Table | Non
     deps=[danbooru_metadata],
     check_specs=[
         dg.AssetCheckSpec("schema", asset="shard_index", description="Documented columns and statuses."),
-        dg.AssetCheckSpec("unique_ids", asset="shard_index", description="No image id appears twice."),
+        dg.AssetCheckSpec(
+            "unique_ids", asset="shard_index",
+            description="No image id has two files (a warning when one is read and the others are duplicate_file).",
+        ),
         dg.AssetCheckSpec("ids_in_bucket", asset="shard_index", description="Every id lies in its bucket (id % 1000)."),
     ],
     description="One row per image file of the shard: id, path, extension, bytes, width and "
@@ -149,7 +152,13 @@ def combine_check_results(per_shard: dict[str, dg.AssetCheckResult]) -> dg.Asset
     metadata = {"shards_checked": len(per_shard), "failed_shards": str(sorted(failed)[:50])}
     for shard, result in list(failed.items())[:1]:  # the first failure's details
         metadata.update({f"{shard}/{k}": v for k, v in result.metadata.items()})
-    return dg.AssetCheckResult(check_name=first.check_name, passed=not failed, metadata=metadata)
+    worst = dg.AssetCheckSeverity.ERROR if any(
+        r.severity == dg.AssetCheckSeverity.ERROR for r in failed.values()
+    ) else dg.AssetCheckSeverity.WARN
+    description = next((f"shard {s}: {r.description}" for s, r in failed.items() if r.description), None)
+    return dg.AssetCheckResult(
+        check_name=first.check_name, passed=not failed, metadata=metadata, severity=worst, description=description
+    )
 
 
 def check_schema(index: "pd.DataFrame") -> dg.AssetCheckResult:
@@ -165,11 +174,29 @@ def check_schema(index: "pd.DataFrame") -> dg.AssetCheckResult:
 
 
 def check_unique_ids(index: "pd.DataFrame") -> dg.AssetCheckResult:
-    dupes = index.loc[index["image_id"].duplicated(keep=False), "rel_path"]
+    """Fails when an id has several files. A warning when one of them is read and the
+    others are marked ``duplicate_file``; an error if two rows of one id would be read."""
+    from danbooru_assets.dataset.shard_index import STATUS_DUPLICATE_FILE, USABLE_STATUSES
+
+    repeated = index.loc[index["image_id"].duplicated(keep=False)]
+    usable = repeated.loc[repeated["status"].isin(USABLE_STATUSES)]
+    read_twice = usable.loc[usable["image_id"].duplicated(keep=False), "rel_path"]
+    extra = repeated.loc[repeated["status"] == STATUS_DUPLICATE_FILE]
     return dg.AssetCheckResult(
         check_name="unique_ids",
-        passed=dupes.empty,
-        metadata={"duplicate_rows": len(dupes), "examples": str(dupes.head(10).tolist())},
+        passed=repeated.empty,
+        severity=dg.AssetCheckSeverity.ERROR if len(read_twice) else dg.AssetCheckSeverity.WARN,
+        description=None if repeated.empty else (
+            f"{repeated['image_id'].nunique()} id(s) with several files; "
+            + (f"{len(read_twice)} rows would be read twice" if len(read_twice)
+               else "one file each is read, the others are marked duplicate_file")
+        ),
+        metadata={
+            "duplicate_rows": len(repeated),
+            "read_twice": len(read_twice),
+            "examples": str([f"{r.rel_path}: {r.status} ({r.problem})" if r.problem else r.rel_path
+                             for r in repeated.head(10).itertuples()]),
+        },
     )
 
 

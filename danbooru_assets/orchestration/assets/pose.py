@@ -13,7 +13,7 @@ import dagster as dg
 
 from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
 from danbooru_assets.core.shards import SHARD_KEYS, shard_numbers
-from danbooru_assets.core.tables import ShardTables, prune_shard_files, read_parquet, write_bytes, write_parquet
+from danbooru_assets.core.tables import ShardTables, prune_shard_files, read_or_set_aside, read_parquet, write_bytes, write_parquet
 from danbooru_assets.orchestration.assets.clip import INFERENCE_RETRY
 from danbooru_assets.orchestration.assets.settings import settings_keys
 from danbooru_assets.orchestration.executors import GPU_QUEUE_TAGS
@@ -26,7 +26,7 @@ from danbooru_assets.orchestration.resources import (
     StorageResource,
 )
 from danbooru_assets.orchestration.settings_guard import require_current
-from danbooru_assets.orchestration.shard_runs import ShardLoop
+from danbooru_assets.orchestration.shard_runs import ShardLoop, set_aside_metadata
 from danbooru_assets.settings import PoseRules
 
 if TYPE_CHECKING:
@@ -193,6 +193,7 @@ def pose_keypoints(
     if pose_estimator.uses_files():
         check_import_is_current(storage, pose_estimator.files_fingerprint(), pose_estimator.keypoint_files)
     estimator = None  # a model loads once per run, on the first shard that needs it
+    set_aside: list = []
     seconds_estimating = 0.0
 
     def estimate_shard(shard: str):
@@ -203,7 +204,10 @@ def pose_keypoints(
         # An id missing from the index now has no identity: it never matches, and is estimated.
         wanted = wanted.merge(shard_index[shard], on=["image_id", "rel_path"], how="left")
         previous_path = storage.asset_path("pose_keypoints", shard)
-        previous = read_parquet(previous_path) if previous_path.exists() else None
+        previous, damaged = read_or_set_aside(previous_path)  # a damaged table: set aside, recomputed
+        if damaged is not None:
+            context.log.warning(str(damaged))
+            set_aside.append(damaged)
         if previous is not None:
             previous = previous.loc[previous["backend_fingerprint"] == fingerprint]
         reuse = plan_reuse(wanted, [previous], REUSE_KEY)
@@ -280,6 +284,7 @@ def pose_keypoints(
             "backend": pose_estimator.backend,
             "backend_fingerprint": fingerprint,
             "images_per_s": round(estimated / seconds_estimating, 1) if estimated and seconds_estimating > 0 else 0.0,
+            **set_aside_metadata(set_aside),
         },
     )
 
