@@ -1013,8 +1013,8 @@ def build_asgi_app(server: "LabelingServer") -> Any:
             log.warning("label store unavailable: %s", exc)
             # no URL or SQL in the answer: a URL may hold a password
             return _json_response(503, {
-                "error": f"the label store is unavailable ({type(exc).__name__}); nothing was saved, "
-                         f"try again in {server.retry_after_s} s", "status": 503, "retry_after": server.retry_after_s},
+                "error": f"the label store is unavailable ({type(exc).__name__}); nothing was saved",
+                "status": 503, "retry_after": server.retry_after_s},
                 {"Retry-After": str(server.retry_after_s)})
         if isinstance(exc, RecursionError):
             return too_deep(request, exc)
