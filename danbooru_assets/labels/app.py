@@ -1008,7 +1008,7 @@ def build_asgi_app(server: "LabelingServer") -> Any:
     def too_deep(request: Request, exc: Exception) -> Response:
         return _json_response(400, {"error": "request nested too deeply", "status": 400})
 
-    def server_error(request: Request, exc: Exception) -> Response:
+    def store_error(request: Request, exc: Exception) -> Response:
         if store_unavailable(exc):
             log.warning("label store unavailable: %s", exc)
             # no URL or SQL in the answer: a URL may hold a password
@@ -1016,8 +1016,9 @@ def build_asgi_app(server: "LabelingServer") -> Any:
                 "error": f"the label store is unavailable ({type(exc).__name__}); nothing was saved",
                 "status": 503, "retry_after": server.retry_after_s},
                 {"Retry-After": str(server.retry_after_s)})
-        if isinstance(exc, RecursionError):
-            return too_deep(request, exc)
+        return server_error(request, exc)
+
+    def server_error(request: Request, exc: Exception) -> Response:
         log.error("labeling page: %s %s failed", request.method, request.url.path, exc_info=exc)
         return _json_response(500, {"error": f"internal error ({type(exc).__name__}); see the server's log",
                                     "status": 500})
@@ -1035,8 +1036,9 @@ def build_asgi_app(server: "LabelingServer") -> Any:
         middleware=[Middleware(CommonHeaders), Middleware(HostCheck, server=server),
                     Middleware(TrustedHostMiddleware, allowed_hosts=server.allowed_host_patterns(),
                                www_redirect=False)],
+        # handled where they happen (not re-raised into the log as a crash); the rest → a 500 answer
         exception_handlers={RequestError: request_error, HTTPException: http_error, RecursionError: too_deep,
-                            Exception: server_error},
+                            SQLAlchemyError: store_error, Exception: server_error},
         max_body_size=MAX_BODY,
     )
 

@@ -125,7 +125,9 @@ def _engine(url: sa.URL, timeout: float) -> sa.Engine:
                 sa.event.listen(engine, "begin", _sqlite_begin)
             else:
                 try:
-                    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=8)
+                    # a server that does not answer fails in seconds (the page answers 503), not minutes
+                    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=8,
+                                              connect_args={"connect_timeout": max(1, int(timeout))})
                 except ImportError as exc:  # the driver comes with the `deploy` extra
                     raise ValueError(
                         f"label store {url.render_as_string()}: its database driver is not installed "
