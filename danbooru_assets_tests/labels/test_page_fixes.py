@@ -279,3 +279,21 @@ def test_a_label_the_store_could_not_save_is_shown_and_sent_again(tmp_path: Path
         server.stop()
     assert len(attempts) >= 2 and store.latest().set_index("image_id")["label"].to_dict() == {101: "good"}
     assert len(store.history()) == 1  # sent again, stored once
+
+
+def test_a_tab_keeps_to_the_verify_or_the_uncertainty_queue(tmp_path: Path) -> None:
+    root = tmp_path / "dataset"
+    queue = _queue(root).assign(queue=["uncertainty", "uncertainty", "uncertainty", "verify", "verify"])
+    server = make_app(LabelStore(tmp_path / "l.sqlite"), root, queue, round=2, labeler="ann", page_size=4).start()
+    try:
+        status, state = _call(server, "/api/session", {"queue": "verify"})
+        assert status == 200 and state["item"]["image_id"] == 404 and state["queue"] == "verify"
+        assert state["queues"] == {"uncertainty": {"total": 3, "labeled": 0}, "verify": {"total": 2, "labeled": 0}}
+        tiles = _call(server, "/api/grid/page", {}, session=state["session"])[1]["tiles"]
+        assert {t["image_id"] for t in tiles} == {404, 505} and {t["queue"] for t in tiles} == {"verify"}
+        mixed, _ = _open(server)  # no queue: every part, in queue order (verify tiles are held by the first tab)
+        assert {t["image_id"] for t in _call(server, "/api/grid/page", {}, session=mixed)[1]["tiles"]} == {101, 202, 303}
+        status, payload = _call(server, "/api/session", {"queue": "easy"})
+        assert status == 400 and "unknown queue 'easy'" in payload["error"]
+    finally:
+        server.stop()

@@ -145,3 +145,22 @@ def test_round_queue_holds_both_parts_with_one_rank() -> None:
     few = frame.assign(predicted_class=[None] * 395 + list(frame["predicted_class"].tail(5)))
     queue, plan = select_round_queue(few, emb, plan_round(2, 40, 0.25))
     assert (plan.uncertainty, plan.verify) == (35, 5) and "only 5 predicted images" in plan.describe()
+
+
+def test_labeling_bench_reports_each_queue_with_its_cost_model(capsys: pytest.CaptureFixture[str]) -> None:
+    from danbooru_assets.bench.labeler import Costs, cost_model, run_rounds
+
+    df = run_rounds(600, [0.05, 0.2, 0.4], 10, 24, Costs(), error=0.03, miss=0.0, seed=0,
+                    class_mix=(0.4, 0.3, 0.3), verify_fraction=0.25)
+    assert df.loc[df["round"] == 1, "queue"].tolist() == ["uncertainty"]  # no model: nothing to verify
+    later = df.loc[df["round"] > 1]
+    assert set(later["queue"]) == {"uncertainty", "verify"}
+    for _, part in later.groupby("round"):
+        sizes = part.set_index("queue")["labels"]
+        assert sizes["verify"] == round(0.25 * sizes.sum())
+    verify, unsure = later.loc[later["queue"] == "verify"], later.loc[later["queue"] == "uncertainty"]
+    # confident pre-sets are right more often, so their pages go faster (the simulation, not people)
+    assert verify["preset_accuracy"].mean() > unsure["preset_accuracy"].mean()
+    assert verify["grid_per_min"].mean() > unsure["grid_per_min"].mean()
+    text = cost_model(Costs())
+    assert "SIMULATED" in text and "glance 0.3" in text and "1.30 s per image" in text

@@ -43,7 +43,7 @@ MODEL_DIR = "quality_model_files"
 def labels_observation_metadata(store) -> dict:
     """What an observation of `labels` shows in the UI: counts, the labelers' throughput
     (labels per minute and seconds per label, per mode and per page session) and agreement."""
-    from danbooru_assets.labels.agreement import agreement_report
+    from danbooru_assets.labels.agreement import agreement_by_labeler_markdown, agreement_report
 
     summary = store.summary()
     throughput = store.throughput_summary()
@@ -58,6 +58,7 @@ def labels_observation_metadata(store) -> dict:
         "kappa_between_labelers": _fmt(agreement["kappa"]),
         "disagreements": agreement["n_disagreements"],
         "self_agreement_kappa": _fmt(agreement["self_kappa"]),
+        "agreement_by_labeler": dg.MetadataValue.md(agreement_by_labeler_markdown(agreement)),
     }
     for mode in ("single", "grid"):
         if f"{mode}_labels" in throughput:
