@@ -1276,8 +1276,10 @@ def run_label(args: argparse.Namespace) -> int:
           f"labels go to {store}")
     print(f"open {server.url}  (keys: 1 good, 2 questionable, 3 bad, z undo, s skip, k skeleton; Ctrl-C stops)",
           flush=True)
-    print(f"grid mode: {server.url}?mode=grid  ({quality.grid_page_size} thumbnails a page, pre-set to the "
-          "prediction: flip the exceptions with click or arrows/hjkl + 1/2/3, Enter confirms the page)", flush=True)
+    print(f"grid mode: {server.url}?mode=grid  ({quality.grid_page_size} thumbnails a page, each starting at its "
+          "prediction, unset without one: flip the exceptions with click or arrows/hjkl + 1/2/3, Enter confirms the "
+          "page)" + ("; ?queue=verify for the model's most confident ones" if "verify" in server.page.queues else ""),
+          flush=True)
     if labelers is not None:
         print("each labeler opens " + server.url + "?token=THEIR_TOKEN (the page keeps it in a cookie)", flush=True)
     try:
