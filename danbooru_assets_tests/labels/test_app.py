@@ -460,7 +460,8 @@ def test_200_concurrent_labelers_no_resets_every_acknowledged_label_stored(tmp_p
     import http.client
 
     n_labelers, per_labeler = 200, 3
-    ids = list(range(10_000, 10_000 + n_labelers * per_labeler + 50))
+    # enough images that no tab runs out while the others hold one each
+    ids = list(range(10_000, 10_000 + n_labelers * (per_labeler + 1) + 50))
     queue = pd.DataFrame({"image_id": ids, "rel_path": [f"original/{i % 1000:04d}/{i}.png" for i in ids],
                           "queue_rank": range(len(ids))})
     store = LabelStore(tmp_path / "labels.sqlite")
