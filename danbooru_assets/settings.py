@@ -244,6 +244,11 @@ class QualitySettings(_StrictNumbers):
         0.02, ge=0, le=0.5, description="Share of the labeling page's images that are already-labeled images "
         "shown again on purpose, to measure each labeler's self-agreement (0 = never).",
     )
+    verify_fraction: float = Field(
+        0.0, ge=0, le=0.5, description="Share of each round (once a model exists) taken from the model's most "
+        "confident predictions, a 'verify' queue confirmed at a glance in grid mode: fast labels that measure how "
+        "often a confident prediction is wrong; the rest comes from the uncertainty queue (0 = off).",
+    )
     # The kinds quality.make_pipeline builds.
     classifier: ClassifierKind = Field("logreg", description=f"One of {', '.join(CLASSIFIER_KINDS)} (scikit-learn).")
     retrain_min_new_labels: int = Field(

@@ -183,6 +183,8 @@ BAD_VALUES = [
     ("quality.grid_page_size", "201"),
     ("quality.recheck_fraction", "-0.1"),
     ("quality.recheck_fraction", "0.9"),
+    ("quality.verify_fraction", "-0.1"),
+    ("quality.verify_fraction", "0.6"),
     ("quality.keep_classes", "[]"),
     ("quality.keep_classes", "[excellent]"),
     ("quality.keep_classes", "[good, good]"),

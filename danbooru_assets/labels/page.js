@@ -1,10 +1,22 @@
 "use strict";
 const $ = (id) => document.getElementById(id);
-const GRID = new URLSearchParams(location.search).get("mode") === "grid";
+const PARAMS = new URLSearchParams(location.search);
+const GRID = PARAMS.get("mode") === "grid";
+const QUEUE = PARAMS.get("queue") || null;
+// A shared page is opened with ?token=…: the server put it in a cookie, so it leaves the address bar.
+if (PARAMS.has("token")) { PARAMS.delete("token"); history.replaceState(null, "", "?" + PARAMS.toString()); }
 const ui = {config: null, session: null, state: null, item: null, conflict: null, skeleton: true, pending: 0, actions: 0,
-  grid: GRID, tiles: [], focus: 0, page: 0, conflicts: null};
+  grid: GRID, tiles: [], focus: 0, page: 0, conflicts: null, unsaved: 0, lastInput: Date.now()};
 window.labeling = ui;  // for tests and the curious: current item, pending requests, skeleton flag
 let chain = Promise.resolve();
+const sleep = (ms) => new Promise((ok) => setTimeout(ok, ms));
+
+// "Not saved" banner: a request the server could not store (503: the label store is down)
+// or could not reach is sent again until it goes through; key presses wait behind it.
+function unsaved(text) {
+  const el = $("unsaved");
+  el.textContent = text || ""; el.style.display = text ? "block" : "none";
+}
 
 // Every call names this page load's session: its image, skips and undo are its own.
 async function api(method, url, body) {
@@ -13,10 +25,24 @@ async function api(method, url, body) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(Object.assign({session: ui.session}, body));
   }
-  const r = await fetch(url, opts);
-  const data = await r.json();
-  if (!r.ok) { const e = new Error(data.error || ("HTTP " + r.status)); e.data = data; throw e; }
-  return data;
+  for (let attempt = 1; ; attempt++) {
+    let r = null, data = null;
+    try {
+      r = await fetch(url, opts);
+      const text = await r.text();
+      try { data = JSON.parse(text); } catch (_) { data = {error: text || ("HTTP " + r.status)}; }
+    } catch (e) { r = null; data = {error: "the labeling server cannot be reached (" + e.message + ")"}; }
+    if (r && r.status !== 503) {
+      if (ui.unsaved) { ui.unsaved = 0; unsaved(""); }
+      if (!r.ok) { const e = new Error(data.error || ("HTTP " + r.status)); e.data = data; e.status = r.status; throw e; }
+      return data;
+    }
+    const wait = Math.max(1, Number(r && r.headers.get("Retry-After")) || 2);
+    ui.unsaved = attempt;
+    unsaved((method === "POST" ? "NOT SAVED — " : "") + data.error + ". Trying again in " + wait + " s (attempt " +
+      attempt + "); your keys wait in order.");
+    await sleep(wait * 1000);
+  }
 }
 
 // Key presses are queued and run one after another, so fast typing labels the image
@@ -39,6 +65,9 @@ function header(state) {
   $("prog").max = Math.max(1, state.total); $("prog").value = state.labeled;
   $("progress").textContent = state.labeled + " / " + state.total + " labeled · " + state.skipped + " skipped · " +
     Object.entries(state.counts).map(([k, v]) => k + " " + v).join(", ");
+  if (state.queues && Object.keys(state.queues).length > 1)
+    $("progress").textContent += " · " + Object.entries(state.queues).map(([q, c]) => q + " " + c.labeled + "/" + c.total)
+      .join(", ") + (state.queue ? " (this tab: " + state.queue + ")" : "");
   const t = state.throughput;
   $("rate").textContent = "this tab: " + t.session_labels + " labels" +
     (t.labels_per_minute ? " · " + t.labels_per_minute + "/min · " + t.seconds_per_label + " s each · round ETA " +
@@ -52,8 +81,16 @@ function show(state) {
   const it = state.item;
   document.body.dataset.imageId = it ? String(it.image_id) : "";
   $("done").style.display = it ? "none" : "block";
+  $("done-text").textContent = waitingText(state);
+  document.body.dataset.waiting = !it && state.held_elsewhere ? "held" : "";
+  if (!it && state.held_elsewhere) poll();
   $("wrap").style.display = it ? "block" : "none";
-  if (!it) { $("image-id").textContent = "–"; return; }
+  $("unskip").style.display = state.skipped ? "inline-block" : "none";
+  if (!it) {
+    $("image-id").textContent = "–";
+    ["relpath", "score", "pred", "probs"].forEach((id) => $(id).replaceChildren());
+    return;
+  }
   $("image-id").textContent = it.image_id;
   $("relpath").textContent = it.rel_path;
   $("score").textContent = it.portrait_score === null ? "–" : it.portrait_score.toFixed(3);
@@ -150,6 +187,26 @@ function undo() {
 }
 function toggle() { ui.skeleton = !ui.skeleton; drawSkeleton(); }
 
+// Out of images: is the queue done, or is the rest on other tabs' screens (held until they close or go idle)?
+function waitingText(state) {
+  if (!state.held_elsewhere) return state.skipped ? "Queue done (" + state.skipped + " skipped)." : "Queue done.";
+  return "Not done: the rest of the queue (" + state.held_elsewhere + (state.held_elsewhere === 1 ? " image" : " images") +
+    ") is on another tab's screen. It comes here when that tab is closed or idle for " +
+    duration(ui.config.idle_release_s) + "; this page checks every " + ui.config.poll_s + " s.";
+}
+let polling = false;
+function poll() {
+  if (polling) return;
+  polling = true;
+  setTimeout(() => {
+    polling = false;
+    enqueue(async () => {
+      if (ui.grid) { if (!ui.tiles.length) showGrid(await api("POST", "/api/grid/page", {})); }
+      else if (!ui.item) show(await api("GET", "/api/state?session=" + encodeURIComponent(ui.session)));
+    });
+  }, ui.config.poll_s * 1000);
+}
+
 // ---- grid mode: a page of thumbnails pre-set to the prediction; flip the exceptions ----
 const CLASS_KEYS = {Digit1: 0, Digit2: 1, Digit3: 2, Numpad1: 0, Numpad2: 1, Numpad3: 2};
 
@@ -157,12 +214,16 @@ function showGrid(state) {
   ui.state = state; ui.conflicts = null;
   $("grid-conflict").style.display = "none";
   header(state);
-  $("page-no").textContent = state.page;
+  $("page-no").textContent = state.page_number || "–";
   $("page-count").textContent = state.tiles.length + " tiles";
   $("grid-done").style.display = state.done ? "block" : "none";
+  $("grid-done").textContent = state.done ? waitingText(state) : "";
+  document.body.dataset.waiting = state.done && state.held_elsewhere ? "held" : "";
+  if (state.done && state.held_elsewhere) poll();
   const keepFocus = ui.page === state.page;
   ui.page = state.page;
-  ui.tiles = state.tiles.map((t) => Object.assign({}, t, {label: t.preset || t.predicted_class || ui.config.classes[0]}));
+  // a tile without a prediction (round 1: no model yet) starts unset: Enter will not store a guess
+  ui.tiles = state.tiles.map((t) => Object.assign({}, t, {label: t.preset || t.predicted_class || null}));
   if (!keepFocus) ui.focus = 0;
   ui.focus = Math.min(ui.focus, Math.max(0, ui.tiles.length - 1));
   const grid = $("grid"); grid.replaceChildren();
@@ -179,6 +240,7 @@ function showGrid(state) {
   });
   fitTiles();
   document.body.dataset.page = String(state.page);
+  document.body.dataset.pageNumber = String(state.page_number);
   document.body.dataset.tiles = ui.tiles.map((t) => t.image_id).join(",");
   focusTile(ui.focus);
 }
@@ -194,9 +256,10 @@ function fitTiles() {
 
 function paintTile(i) {
   const t = ui.tiles[i];
-  t.el.dataset.label = t.label;
-  t.el.classList.toggle("flipped", t.label !== (t.predicted_class || null));
-  t.el.querySelector(".badge").textContent = t.label;
+  t.el.dataset.label = t.label || "unset";
+  // "changed" only against a prediction; a tile without one is set, not changed
+  t.el.classList.toggle("flipped", !!t.label && !!t.predicted_class && t.label !== t.predicted_class);
+  t.el.querySelector(".badge").textContent = t.label || "unset";
 }
 
 function focusTile(i) {
@@ -210,7 +273,7 @@ function focusTile(i) {
 }
 
 function setTile(i, cls) { if (ui.tiles[i]) { ui.tiles[i].label = cls; paintTile(i); } }
-function setAll(cls) { ui.tiles.forEach((t, i) => { t.label = cls || t.predicted_class || ui.config.classes[0]; paintTile(i); }); }
+function setAll(cls) { ui.tiles.forEach((t, i) => { t.label = cls || t.predicted_class || null; paintTile(i); }); }
 
 // Tiles per row, read from the layout (the grid wraps to the window's width).
 function columns() {
@@ -247,8 +310,17 @@ function toggleGridSkeleton() {
 async function confirmPage(overwrite) {
   const tiles = overwrite ? ui.tiles.filter((t) => ui.conflicts && ui.conflicts[t.image_id]) : ui.tiles;
   if (!tiles.length) return;
+  const unset = tiles.filter((t) => !t.label);
+  if (unset.length) {
+    focusTile(ui.tiles.indexOf(unset[0]));
+    $("grid-msg").textContent = unset.length + " of " + tiles.length + " tiles are unset (no prediction to start " +
+      "from): set them with 1/2/3, or the whole page with shift+1/2/3, then Enter. Nothing was stored.";
+    return;
+  }
   const labels = {}; tiles.forEach((t) => { labels[t.image_id] = t.label; });
-  const flips = tiles.filter((t) => t.label !== t.predicted_class).length;
+  const predicted = tiles.filter((t) => t.predicted_class);
+  const flips = predicted.filter((t) => t.label !== t.predicted_class).length;
+  const without = tiles.length - predicted.length;
   try {
     showGrid(await api("POST", "/api/grid/confirm", {page: ui.page, labels, overwrite: !!overwrite}));
   } catch (e) {
@@ -266,15 +338,17 @@ async function confirmPage(overwrite) {
     $("grid-msg").textContent = e.message;
     return;
   }
-  $("grid-last").textContent = (overwrite ? "overwrote " : "confirmed ") + tiles.length + " tiles (" + flips +
-    " changed from the prediction)";
+  $("grid-last").textContent = (overwrite ? "overwrote " : "confirmed ") + tiles.length + " tiles (" +
+    (predicted.length ? flips + " of " + predicted.length + " changed from the prediction" : "") +
+    (predicted.length && without ? ", " : "") + (without ? without + " without a prediction, set by you" : "") + ")";
   $("grid-msg").textContent = "";
 }
 function gridUndo() {
   enqueue(async () => {
     const s = await api("POST", "/api/undo", {mode: "grid"});
     ui.page = -1; showGrid(s);
-    $("grid-last").textContent = "undid " + s.retracted.images.length + " labels: the page is back as you sent it";
+    $("grid-last").textContent = "undid " + s.retracted.images.length + " labels: page " + s.page_number +
+      " is back as you sent it";
     $("grid-msg").textContent = "";
   });
 }
@@ -296,7 +370,7 @@ function gridKey(e) {
   else if (k === "t") toggleGridSkeleton();
   else if (k === "o" && ui.conflicts) enqueue(() => confirmPage(true));
   else if (k === "n" && ui.conflicts) gridNext();
-  else if (k === "g") location.search = "";
+  else if (k === "g") location.search = modeHref(false);
   else return false;
   return true;
 }
@@ -310,7 +384,7 @@ document.addEventListener("keydown", (e) => {
   else if (k === "z") undo();
   else if (k === "s") skip();
   else if (k === "k" || k === "t") toggle();
-  else if (k === "g") location.search = "?mode=grid";
+  else if (k === "g") location.search = modeHref(true);
   else if (k === "o" && ui.conflict) overwrite();
   else if (k === "n" && ui.conflict) keepTheirs();
   else return;
@@ -328,12 +402,37 @@ $("grid-all-bad").onclick = () => setAll("bad"); $("grid-pred").onclick = () => 
 $("grid-undo").onclick = gridUndo; $("grid-toggle").onclick = toggleGridSkeleton;
 $("grid-overwrite").onclick = () => enqueue(() => confirmPage(true)); $("grid-keep").onclick = gridNext;
 document.body.dataset.mode = ui.grid ? "grid" : "single";
-$("mode-link").href = ui.grid ? "?" : "?mode=grid";
+function modeHref(grid) {
+  const q = new URLSearchParams(QUEUE ? {queue: QUEUE} : {});
+  if (grid) q.set("mode", "grid");
+  return "?" + q.toString();
+}
+$("mode-link").href = modeHref(!ui.grid);
 $("mode-link").lastChild.textContent = ui.grid ? " single-image mode" : " grid mode";
+
+// Holding images: the server gives a tab's images to others once it is closed or idle.
+// While the labeler works here (a key, a click, the mouse), a heartbeat says so.
+["keydown", "mousedown", "mousemove", "wheel", "touchstart"].forEach((k) =>
+  document.addEventListener(k, () => { ui.lastInput = Date.now(); }, {passive: true}));
+let lastBeat = Date.now();
+function heartbeat() {
+  if (ui.session && ui.lastInput > lastBeat) {
+    lastBeat = Date.now();
+    fetch("/api/alive", {method: "POST", headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({session: ui.session})}).catch(() => {});
+  }
+}
+window.addEventListener("pagehide", () => {
+  if (ui.session) navigator.sendBeacon("/api/release",
+    new Blob([JSON.stringify({session: ui.session})], {type: "application/json"}));
+});
+window.addEventListener("pageshow", (e) => { if (e.persisted) location.reload(); });  // its session was released
 
 enqueue(async () => {
   ui.config = await api("GET", "/api/config");
-  const state = await api("POST", "/api/session", {});
+  setInterval(heartbeat, ui.config.heartbeat_s * 1000);
+  if (QUEUE) $("queue-link").textContent = "queue: " + QUEUE;
+  const state = await api("POST", "/api/session", QUEUE ? {queue: QUEUE} : {});
   ui.session = state.session;
   if (ui.grid) showGrid(await api("POST", "/api/grid/page", {})); else show(state);
 });

@@ -125,7 +125,9 @@ def _engine(url: sa.URL, timeout: float) -> sa.Engine:
                 sa.event.listen(engine, "begin", _sqlite_begin)
             else:
                 try:
-                    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=8)
+                    # a server that does not answer fails in seconds (the page answers 503), not minutes
+                    engine = sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=8,
+                                              connect_args={"connect_timeout": max(1, int(timeout))})
                 except ImportError as exc:  # the driver comes with the `deploy` extra
                     raise ValueError(
                         f"label store {url.render_as_string()}: its database driver is not installed "
@@ -447,14 +449,16 @@ class LabelStore:
         return df
 
     def throughput(self) -> pd.DataFrame:
-        """Per page session (a browser tab): labeler, mode, labels written (undone ones
-        included: they took the time too), seconds spent, labels per minute and seconds
-        per label. Rows without a session (imports, older stores) are not counted."""
+        """Per page session (a browser tab): labeler, mode, labels kept (an undone label is
+        taken off, as the page's own counter does; its time stays in: it was spent),
+        seconds spent, labels per minute and seconds per label. Rows without a session
+        (imports, older stores) are not counted."""
         with self._read() as conn:
             df = pd.read_sql_query(sa.text(
-                "SELECT session, labeler, mode, COUNT(*) AS labels, SUM(seconds_spent) AS seconds,"
-                " MIN(labeled_at) AS started_at, MAX(labeled_at) AS last_at"
-                " FROM labels WHERE session IS NOT NULL AND retracts IS NULL AND label IS NOT NULL"
+                "SELECT session, labeler, mode,"
+                " SUM(CASE WHEN EXISTS (SELECT 1 FROM labels u WHERE u.retracts = l.id) THEN 0 ELSE 1 END) AS labels,"
+                " SUM(seconds_spent) AS seconds, MIN(labeled_at) AS started_at, MAX(labeled_at) AS last_at"
+                " FROM labels l WHERE session IS NOT NULL AND retracts IS NULL AND label IS NOT NULL"
                 " GROUP BY session, labeler, mode ORDER BY started_at"), conn)
         for column in ("started_at", "last_at"):
             df[column] = pd.to_datetime(df[column], utc=True, format="ISO8601")

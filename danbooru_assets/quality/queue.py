@@ -3,12 +3,17 @@
 The seed's plan, made repeatable: label 1% of the pool, train, predict the rest, label
 the next 5% chosen where the model is least sure (and diverse, so a round is not 500
 near-duplicates of one confusing pose), retrain, then 25%.
+
+Once a model exists a round may also hold a "verify" part (``quality.verify_fraction``):
+the model's most confident predictions, fast to confirm; ``plan_round`` says how many of
+each and why.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +21,8 @@ import pandas as pd
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
+
+from danbooru_assets.labels.classes import LABEL_CLASSES
 
 
 def _cluster(points: np.ndarray, k: int, seed: int, max_dims: int = 64) -> np.ndarray:
@@ -189,3 +196,99 @@ def labels_needed(n_labeled: int, plan: Sequence[int]) -> int:
     if not plan:
         return 0
     return max(0, plan[current_round(n_labeled, plan) - 1] - n_labeled)
+
+
+QUEUE_KINDS = ("uncertainty", "verify")
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """How many labels a round asks for from each queue, and why (shown on ``labeling_queue``).
+
+    * ``uncertainty``: the images the model is least sure of, spread over clusters: the
+      labels that teach it most, and the slow ones (the pre-set is often wrong).
+    * ``verify``: the model's most confident predictions (per predicted class), confirmed
+      at a glance in grid mode: fast labels, and a measure of how often a confident
+      prediction is wrong, which is what ``curated_dataset`` trusts for every unlabeled image.
+    """
+
+    round: int
+    size: int
+    uncertainty: int
+    verify: int
+    verify_fraction: float
+    has_model: bool
+
+    def describe(self) -> str:
+        if self.size == 0:
+            return f"round {self.round}: nothing to label (every planned round is labeled)"
+        text = (f"round {self.round}: {self.size} labels = {self.uncertainty} uncertainty (the model's least sure "
+                "images, spread over clusters: they teach it most)")
+        if not self.has_model:
+            return text + " + 0 verify: no model yet, so nothing to verify (cold start: images typical of each cluster)"
+        if self.verify_fraction <= 0:
+            return text + " + 0 verify (off: quality.verify_fraction = 0)"
+        text += (f" + {self.verify} verify (quality.verify_fraction = {self.verify_fraction:g}: the model's most "
+                 "confident predictions, per predicted class, confirmed at a glance in grid mode; they measure how "
+                 "often a confident prediction is wrong, which curated_dataset trusts for every unlabeled image, "
+                 "and keep the pace up)")
+        if self.verify < round(self.verify_fraction * self.size):
+            text += f"; fewer verify than asked: only {self.verify} predicted images were left"
+        return text
+
+
+def plan_round(round_: int, size: int, verify_fraction: float = 0.0, has_model: bool = True) -> RoundPlan:
+    """Split a round's ``size`` labels: ``verify_fraction`` of them (once a model exists) to
+    the verify queue, the rest to the uncertainty queue."""
+    if not 0.0 <= verify_fraction <= 0.5:
+        raise ValueError(f"verify_fraction must be in [0, 0.5], got {verify_fraction}")
+    size = max(0, int(size))
+    verify = int(round(verify_fraction * size)) if has_model else 0
+    return RoundPlan(int(round_), size, size - verify, verify, float(verify_fraction), bool(has_model))
+
+
+def select_verify_queue(candidates: pd.DataFrame, size: int, exclude: set[int] | Sequence[int] = ()) -> pd.DataFrame:
+    """The ``size`` most confident predictions among ``candidates`` (``image_id``,
+    ``predicted_class``, ``p_<class>``), shared over the predicted classes in proportion to
+    how often each is predicted (so each class's precision gets measured), most confident
+    first; ties by id. Rows without a prediction or in ``exclude`` are never picked."""
+    excluded = {int(i) for i in exclude}
+    if size <= 0 or "predicted_class" not in candidates.columns or candidates.empty:
+        return candidates.iloc[[]]
+    pool = candidates.loc[candidates["predicted_class"].isin(list(LABEL_CLASSES))
+                          & ~candidates["image_id"].isin(excluded)].drop_duplicates("image_id")
+    if pool.empty:
+        return pool
+    confidence = np.zeros(len(pool))
+    for c in LABEL_CLASSES:
+        column = f"p_{c}"
+        if column in pool.columns:
+            mask = (pool["predicted_class"] == c).to_numpy()
+            confidence[mask] = pool.loc[mask, column].astype("float64").fillna(0.0).to_numpy()
+    pool = pool.assign(_conf=confidence).sort_values(["_conf", "image_id"], ascending=[False, True])
+    size = min(int(size), len(pool))
+    shares = pool["predicted_class"].value_counts(normalize=True)
+    quota = {c: int(math.floor(shares.get(c, 0.0) * size)) for c in LABEL_CLASSES}
+    picked = pd.concat([pool.loc[pool["predicted_class"] == c].head(quota[c]) for c in LABEL_CLASSES])
+    if len(picked) < size:  # the rounding remainder: the most confident of the rest
+        picked = pd.concat([picked, pool.loc[~pool.index.isin(picked.index)].head(size - len(picked))])
+    return picked.sort_values(["_conf", "image_id"], ascending=[False, True]).drop(columns="_conf")
+
+
+def select_round_queue(pool: pd.DataFrame, embeddings: np.ndarray, plan: RoundPlan,
+                       already_labeled: set[int] | Sequence[int] = (), seed: int = 0) -> tuple[pd.DataFrame, RoundPlan]:
+    """A round's queue as ``plan`` splits it: the uncertainty queue (``select_labeling_queue``)
+    then the verify queue (``select_verify_queue``), with a ``queue`` column naming each
+    row's and one ``queue_rank`` over both. Returns the queue and the plan as carried out
+    (fewer verify when fewer predicted images are left; the uncertainty part takes the rest)."""
+    labeled = {int(i) for i in already_labeled}
+    verify = select_verify_queue(pool, plan.verify, exclude=labeled) if plan.verify else pool.iloc[[]]
+    rest = ~pool["image_id"].isin(set(verify["image_id"].astype("int64")))
+    uncertain = select_labeling_queue(pool.loc[rest].reset_index(drop=True), np.asarray(embeddings)[rest.to_numpy()],
+                                      plan.size - len(verify), already_labeled=labeled, seed=seed)
+    uncertain = uncertain.assign(queue="uncertainty")
+    verify = verify.assign(queue="verify", cluster=-1).reindex(columns=uncertain.columns)
+    queue = pd.concat([uncertain, verify], ignore_index=True) if len(verify) else uncertain
+    queue["queue_rank"] = np.arange(len(queue), dtype=np.int64)
+    done = RoundPlan(plan.round, len(queue), len(uncertain), len(verify), plan.verify_fraction, plan.has_model)
+    return queue.reset_index(drop=True), done

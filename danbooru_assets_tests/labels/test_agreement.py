@@ -6,7 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from danbooru_assets.labels.agreement import agreement_report, cohen_kappa, disagreements_markdown
+from danbooru_assets.labels.agreement import (
+    agreement_by_labeler_markdown,
+    agreement_report,
+    cohen_kappa,
+    disagreements_markdown,
+)
 from danbooru_assets.labels.store import LabelStore
 
 
@@ -42,9 +47,28 @@ def test_report_pairs_labelers_and_rechecks_and_ignores_undone_labels(tmp_path: 
     assert report["self_disagreements"] == [{"image_id": 4, "labeler": "ann", "first": "questionable", "again": "good"}]
     md = disagreements_markdown(report)
     assert "| 1 | ann: good, bob: bad |" in md and "| 4 | ann (re-shown): questionable → good |" in md
+    # the same figures, naming the labelers
+    assert report["by_pair"] == [{"labelers": ["ann", "bob"], "pairs": 2, "agreement": 0.5, "kappa": 0.0}]
+    assert report["by_labeler"]["ann"] == {"labels": 5, "pairs_with_others": 2, "agreement_with_others": 0.5,
+                                           "self_pairs": 1, "self_agreement": 0.0, "self_kappa": 0.0}
+    assert report["by_labeler"]["bob"]["labels"] == 2 and report["by_labeler"]["bob"]["self_pairs"] == 0
+    by_name = agreement_by_labeler_markdown(report)
+    assert "| ann | 5 | 2 | 0.50 | 1 | 0.00 | 0.00 |" in by_name and "| ann · bob | 2 | 0.50 | 0.00 |" in by_name
+
+
+def test_three_labelers_each_pair_named(tmp_path: Path) -> None:
+    store = LabelStore(tmp_path / "l.sqlite")
+    for image_id in range(1, 5):
+        store.add(image_id, "good", "ann")
+        store.add(image_id, "good" if image_id < 4 else "bad", "bob")
+        store.add(image_id, "bad", "cy")
+    pairs = {tuple(p["labelers"]): (p["pairs"], p["agreement"]) for p in agreement_report(store.history())["by_pair"]}
+    assert pairs == {("ann", "bob"): (4, 0.75), ("ann", "cy"): (4, 0.0), ("bob", "cy"): (4, 0.25)}
 
 
 def test_report_on_an_empty_store(tmp_path: Path) -> None:
     report = agreement_report(LabelStore(tmp_path / "l.sqlite").history())
     assert report["pairs"] == 0 and report["kappa"] is None and report["self_kappa"] is None
     assert "no disagreements" in disagreements_markdown(report)
+    assert report["by_pair"] == [] and report["by_labeler"] == {}
+    assert "no image labeled by two people yet" in agreement_by_labeler_markdown(report)

@@ -280,10 +280,10 @@ def test_add_page_stores_every_tile_and_reports_conflicts_per_tile(store: LabelS
     assert conflicts2 == [] and store.label_of(4) == "good"
     undone = store.retract_many(list(written.values()), "ann")
     assert len(undone) == 3 and store.label_of(1) is None and store.label_of(3) == "good"
-    # the throughput counts labels written, the undone ones too (they took the time)
-    assert store.throughput()["labels"].tolist() == [4]
+    # the throughput counts the labels kept (3 of 4 were undone); their time stays in (it was spent)
+    assert store.throughput()["labels"].tolist() == [1]
     summary = store.throughput_summary()
-    assert summary["grid_labels"] == 4 and summary["grid_seconds_per_label"] == 1.5
+    assert summary["grid_labels"] == 1 and summary["grid_seconds_per_label"] == 6.0
 
 
 def test_negative_or_infinite_seconds_are_not_stored(store: LabelStore) -> None:

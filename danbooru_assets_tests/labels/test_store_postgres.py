@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 from collections.abc import Iterator
 
 import pandas as pd
@@ -53,27 +54,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Server:
+    """A PostgreSQL server of its own in a temporary folder: ``url`` (append a database
+    name), ``stop()`` and ``start()`` (a database outage, in the middle of a test)."""
+
+    def __init__(self) -> None:
+        if not (PG_BIN / "initdb").exists():
+            pytest.skip(f"PostgreSQL binaries not found in {PG_BIN} (apt-get install postgresql)")
+        self.run_as = _run_as()
+        # /tmp, not pytest's tmp_path: that is private to root and the server user must write here
+        self.base = Path(tempfile.mkdtemp(prefix="labels-pg-"))
+        if self.run_as:
+            shutil.chown(self.base, user=self.run_as[2])
+        self.data, self.port = self.base / "data", _free_port()
+        subprocess.run([*self.run_as, str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                        "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        subprocess.run([*self.run_as, str(PG_BIN / "pg_ctl"), "start", "-w", "-D", str(self.data), "-l",
+                        str(self.base / "log"), "-o", f"-k {self.base} -h 127.0.0.1 -p {self.port} -c fsync=off"],
+                       check=True, capture_output=True)
+
+    def stop(self) -> None:
+        subprocess.run([*self.run_as, str(PG_BIN / "pg_ctl"), "stop", "-w", "-D", str(self.data), "-m", "fast"],
+                       check=False, capture_output=True, timeout=60)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A PostgreSQL server of its own; yields its base URL (append a database name)."""
-    if not (PG_BIN / "initdb").exists():
-        pytest.skip(f"PostgreSQL binaries not found in {PG_BIN} (apt-get install postgresql)")
-    run_as = _run_as()
-    # /tmp, not pytest's tmp_path: that is private to root and the server user must write here
-    base = Path(tempfile.mkdtemp(prefix="labels-pg-"))
-    if run_as:
-        shutil.chown(base, user=run_as[2])
-    data, port = base / "data", _free_port()
-    subprocess.run([*run_as, str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
-    subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "start", "-w", "-D", str(data), "-l", str(base / "log"),
-                    "-o", f"-k {base} -h 127.0.0.1 -p {port} -c fsync=off"], check=True, capture_output=True)
+    server = _Server()
     try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}"
+        yield server.url
     finally:
-        subprocess.run([*run_as, str(PG_BIN / "pg_ctl"), "stop", "-D", str(data), "-m", "fast"], check=False,
-                       capture_output=True, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+        server.close()
 
 
 @pytest.fixture()
@@ -115,7 +135,8 @@ def test_label_relabel_undo_history_and_throughput_on_postgres(url: str) -> None
                                         session="s2", mode="grid", seconds_spent=4.0)
     assert set(written) == {20, 21} and conflicts == []
     tput = store.throughput().set_index("session")
-    assert tput.loc["s1", "labels"] == 2 and tput.loc["s1", "seconds"] == pytest.approx(4.0)
+    # "first" was undone: one label kept, both labels' time spent
+    assert tput.loc["s1", "labels"] == 1 and tput.loc["s1", "seconds"] == pytest.approx(4.0)
     assert tput.loc["s2", "mode"] == "grid" and tput.loc["s2", "seconds_per_label"] == pytest.approx(2.0)
     assert store.history().seconds_spent.dropna().tolist() == [3.0, 1.0, 2.0, 2.0]
     summary = store.summary()
@@ -246,3 +267,48 @@ def test_label_command_takes_a_store_url(url: str, tmp_path: Path, monkeypatch: 
     bad = add_label_arguments(argparse.ArgumentParser()).parse_args(
         ["--queue", str(tmp_path / "queue.parquet"), "--root", str(root), "--store", "mysql://h/db", "--port", "0"])
     assert run_label(bad) == 2 and "unsupported database" in capsys.readouterr().err
+
+
+def test_labeling_page_answers_503_while_postgres_is_down_and_stores_the_label_after(tmp_path: Path) -> None:
+    """Issue 20: every POST got RemoteDisconnected while the Postgres store was down."""
+    import urllib.error
+    import urllib.request
+
+    from danbooru_assets.labels.app import make_app
+    from danbooru_assets_tests.labels.test_app import _queue
+
+    server = _Server()  # its own: this test stops it
+    page_server = None
+    try:
+        subprocess.run([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(server.port), "-U", "postgres",
+                        "labels"], check=True, capture_output=True)
+        store = LabelStore(f"{server.url}/labels", timeout=5)
+        root = tmp_path / "dataset"
+        page_server = make_app(store, root, _queue(root), round=1, labeler="ann").start()
+
+        def post(path: str, body: dict) -> tuple[int, dict, Any]:
+            req = urllib.request.Request(page_server.url + path.lstrip("/"), method="POST",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read()), resp.headers
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read()), err.headers
+
+        status, state, _ = post("/api/session", {})
+        assert status == 200
+        session, shown = state["session"], state["item"]["image_id"]
+        server.stop()
+        for _ in range(3):  # every request answered, none dropped
+            status, payload, headers = post("/api/label", {"session": session, "image_id": shown, "label": "good"})
+            assert status == 503 and headers["Retry-After"] == "5" and "label store is unavailable" in payload["error"]
+            assert "postgres@" not in payload["error"]
+        assert post("/api/session", {})[0] == 503
+        server.start()
+        status, state, _ = post("/api/label", {"session": session, "image_id": shown, "label": "good"})
+        assert status == 200 and state["throughput"]["session_labels"] == 1
+        assert store.label_of(shown) == "good" and len(store.history()) == 1
+    finally:
+        if page_server is not None:
+            page_server.stop()
+        server.close()

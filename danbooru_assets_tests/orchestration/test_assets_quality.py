@@ -12,7 +12,7 @@ from danbooru_assets.pose.keypoint_files import read_keypoint_files
 from danbooru_assets.quality.queue import round_targets
 from danbooru_assets.devtools.sample_data import read_ground_truth
 from danbooru_assets.orchestration.sensors import build_retrain_sensor
-from danbooru_assets.settings import CurationSettings, save_settings, set_setting
+from danbooru_assets.settings import CurationSettings, load_settings, save_settings, set_setting
 
 QUALITY_PER_SHARD = ["quality_predictions"]
 
@@ -111,6 +111,19 @@ def test_rounds_queue_label_retrain(loop):
     assert queue_meta["self_agreement_pairs"] == 1 and queue_meta["self_agreement_kappa"] == "0.000"
     assert f"| {a} | second: {other[truth[a]]}, simulated: {truth[a]} |" in queue_meta["disagreements_to_review"]
     assert f"| {c} | simulated (re-shown): {truth[c]} → {other[truth[c]]} |" in queue_meta["disagreements_to_review"]
+    # the figures name the labelers
+    assert "| second · simulated | 2 | 0.50 |" in queue_meta["agreement_by_labeler"]
+    assert "| simulated |" in queue_meta["agreement_by_labeler"] and "| second | 2 |" in queue_meta["agreement_by_labeler"]
+
+    # A verify part of the round: the model's most confident predictions beside the uncertain ones.
+    assert queue_meta["queue_verify"] == 0 and "off: quality.verify_fraction = 0" in queue_meta["round_plan"]
+    save_settings(loop.settings_path, set_setting(load_settings(loop.settings_path), "quality.verify_fraction", "0.5"))
+    queue_meta = loop.metadata(loop.materialize(["labeling_queue"]), "labeling_queue")
+    queue = loop.table("labeling_queue")
+    n_verify = int((queue["queue"] == "verify").sum())
+    assert n_verify == queue_meta["queue_verify"] > 0 and queue_meta["queue_uncertainty"] == len(queue) - n_verify
+    assert f"{n_verify} verify (quality.verify_fraction = 0.5" in queue_meta["round_plan"]
+    assert queue["queue_rank"].tolist() == list(range(len(queue)))
 
 
 def test_retrain_sensor_waits_for_enough_new_labels(tmp_path):

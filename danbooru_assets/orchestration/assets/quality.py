@@ -46,7 +46,7 @@ MODEL_DIR = "quality_model_files"
 def labels_observation_metadata(store) -> dict:
     """What an observation of `labels` shows in the UI: counts, the labelers' throughput
     (labels per minute and seconds per label, per mode and per page session) and agreement."""
-    from danbooru_assets.labels.agreement import agreement_report
+    from danbooru_assets.labels.agreement import agreement_by_labeler_markdown, agreement_report
 
     summary = store.summary()
     throughput = store.throughput_summary()
@@ -61,6 +61,7 @@ def labels_observation_metadata(store) -> dict:
         "kappa_between_labelers": _fmt(agreement["kappa"]),
         "disagreements": agreement["n_disagreements"],
         "self_agreement_kappa": _fmt(agreement["self_kappa"]),
+        "agreement_by_labeler": dg.MetadataValue.md(agreement_by_labeler_markdown(agreement)),
     }
     for mode in ("single", "grid"):
         if f"{mode}_labels" in throughput:
@@ -312,7 +313,7 @@ def labeling_queue(
     from danbooru_assets.core.embeddings import embedding_matrix
     from danbooru_assets.core.thumbnails import load_thumbnails
     from danbooru_assets.quality.features import embedded_rows
-    from danbooru_assets.quality.queue import current_round, labels_needed, round_targets, select_labeling_queue
+    from danbooru_assets.quality.queue import current_round, labels_needed, plan_round, round_targets, select_round_queue
     from danbooru_assets.core.visuals import contact_sheet
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
@@ -324,6 +325,8 @@ def labeling_queue(
     round_ = current_round(n_labeled, plan)
     size = labels_needed(n_labeled, plan) if len(candidates) else 0
     without: list = []
+    has_model = "uncertainty" in candidates.columns and bool(candidates["uncertainty"].notna().any())
+    split = plan_round(round_, 0, quality.verify_fraction, has_model)
     if size and len(candidates):
         pool = candidates.loc[~candidates["image_id"].isin(labeled)].reset_index(drop=True)
         # Clustering needs real embeddings: images without one are left out and counted.
@@ -335,7 +338,8 @@ def labeling_queue(
             context.log.warning(f"{len(without)} candidates have no CLIP embedding and cannot be queued")
             pool = pool.loc[pool["image_id"].isin(embedded["image_id"])].reset_index(drop=True)
         embeddings = embedding_matrix(pool[["image_id"]].merge(embedded.drop_duplicates("image_id"), on="image_id"))
-        queue = select_labeling_queue(pool, embeddings, size=min(size, len(pool)), already_labeled=labeled)
+        split = plan_round(round_, min(size, len(pool)), quality.verify_fraction, has_model)
+        queue, split = select_round_queue(pool, embeddings, split, already_labeled=labeled)
     else:
         queue = candidates.head(0).assign(queue_rank=pd.Series(dtype="int64"))
     # The page draws the skeleton: carry the keypoints along.
@@ -343,7 +347,7 @@ def labeling_queue(
         queue = queue.merge(pose_keypoints.rows(queue["image_id"]), on="image_id", how="left")
     queue["round"] = round_
     queue = queue.sort_values("queue_rank").reset_index(drop=True)
-    from danbooru_assets.labels.agreement import agreement_report, disagreements_markdown
+    from danbooru_assets.labels.agreement import agreement_by_labeler_markdown, agreement_report, disagreements_markdown
 
     store = label_store.store()
     agreement = agreement_report(store.history())
@@ -351,6 +355,10 @@ def labeling_queue(
     metadata = {
         "round": round_,
         "queue_size": len(queue),
+        "round_plan": split.describe(),
+        "queue_uncertainty": split.uncertainty,
+        "queue_verify": split.verify,
+        "agreement_by_labeler": dg.MetadataValue.md(agreement_by_labeler_markdown(agreement)),
         # two labelers on one image: both labels kept; kappa over every such pair
         "kappa_between_labelers": _fmt(agreement["kappa"]),
         "images_with_several_labelers": agreement["images_with_several_labelers"],
