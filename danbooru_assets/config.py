@@ -30,6 +30,7 @@ ENVIRONMENT: dict[str, EnvVariable] = {
     v.name: v
     for v in (
         EnvVariable("DANBOORU_ROOT", "the bundled sample data (DANBOORU_SAMPLE_ROOT)", "the dataset root"),
+        EnvVariable("DANBOORU_IMAGE_FOLDER", "the only one of original/ and 512px/ under the root", "the image folder to index: original or 512px (required when the root holds both)"),
         EnvVariable("DANBOORU_SAMPLE_ROOT", "data/sample", "where the bundled sample data is generated and read while DANBOORU_ROOT is unset"),
         EnvVariable("DANBOORU_STORAGE", "data/storage", "asset tables: a folder or any fsspec URL"),
         EnvVariable("DANBOORU_SETTINGS", "<storage>/settings.yaml when DANBOORU_STORAGE is a URL, else data/settings.yaml", "durable curation settings (a path or an fsspec URL)"),
@@ -94,6 +95,12 @@ def dataset_root() -> Path:
     if not using_sample_data():
         return Path(env("DANBOORU_ROOT")).expanduser()
     return default_sample_root()
+
+
+def image_folder() -> str:
+    """``$DANBOORU_IMAGE_FOLDER`` (``original`` or ``512px``); ``""``: found under the root
+    (:func:`danbooru_assets.dataset.layout.resolve_image_folder`)."""
+    return env("DANBOORU_IMAGE_FOLDER").strip()
 
 
 def default_sample_root() -> Path:

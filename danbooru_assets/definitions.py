@@ -189,7 +189,10 @@ defs = dg.Definitions(
     ],
     executor=build_executor(),
     resources={
-        "dataset": DanbooruDatasetResource(root=env_or("DANBOORU_ROOT", str(config.dataset_root()))),
+        "dataset": DanbooruDatasetResource(
+            root=env_or("DANBOORU_ROOT", str(config.dataset_root())),
+            image_folder=env_or("DANBOORU_IMAGE_FOLDER", config.image_folder()),
+        ),
         "storage": storage,
         "io_manager": ParquetIOManagerFactory(storage=storage),
         "settings": SettingsResource(path=env_or("DANBOORU_SETTINGS", str(config.settings_path()))),

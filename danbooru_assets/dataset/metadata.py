@@ -6,11 +6,13 @@
 - Older dump form (Danbooru2017–2020): ``tags`` as a list of ``{id, name, category}``
   objects, numbers often as strings.
 
-Both become one schema (:data:`METADATA_COLUMNS`). Ratings stay one letter in one
-column: ``g s q e`` from the API, and ``s q e`` from pre-2022 dumps, where ``s`` meant
-"safe" (today's ``g`` and ``s`` together).
+Both become one schema (:data:`METADATA_COLUMNS`). Ratings become one vocabulary
+(:mod:`danbooru_assets.dataset.ratings`: general, sensitive, questionable, explicit, and
+safe for a pre-2022 ``s``), with the letter as written and its era beside it. Tags are
+de-duplicated per post, first occurrence kept.
 
-Files are read plain or gzip-compressed (``posts.json.gz``). Nothing bad in a file stops
+Which files hold posts is decided by :mod:`danbooru_assets.dataset.metadata_discovery`;
+files are read plain or compressed (gzip, xz, bzip2, by their magic bytes). Nothing bad in a file stops
 the conversion: a line without a valid id (see :func:`strict_int`) is skipped, a bad
 value is stored as null, each reported as ``file:line: <reason>``; a repeated id keeps
 its last line, counted. Spilled chunks live in a scratch folder under the storage that
@@ -22,12 +24,15 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import lzma
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import pandas as pd
+
+from danbooru_assets.dataset.ratings import ERA_BEFORE_2022, ERA_SINCE_2022, RATING_LETTERS, rating_word
 
 
 # Tag categories of the dump form.
@@ -43,6 +48,8 @@ METADATA_COLUMNS = [
     "image_id",
     "md5",
     "rating",
+    "rating_raw",
+    "rating_era",
     "score",
     "meta_width",
     "meta_height",
@@ -60,6 +67,8 @@ METADATA_DTYPES = {
     "image_id": "int64",
     "md5": "object",
     "rating": "object",
+    "rating_raw": "object",
+    "rating_era": "object",
     "score": "Int64",
     "meta_width": "Int64",
     "meta_height": "Int64",
@@ -72,7 +81,6 @@ METADATA_DTYPES = {
     "parent_id": "Int64",
     "has_children": "boolean",
 }
-VALID_RATINGS = {"g", "s", "q", "e"}
 
 
 # What an id is: a JSON integer, or a string of ASCII digits (the older dumps quote
@@ -106,13 +114,15 @@ class MetadataProblem:
 @dataclass
 class FileSummary:
     name: str
-    gzip: bool
+    gzip: bool  # compressed (any kind; the name is kept for readers of earlier reports)
     lines: int = 0
     records: int = 0
     error: str | None = None  # why reading stopped early (a cut-short gzip stream)
+    compression: str = ""  # gzip, xz, bz2 or ""
 
     def __str__(self) -> str:
-        text = f"{self.name}{' (gzip)' if self.gzip else ''}: {self.lines:,} lines, {self.records:,} records"
+        packed = f" ({self.compression or 'gzip'})" if self.gzip else ""
+        text = f"{self.name}{packed}: {self.lines:,} lines, {self.records:,} records"
         return text + (f"; {self.error}" if self.error else "")
 
 
@@ -215,12 +225,27 @@ def _str_or_null(record: dict, key: str, value_problems: list[str]) -> str | Non
     return None
 
 
-def normalise_record(record: Any, value_problems: list[str] | None = None) -> dict[str, Any]:
+def _dedup(names: list[str]) -> list[str]:
+    """Tags in first-seen order, each once (the real dumps repeat a tag now and then)."""
+    return list(dict.fromkeys(names)) if len(set(names)) != len(names) else names
+
+
+def _dedup_string(text: str) -> str:
+    names = text.split()
+    return " ".join(_dedup(names))
+
+
+def normalise_record(
+    record: Any, value_problems: list[str] | None = None, tag_categories: dict[str, int] | None = None
+) -> dict[str, Any]:
     """One raw metadata object (either format) → one row of :data:`METADATA_COLUMNS`.
 
     Raises ``ValueError``/``KeyError`` with a reason when the record is unusable (no
     valid id, see :func:`strict_int`). A field of the wrong type or range becomes null
-    (tag strings: empty) and its reason is appended to ``value_problems``.
+    (tag strings: empty) and its reason is appended to ``value_problems``. The rating is
+    read in the era of the record's form (:data:`RATING_LETTERS`); tags are de-duplicated
+    per column, first occurrence kept. ``tag_categories`` (the export's tags table) splits
+    a record that carries only the combined ``tag_string`` by category.
     """
     if type(record) is not dict:
         if type(record) is list:
@@ -241,12 +266,21 @@ def normalise_record(record: Any, value_problems: list[str] | None = None) -> di
         except ValueError as exc:
             value_problems.append(f"{exc}; stored as null")
             is_deleted = None
-    rating = get("rating")
-    rating = rating.strip().lower()[:1] if type(rating) is str else None
+    tags = get("tags")
+    era = ERA_BEFORE_2022 if type(tags) is list else ERA_SINCE_2022
+    raw_rating = get("rating")
+    rating = rating_word(raw_rating, era)
+    if rating is None and raw_rating is not None and raw_rating != "":
+        value_problems.append(
+            f"rating {_shown(raw_rating)} is not a rating of the {era.replace('_', ' ')} era "
+            f"({', '.join(RATING_LETTERS[era])}); stored as null"
+        )
     row: dict[str, Any] = {
         "image_id": image_id,
         "md5": _str_or_null(record, "md5", value_problems),
-        "rating": rating if rating in VALID_RATINGS else None,
+        "rating": rating,
+        "rating_raw": raw_rating if type(raw_rating) is str else None,
+        "rating_era": era,
         "score": _int_or_null(record, "score", -INT64_MAX, value_problems),
         "meta_width": _int_or_null(record, "image_width", 1, value_problems),
         "meta_height": _int_or_null(record, "image_height", 1, value_problems),
@@ -258,15 +292,18 @@ def normalise_record(record: Any, value_problems: list[str] | None = None) -> di
         "parent_id": _int_or_null(record, "parent_id", 0, value_problems) or None,
         "has_children": _bool_or_null(record, "has_children", value_problems),
     }
-    tags = get("tags")
     if type(tags) is list:
         row["metadata_format"] = "dump"
         buckets: dict[str, list[str]] = {c: [] for c in TAG_COLUMNS}
         for tag in tags:
-            category = tag.get("category", 0)
-            category = 0 if category is None else strict_int(category, 0, "tag category")
-            buckets[_CATEGORY_COLUMN.get(category, "tags_general")].append(str(tag["name"]))
-        row.update({c: " ".join(v) for c, v in buckets.items()})
+            if type(tag) is str:  # a bare name: its category from the tags table, if any
+                name, category = tag, (tag_categories or {}).get(tag, 0)
+            else:
+                category = tag.get("category", 0)
+                category = 0 if category is None else strict_int(category, 0, "tag category")
+                name = str(tag["name"])
+            buckets[_CATEGORY_COLUMN.get(category, "tags_general")].append(name)
+        row.update({c: " ".join(_dedup(v)) for c, v in buckets.items()})
     else:
         row["metadata_format"] = "api"
         for column, key in _TAG_STRING_KEYS:
@@ -275,27 +312,41 @@ def normalise_record(record: Any, value_problems: list[str] | None = None) -> di
                 if value is not None:
                     value_problems.append(f"{key} {_shown(value)} is not a string; stored as empty")
                 value = ""
-            row[column] = value
+            row[column] = _dedup_string(value)
         combined = get("tag_string")
         if type(combined) is str and combined and not any(row[c] for c in TAG_COLUMNS):
-            # Some API exports carry only the combined tag string.
-            row["tags_general"] = combined
+            # Some API exports carry only the combined tag string: the tags table (when the
+            # export has one) says each tag's category, else they count as general.
+            names = _dedup(combined.split())
+            if tag_categories:
+                buckets = {c: [] for c in TAG_COLUMNS}
+                for name in names:
+                    buckets[_CATEGORY_COLUMN.get(tag_categories.get(name, 0), "tags_general")].append(name)
+                row.update({c: " ".join(v) for c, v in buckets.items()})
+            else:
+                row["tags_general"] = " ".join(names)
     return row
 
 
 def iter_metadata_records(
-    path: Path, report: ParseReport, file_index: int | None = None
+    path: Path,
+    report: ParseReport,
+    file_index: int | None = None,
+    name: str | None = None,
+    tag_categories: dict[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Normalised rows of one JSON-lines file (plain or gzip); bad lines and bad values go
-    to ``report`` with file and line. With ``file_index``, each row also carries
-    ``source_file`` (that index) and ``source_line``, to name duplicates later."""
-    name = path.name
-    raw_file = open(path, "rb")
-    summary = FileSummary(name, raw_file.peek(2)[:2] == GZIP_MAGIC)
+    """Normalised rows of one JSON-lines file (plain, gzip, xz or bzip2, by its magic
+    bytes); bad lines and bad values go to ``report`` with file (``name``, default the
+    file name) and line. With ``file_index``, each row also carries ``source_file`` (that
+    index) and ``source_line``, to name duplicates later."""
+    from danbooru_assets.dataset.metadata_discovery import open_metadata
+
+    name = name or path.name
+    f, packed = open_metadata(path)
+    summary = FileSummary(name, bool(packed), compression=packed)
     report.files.append(summary)
-    f: IO[bytes] = gzip.GzipFile(fileobj=raw_file, mode="rb") if summary.gzip else raw_file
     line_no = 0
-    with raw_file, f:
+    with f:
         try:
             for line_no, raw in enumerate(f, start=1):
                 if not raw.strip():
@@ -304,7 +355,7 @@ def iter_metadata_records(
                 summary.lines += 1
                 notes: list[str] = []
                 try:
-                    row = normalise_record(json.loads(raw), notes)
+                    row = normalise_record(json.loads(raw), notes, tag_categories)
                 except json.JSONDecodeError as exc:
                     report.skip_line(name, line_no, f"not JSON ({exc.msg})")
                     continue
@@ -326,7 +377,7 @@ def iter_metadata_records(
                 report.records += 1
                 summary.records += 1
                 yield row
-        except (EOFError, OSError, zlib.error) as exc:
+        except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             # A cut-short or corrupt gzip download: the lines before stay, the rest
             # cannot be read. Counted as a bad line so it is never silent.
             summary.error = f"unreadable after line {line_no} ({exc}); the rest of the file is not read"
@@ -463,6 +514,8 @@ def convert_metadata_to_shards(
     chunk_rows: int = 500_000,
     write_threads: int = 4,
     scratch_root: Path | None = None,
+    names: list[str] | None = None,
+    tag_categories: dict[str, int] | None = None,
 ) -> tuple[pd.DataFrame, ParseReport]:
     """Stream every metadata file once and write one Parquet per shard to ``out_dir``.
 
@@ -488,7 +541,7 @@ def convert_metadata_to_shards(
 
     out_dir = UPath(out_dir)
     report = ParseReport()
-    file_names = [p.name for p in files]
+    file_names = names or [p.name for p in files]
     schema = metadata_arrow_schema()
     for column, dtype in SOURCE_DTYPES.items():
         schema = schema.append(pa.field(column, pa.from_numpy_dtype(np.dtype(dtype))))
@@ -515,7 +568,7 @@ def convert_metadata_to_shards(
 
         rows: list[dict[str, Any]] = []
         for file_index, path in enumerate(files):
-            for row in iter_metadata_records(path, report, file_index):
+            for row in iter_metadata_records(path, report, file_index, file_names[file_index], tag_categories):
                 rows.append(row)
                 if len(rows) >= chunk_rows:
                     spill(rows)
@@ -545,24 +598,3 @@ def convert_metadata_to_shards(
         report.duplicate_examples.extend(examples[: 20 - len(report.duplicate_examples)])
     prune_shard_files(out_dir, {s for s, _ in summary})
     return pd.DataFrame(summary, columns=["shard", "rows"]), report
-
-
-def ignored_metadata_entries(folder: Path, read: list[Path]) -> list[tuple[str, str]]:
-    """``(name, why)`` for everything in the metadata folder that is not read."""
-    from danbooru_assets.dataset.layout import METADATA_SUFFIXES
-
-    if not folder.is_dir():
-        return []
-    read_names = {p.name for p in read}
-    ignored = []
-    for entry in sorted(folder.iterdir()):
-        if entry.name in read_names:
-            continue
-        if entry.is_dir():
-            why = "a folder (sub-folders are not searched)"
-        elif entry.name.startswith("."):
-            why = "a hidden file"
-        else:
-            why = f"unknown extension (read: {', '.join(METADATA_SUFFIXES)})"
-        ignored.append((entry.name, why))
-    return ignored

@@ -59,8 +59,9 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
 
     root: str = Field(description="Dataset root folder (holds original/ or 512px/, and metadata/).")
     image_folder: str = Field(
-        default="original",
-        description="Image folder under the root: 'original' or '512px' (Danbooru20xx's downscaled copy).",
+        default="",
+        description="Image folder under the root: 'original' or '512px' (Danbooru20xx's downscaled copy); "
+        "empty: the one of them the root holds (it must then hold only one).",
     )
     max_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS,
@@ -70,7 +71,10 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
     )
 
     def layout(self) -> DatasetLayout:
-        return DatasetLayout(root=self.root, image_folder=self.image_folder, max_pixels=self.max_pixels)
+        from danbooru_assets.dataset.layout import resolve_image_folder
+
+        folder = resolve_image_folder(self.root, self.image_folder)
+        return DatasetLayout(root=self.root, image_folder=folder, max_pixels=self.max_pixels)
 
     def image_path(self, rel_path: str) -> Path:
         """A dataset file's path (the assets that decode images call this)."""

@@ -1,5 +1,6 @@
 import gzip
 import json
+import lzma
 import os
 import signal
 import subprocess
@@ -16,7 +17,6 @@ from danbooru_assets.dataset.metadata import (
     ParseReport,
     convert_metadata_to_shards,
     default_scratch_root,
-    ignored_metadata_entries,
     iter_metadata_records,
     normalise_record,
     remove_stale_scratch,
@@ -28,7 +28,7 @@ from danbooru_assets_tests.conftest import API_RECORDS, DUMP_RECORDS
 def test_api_form_is_normalised():
     row = normalise_record(API_RECORDS[0])
     assert row["image_id"] == 1001
-    assert row["rating"] == "g"
+    assert (row["rating"], row["rating_raw"], row["rating_era"]) == ("general", "g", "since_2022")
     assert row["tags_general"] == "1girl solo"
     assert row["tags_character"] == "hatsune_miku"
     assert row["tags_copyright"] == "vocaloid"
@@ -43,13 +43,18 @@ def test_dump_form_tags_are_split_by_category_and_numbers_parsed():
     assert row["tags_artist"] == "artist_x"
     assert row["tags_copyright"] == "touhou"
     assert row["tags_character"] == "hakurei_reimu"
-    assert row["rating"] == "s"
+    assert (row["rating"], row["rating_raw"], row["rating_era"]) == ("safe", "s", "before_2022")
     assert row["metadata_format"] == "dump"
 
 
-def test_unknown_rating_becomes_missing():
-    assert normalise_record({"id": 5, "rating": "x"})["rating"] is None
-    assert normalise_record({"id": 5, "rating": "explicit"})["rating"] == "e"
+def test_unknown_rating_becomes_missing_and_is_counted():
+    notes: list[str] = []
+    assert normalise_record({"id": 5, "rating": "x"}, notes)["rating"] is None
+    assert notes == ['rating "x" is not a rating of the since 2022 era (g, s, q, e); stored as null']
+    assert normalise_record({"id": 5, "rating": "explicit"})["rating"] == "explicit"
+    notes = []
+    row = normalise_record({"id": "5", "rating": "g", "tags": []}, notes)  # no "g" before 2022
+    assert row["rating"] is None and row["rating_raw"] == "g" and "before 2022 era (s, q, e)" in notes[0]
 
 
 def test_bad_line_is_reported_with_file_and_line(mini_dataset: Path):
@@ -183,7 +188,7 @@ def test_duplicate_ids_are_counted_and_the_last_line_wins(tmp_path: Path):
     assert stored.loc[7, "score"] == 9 and len(stored) == 3
 
 
-def test_gzip_metadata_is_read_and_other_files_are_listed_as_ignored(tmp_path: Path):
+def test_compressed_metadata_is_read_by_content_and_other_files_are_listed_as_unknown(tmp_path: Path):
     root = tmp_path / "danbooru"
     meta = root / "metadata"
     (meta / "old").mkdir(parents=True)
@@ -191,24 +196,27 @@ def test_gzip_metadata_is_read_and_other_files_are_listed_as_ignored(tmp_path: P
     _write_lines(meta / "more.jsonl.gz", [_post(3)])
     _write_lines(meta / "plain.jsonl", [_post(4)])
     (meta / "gzip_without_gz.json").write_bytes(gzip.compress(_post(5).encode()))  # misnamed: read by content
+    (meta / "old" / "posts.json.xz").write_bytes(lzma.compress(_post(6).encode()))  # sub-folders are searched
     (meta / "posts.json.gz.part").write_bytes(b"partial download")
     (meta / "._posts.json").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (meta / "README.txt").write_text("notes")
-    files = DatasetLayout(root).metadata_files()
-    assert [p.name for p in files] == ["gzip_without_gz.json", "more.jsonl.gz", "plain.jsonl", "posts.json.gz"]
-    assert ignored_metadata_entries(meta, files) == [
-        ("._posts.json", "a hidden file"),
-        ("README.txt", "unknown extension (read: .json, .jsonl, .json.gz, .jsonl.gz)"),
-        ("old", "a folder (sub-folders are not searched)"),
-        ("posts.json.gz.part", "unknown extension (read: .json, .jsonl, .json.gz, .jsonl.gz)"),
+    layout = DatasetLayout(root)
+    files = layout.metadata_files()
+    assert [p.name for p in files] == ["gzip_without_gz.json", "more.jsonl.gz", "posts.json.xz", "plain.jsonl", "posts.json.gz"]
+    unknown = [(f.name, f.why) for f in layout.discover_metadata() if f.kind == "unknown"]
+    assert unknown == [
+        ("README.txt", "no JSON object in its first 1 line(s) (JSON lines expected)"),
+        ("posts.json.gz.part", "no JSON object in its first 1 line(s) (JSON lines expected)"),
     ]
-    summary, report = convert_metadata_to_shards(files, tmp_path / "meta_shards")
-    assert report.records == 5 and report.bad_lines == 0
-    assert [(f.name, f.gzip, f.records) for f in report.files] == [
-        ("gzip_without_gz.json", True, 1),
-        ("more.jsonl.gz", True, 1),
-        ("plain.jsonl", False, 1),
-        ("posts.json.gz", True, 2),
+    names = [f.name for f in layout.discover_metadata() if f.kind == "posts"]
+    summary, report = convert_metadata_to_shards(files, tmp_path / "meta_shards", names=names)
+    assert report.records == 6 and report.bad_lines == 0
+    assert [(f.name, f.compression, f.records) for f in report.files] == [
+        ("gzip_without_gz.json", "gzip", 1),
+        ("more.jsonl.gz", "gzip", 1),
+        ("old/posts.json.xz", "xz", 1),
+        ("plain.jsonl", "", 1),
+        ("posts.json.gz", "gzip", 2),
     ]
 
 
@@ -288,7 +296,7 @@ def test_materialization_lists_files_bad_lines_values_and_duplicates(tmp_path: P
     )
     md = {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node("danbooru_metadata")[0].metadata.items()}
     assert md["files"] == "- `posts.json.gz (gzip): 4 lines, 3 records`"
-    assert md["ignored_files"].startswith("- `notes.txt`: unknown extension")
+    assert md["ignored_files"].startswith("- `notes.txt`: no JSON object")
     assert (md["lines"], md["records"], md["bad_lines"], md["bad_values"], md["duplicate_ids"]) == (4, 3, 1, 1, 1)
     assert "posts.json.gz:2: unusable record (id 1e+20 is not an integer)" in md["bad_line_examples"]
     assert "posts.json.gz:3: image_width 5042.9 is not an integer; stored as null" in md["bad_value_examples"]
