@@ -39,6 +39,7 @@ ENVIRONMENT: dict[str, EnvVariable] = {
         EnvVariable("DANBOORU_CLIP_PRETRAINED", "the model's hub tag", "CLIP weights: hub tag or local file ('' = random)"),
         EnvVariable("DANBOORU_POSE_BACKEND", "keypoint_files on sample data, else keypoint_rcnn", "the pose estimator"),
         EnvVariable("DANBOORU_KEYPOINTS", "the sample's tarball on sample data", "published keypoint files to import (sets the backend to keypoint_files)"),
+        EnvVariable("DANBOORU_KEYPOINT_FRAME", "512px (image for the sample's tarball)", "the frame of published keypoints: 512px (the 512px release's padded square, the seed's) or image (each indexed image's pixels)"),
         EnvVariable("DANBOORU_POSE_CHECKPOINT", "the backend's own weights", "pose model checkpoint"),
         EnvVariable("DANBOORU_BIZARRE_POSE_REPO", "none", "checkout of ShuhongChen/bizarre-pose-estimator (backend bizarre_pose)"),
         EnvVariable("DANBOORU_INFERENCE_SHARDS_PER_RUN", "50", "shards per run of a backfill of the inference assets"),
@@ -148,6 +149,7 @@ class PoseEnvironment:
     backend: str
     checkpoint: str
     bizarre_pose_repo: str
+    keypoint_frame: str = "512px"
 
 
 def pose_environment() -> PoseEnvironment:
@@ -159,7 +161,17 @@ def pose_environment() -> PoseEnvironment:
         backend=env("DANBOORU_POSE_BACKEND") or DEFAULT_POSE_BACKEND,
         checkpoint=env("DANBOORU_POSE_CHECKPOINT"),
         bizarre_pose_repo=env("DANBOORU_BIZARRE_POSE_REPO"),
+        keypoint_frame=env("DANBOORU_KEYPOINT_FRAME") or _default_keypoint_frame(keypoints),
     )
+
+
+def _default_keypoint_frame(keypoints: str) -> str:
+    """``image`` for a generated sample's own tarball (its keypoints are in each image's
+    pixels), else ``512px`` (the seed's files: the 512px release's padded frame)."""
+    path = Path(keypoints).expanduser()
+    if keypoints and path.name == Path(KEYPOINTS_TARBALL).name and (path.parent.parent / "SAMPLE_DATASET.json").exists():
+        return "image"
+    return "512px"
 
 
 def _whole_number(name: str, default: int, minimum: int) -> int:

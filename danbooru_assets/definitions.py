@@ -147,7 +147,11 @@ def pose_estimator_resource() -> PoseEstimatorResource:
     the sample's tarball), else the model backend (``config.pose_environment``)."""
     pose = config.pose_environment()
     if pose.keypoint_files:
-        return PoseEstimatorResource(backend=KEYPOINT_FILES, keypoint_files=env_or("DANBOORU_KEYPOINTS", pose.keypoint_files))
+        return PoseEstimatorResource(
+            backend=KEYPOINT_FILES,
+            keypoint_files=env_or("DANBOORU_KEYPOINTS", pose.keypoint_files),
+            keypoint_frame=env_or("DANBOORU_KEYPOINT_FRAME", pose.keypoint_frame),
+        )
     return PoseEstimatorResource(
         backend=env_or("DANBOORU_POSE_BACKEND", pose.backend),
         checkpoint=env_or("DANBOORU_POSE_CHECKPOINT", pose.checkpoint),

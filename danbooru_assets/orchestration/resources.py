@@ -155,6 +155,12 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         "", description="keypoint_files: a folder or .tar/.tar.gz of <image id>.json files."
     )
     axis_order: str = Field("auto", description="keypoint_files: 'yx' (bizarre-pose output), 'xy' or 'auto'.")
+    keypoint_frame: str = Field(
+        "512px",
+        description="keypoint_files: the frame the files are in. '512px': the 512px release's padded "
+        "512x512 square (the seed's files), moved to each indexed image's size; 'image': each indexed "
+        "image's own pixels.",
+    )
     checkpoint: str = Field("", description="Local weights file (keypoint_rcnn); empty: the hub.")
     bizarre_pose_repo: str = Field("", description="bizarre_pose: path of the repository checkout.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cuda' or 'cpu'.")
@@ -172,6 +178,11 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             raise ValueError(
                 f"unknown pose backend {self.backend!r}: set `pose_estimator.backend` "
                 f"(or DANBOORU_POSE_BACKEND) to one of {', '.join(BACKENDS)}"
+            )
+        if self.uses_files() and self.keypoint_frame not in ("512px", "image"):
+            raise ValueError(
+                f"unknown keypoint frame {self.keypoint_frame!r}: set `pose_estimator.keypoint_frame` "
+                "(or DANBOORU_KEYPOINT_FRAME) to 512px or image"
             )
         if self.uses_files() and not Path(self.keypoint_files).exists():
             raise FileNotFoundError(
@@ -203,7 +214,9 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             from danbooru_assets.pose.keypoint_files import source_fingerprint
 
             self.check()
-            return fingerprint_string({**source_fingerprint(self.keypoint_files), "axis_order": self.axis_order})
+            return fingerprint_string(
+                {**source_fingerprint(self.keypoint_files), "axis_order": self.axis_order, "frame": self.keypoint_frame}
+            )
         return fingerprint_string(self.estimator().fingerprint())
 
 
