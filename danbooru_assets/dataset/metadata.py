@@ -328,6 +328,134 @@ def normalise_record(
     return row
 
 
+# ---------------------------------------------------------------- the fast path
+#
+# ``bench metadata`` measured the candidates side by side: a typed msgspec decode that keeps
+# only these fields, then the columns filled straight from it, beats json/orjson + a dict per
+# row several times over, and pyarrow/polars/duckdb (they read a whole file as one table:
+# one bad line stops the file, and the quirks still need this normaliser). Any value the
+# fast path is not sure of sends its line down :func:`normalise_record` (the reference, with
+# its messages), so both give the same rows.
+
+import msgspec  # noqa: E402
+
+
+class _Tag(msgspec.Struct):
+    name: str
+    category: int | str | None = 0
+
+
+class _Post(msgspec.Struct):
+    id: int | str
+    md5: str | None = None
+    rating: str | None = None
+    score: int | str | None = None
+    image_width: int | str | None = None
+    image_height: int | str | None = None
+    file_ext: str | None = None
+    is_deleted: bool | None = False
+    is_banned: bool | None = None
+    created_at: str | None = None
+    parent_id: int | str | None = None
+    has_children: bool | None = None
+    tags: list[_Tag] | None = None
+    tag_string: str | None = None
+    tag_string_general: str | None = None
+    tag_string_character: str | None = None
+    tag_string_copyright: str | None = None
+    tag_string_artist: str | None = None
+    tag_string_meta: str | None = None
+
+
+_POST_DECODER = msgspec.json.Decoder(_Post)
+_FAST_CATEGORY = {**{k: v for k, v in _CATEGORY_COLUMN.items()}, **{str(k): v for k, v in _CATEGORY_COLUMN.items()}}
+_FAST_CATEGORY.update({2: "tags_general", "2": "tags_general", None: "tags_general"})  # 2: unused ("deprecated" in old dumps)
+
+
+class _Unsure(Exception):
+    """The fast path cannot vouch for a value: the line goes to :func:`normalise_record`."""
+
+
+def _fast_int(value, minimum: int) -> int | None:
+    if type(value) is int:
+        if minimum <= value <= INT64_MAX:
+            return value
+        raise _Unsure
+    if value is None or value == "":
+        return None
+    if len(value) <= 18 and value.isascii() and value.isdigit():  # 18 digits: always in range
+        number = int(value)
+        if number >= minimum:
+            return number
+    raise _Unsure
+
+
+def fast_row(raw: bytes, tag_categories: dict[str, int] | None = None) -> dict[str, Any]:
+    """:func:`normalise_record` of one line for the lines it would take without a note;
+    raises :class:`_Unsure` (or a msgspec error) for every other line."""
+    post = _POST_DECODER.decode(raw)
+    image_id = post.id
+    if type(image_id) is not int:
+        if not (len(image_id) <= 18 and image_id.isascii() and image_id.isdigit()):
+            raise _Unsure
+        image_id = int(image_id)
+    if not 0 < image_id <= INT64_MAX:
+        raise _Unsure
+    tags = post.tags
+    era = ERA_BEFORE_2022 if tags is not None else ERA_SINCE_2022
+    raw_rating = post.rating
+    rating = rating_word(raw_rating, era)
+    if rating is None and raw_rating is not None and raw_rating != "":
+        raise _Unsure
+    parent = _fast_int(post.parent_id, 0)
+    row = {
+        "image_id": image_id,
+        "md5": post.md5,
+        "rating": rating,
+        "rating_raw": raw_rating,
+        "rating_era": era,
+        "score": _fast_int(post.score, -INT64_MAX),
+        "meta_width": _fast_int(post.image_width, 1),
+        "meta_height": _fast_int(post.image_height, 1),
+        "meta_file_ext": post.file_ext or None,
+        "is_deleted": bool(post.is_deleted),
+        "is_banned": post.is_banned,
+        "created_at": post.created_at,
+        "parent_id": parent or None,
+        "has_children": post.has_children,
+    }
+    if tags is not None:
+        row["metadata_format"] = "dump"
+        buckets: dict[str, list[str]] = {c: [] for c in TAG_COLUMNS}
+        for tag in tags:
+            column = _FAST_CATEGORY.get(tag.category)
+            if column is None:
+                raise _Unsure
+            buckets[column].append(tag.name)
+        for c, v in buckets.items():
+            row[c] = " ".join(_dedup(v))
+    else:
+        row["metadata_format"] = "api"
+        general = post.tag_string_general or ""
+        row["tags_general"] = _dedup_string(general) if general else ""
+        for column, value in (
+            ("tags_character", post.tag_string_character), ("tags_copyright", post.tag_string_copyright),
+            ("tags_artist", post.tag_string_artist), ("tags_meta", post.tag_string_meta),
+        ):
+            row[column] = _dedup_string(value) if value else ""
+        combined = post.tag_string
+        if combined and not any(row[c] for c in TAG_COLUMNS):
+            names = _dedup(combined.split())
+            if tag_categories:
+                split: dict[str, list[str]] = {c: [] for c in TAG_COLUMNS}
+                for name in names:
+                    split[_CATEGORY_COLUMN.get(tag_categories.get(name, 0), "tags_general")].append(name)
+                row.update({c: " ".join(v) for c, v in split.items()})
+            else:
+                row["tags_general"] = " ".join(names)
+    return row
+
+
 def iter_metadata_records(
     path: Path,
     report: ParseReport,
@@ -353,9 +481,14 @@ def iter_metadata_records(
                     continue
                 report.lines += 1
                 summary.lines += 1
+                try:
+                    row = fast_row(raw, tag_categories)
+                except (_Unsure, msgspec.MsgspecError):
+                    row = None
                 notes: list[str] = []
                 try:
-                    row = normalise_record(json.loads(raw), notes, tag_categories)
+                    if row is None:
+                        row = normalise_record(json.loads(raw), notes, tag_categories)
                 except json.JSONDecodeError as exc:
                     report.skip_line(name, line_no, f"not JSON ({exc.msg})")
                     continue

@@ -1,0 +1,260 @@
+"""Benchmark: the metadata stage over Danbooru2021-form lines, parsers side by side.
+
+    python -m danbooru_assets.bench metadata --lines 1000000 --workdir /tmp/bench-metadata
+
+Writes (or reuses) ``--lines`` JSON lines in Danbooru2021's dump form (numbers as strings,
+``tags`` as ~30 ``{id, name, category}`` objects, about 2 KB a line, a few planted quirks),
+then, each in its own process (so each peak memory is its own):
+
+- ``parse:<candidate>``: the file to the stored columns' values, by the standard ``json``
+  module, ``orjson``, ``msgspec`` (typed, only the fields kept), pyarrow's JSON reader,
+  polars and duckdb (the last three read the whole file as a table; whether they give the
+  same rows as the reference is checked and printed);
+- ``library``: :func:`~danbooru_assets.dataset.metadata.convert_metadata_to_shards`, the
+  whole conversion with the parser it uses;
+- ``asset``: the ``danbooru_metadata`` asset through ``dagster.materialize`` (discovery,
+  conversion, metadata), to compare with ``library``.
+
+Seconds and peak RSS are printed per row; ratios matter more than absolute figures on a
+shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GENERAL = [f"general_tag_{i}" for i in range(400)]
+CHARACTERS = [f"character_{i}_(series)" for i in range(60)]
+
+
+def synthetic_line(image_id: int, rng) -> str:
+    """One Danbooru2021-form post (dump form) of about 2 KB."""
+    n_tags = int(rng.integers(24, 36))
+    picks = rng.choice(len(GENERAL), n_tags, replace=False)
+    tags = [{"id": str(1000 + int(i)), "name": GENERAL[int(i)], "category": "0"} for i in picks]
+    tags.append({"id": "7", "name": CHARACTERS[image_id % 60], "category": "4"})
+    tags.append({"id": "8", "name": f"artist_{image_id % 97}", "category": "1"})
+    tags.append({"id": "9", "name": "highres", "category": "5"})
+    record = {
+        "id": str(image_id), "created_at": "2021-03-04 05:06:07.123 UTC", "uploader_id": str(image_id % 5000),
+        "score": str(int(rng.integers(-3, 60))), "source": f"https://i.pximg.net/img-original/img/{image_id}_p0.png",
+        "md5": f"{image_id:032x}", "last_commented_at": "1970-01-01 00:00:00 UTC",
+        "rating": "sqe"[int(rng.choice(3, p=[0.75, 0.18, 0.07]))],
+        "image_width": str(int(rng.integers(400, 3000))), "image_height": str(int(rng.integers(400, 3000))),
+        "is_note_locked": False, "file_ext": "jpg" if image_id % 5 else "png",
+        "last_noted_at": "1970-01-01 00:00:00 UTC", "is_rating_locked": False,
+        "parent_id": "0" if image_id % 11 else str(image_id - 1), "has_children": False, "approver_id": "0",
+        "file_size": str(int(rng.integers(50_000, 5_000_000))), "is_status_locked": False,
+        "up_score": "5", "down_score": "0", "is_pending": False, "is_flagged": False,
+        "is_deleted": image_id % 40 == 0, "updated_at": "2021-05-06 07:08:09.123 UTC", "is_banned": False,
+        "pixiv_id": str(image_id * 7), "tags": tags, "pools": [], "favs": [str(x) for x in range(int(rng.integers(0, 12)))],
+    }
+    return json.dumps(record, separators=(",", ":"))
+
+
+def write_lines(path: Path, n: int, seed: int = 0) -> None:
+    import numpy as np
+
+    marker = path.with_name(path.name + ".params")
+    params = {"lines": n, "seed": seed, "version": 1}
+    if path.exists() and marker.exists() and json.loads(marker.read_text()) == params:
+        return
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as out:
+        for i in range(n):
+            image_id = 100_000 + i
+            line = synthetic_line(image_id, rng)
+            if i % 100_000 == 50:
+                line = '{"rating":"s","md5":"x"}'  # a row without an id
+            out.write(line + "\n")
+    marker.write_text(json.dumps(params))
+
+
+# ---------------------------------------------------------------- candidates
+
+
+def _reference_rows(path: Path, loads) -> list[tuple]:
+    """(id, rating, general tags) per line with the library's record normaliser."""
+    from danbooru_assets.dataset.metadata import normalise_record
+
+    out = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                row = normalise_record(loads(raw))
+            except (KeyError, ValueError):
+                continue
+            out.append((row["image_id"], row["rating"], row["tags_general"]))
+    return out
+
+
+def parse_json(path: Path):
+    return _reference_rows(path, json.loads)
+
+
+def parse_orjson(path: Path):
+    import orjson
+
+    return _reference_rows(path, orjson.loads)
+
+
+def parse_msgspec(path: Path):
+    from danbooru_assets.dataset.metadata import iter_metadata_records, ParseReport
+
+    return [(r["image_id"], r["rating"], r["tags_general"]) for r in iter_metadata_records(path, ParseReport())]
+
+
+def _columnar_rows(ids, ratings, tag_lists) -> list[tuple]:
+    """The engines' table rows in the reference's terms (what each would still need to do)."""
+    from danbooru_assets.dataset.ratings import ERA_BEFORE_2022, rating_word
+
+    rows = []
+    for i, rating, tags in zip(ids, ratings, tag_lists):
+        if i is None:
+            continue
+        general = " ".join(dict.fromkeys(t["name"] for t in tags if str(t["category"]) == "0"))
+        rows.append((int(i), rating_word(rating, ERA_BEFORE_2022), general))
+    return rows
+
+
+def parse_pyarrow(path: Path):
+    import pyarrow.json as pj
+
+    table = pj.read_json(path)
+    return _columnar_rows(table["id"].to_pylist(), table["rating"].to_pylist(), table["tags"].to_pylist())
+
+
+def parse_polars(path: Path):
+    import polars as pl
+
+    frame = pl.read_ndjson(path, infer_schema_length=None)
+    return _columnar_rows(frame["id"].to_list(), frame["rating"].to_list(), frame["tags"].to_list())
+
+
+def parse_duckdb(path: Path):
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET threads TO 2")
+    rel = con.execute(
+        "SELECT id, rating, tags FROM read_json_auto(?, format='newline_delimited', sample_size=-1)", [str(path)]
+    )
+    ids, ratings, tags = [], [], []
+    for i, r, t in rel.fetchall():
+        ids.append(i)
+        ratings.append(r)
+        tags.append(t or [])
+    return _columnar_rows(ids, ratings, tags)
+
+
+CANDIDATES = {
+    "json": parse_json, "orjson": parse_orjson, "msgspec": parse_msgspec,
+    "pyarrow": parse_pyarrow, "polars": parse_polars, "duckdb": parse_duckdb,
+}
+
+
+def run_library(path: Path, work: Path) -> int:
+    from danbooru_assets.dataset.metadata import convert_metadata_to_shards
+
+    summary, report = convert_metadata_to_shards([path], work / "library_out", scratch_root=work / "scratch")
+    return report.records
+
+
+def run_asset(root: Path, work: Path) -> int:
+    import dagster as dg
+
+    from danbooru_assets.orchestration.assets.index import danbooru_metadata
+    from danbooru_assets.orchestration.io_manager import ParquetIOManagerFactory
+    from danbooru_assets.orchestration.resources import DanbooruDatasetResource, StorageResource
+
+    storage = StorageResource(base_path=str(work / "asset_storage"))
+    result = dg.materialize(
+        [danbooru_metadata],
+        resources={
+            "dataset": DanbooruDatasetResource(root=str(root), image_folder="original"),
+            "storage": storage,
+            "io_manager": ParquetIOManagerFactory(storage=storage),
+        },
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    return int(result.asset_materializations_for_node("danbooru_metadata")[0].metadata["records"].value)
+
+
+def _child(args: argparse.Namespace) -> int:
+    """One measurement in this process: prints a JSON line with seconds and peak RSS."""
+    path = Path(args.workdir) / "root" / "metadata" / "posts000000000000.json"
+    work = Path(args.workdir)
+    started = time.perf_counter()
+    error = ""
+    digest = None
+    count = 0
+    try:
+        if args.child == "library":
+            count = run_library(path, work)
+        elif args.child == "asset":
+            count = run_asset(work / "root", work)
+        else:
+            rows = CANDIDATES[args.child.removeprefix("parse:")](path)
+            count = len(rows)
+            digest = hash(tuple(rows)) & 0xFFFFFFFF
+    except ImportError as exc:  # orjson, polars, duckdb are measured when installed, never required
+        error = f"not installed ({exc.name})"
+    except Exception as exc:  # a candidate that cannot read the file: reported, not fatal
+        error = f"{type(exc).__name__}: {str(exc)[:160]}"
+    seconds = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"name": args.child, "seconds": seconds, "peak_mb": peak_mb, "rows": count,
+                      "digest": digest, "error": error}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m danbooru_assets.bench metadata", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--workdir", default="/tmp/bench-metadata")
+    parser.add_argument("--only", default="", help="comma-separated rows to run (parse:json,...,library,asset)")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child(args)
+    work = Path(args.workdir)
+    path = work / "root" / "metadata" / "posts000000000000.json"
+    t0 = time.perf_counter()
+    write_lines(path, args.lines)
+    (work / "root" / "original").mkdir(exist_ok=True)
+    size_mb = path.stat().st_size / 1e6
+    print(f"{args.lines:,} lines, {size_mb:,.0f} MB ({size_mb * 1e6 / args.lines:,.0f} B a line), "
+          f"ready in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    rows = [f"parse:{c}" for c in CANDIDATES] + ["library", "asset"]
+    if args.only:
+        rows = [r for r in rows if r in args.only.split(",")]
+    results = {}
+    for name in rows:
+        out = subprocess.run(
+            [sys.executable, "-m", "danbooru_assets.bench", "metadata", "--workdir", str(work), "--child", name],
+            capture_output=True, text=True,
+        )
+        line = next((l for l in reversed(out.stdout.splitlines()) if l.startswith("{")), None)
+        if line is None:
+            print(f"{name:16s} failed: {out.stderr.strip().splitlines()[-1:] if out.stderr else out.returncode}")
+            continue
+        r = json.loads(line)
+        results[name] = r
+    reference = results.get("parse:json", {}).get("digest")
+    print(f"{'row':16s} {'seconds':>8s} {'lines/s':>9s} {'peak MB':>8s}  same rows as json")
+    for name, r in results.items():
+        same = "" if r["digest"] is None else ("yes" if r["digest"] == reference else "NO")
+        rate = args.lines / r["seconds"] if r["seconds"] else 0
+        note = f"  ({r['error']})" if r["error"] else ""
+        print(f"{name:16s} {r['seconds']:8.2f} {rate:9,.0f} {r['peak_mb']:8.0f}  {same}{note}")
+    if "library" in results and "asset" in results:
+        print(f"asset / library: {results['asset']['seconds'] / results['library']['seconds']:.2f}x")
+    return 0
