@@ -329,9 +329,9 @@ class PrefilterSettings(BaseModel):
     def _distinct_ratings(cls, ratings: list[str]) -> list[str]:
         from danbooru_assets.dataset.ratings import letter_message
 
-        for rating in ratings:
-            if isinstance(rating, str) and rating.strip().lower() in ("g", "s", "q", "e"):
-                raise ValueError(letter_message(rating.strip().lower()))
+        letters = [r.strip().lower() for r in ratings if isinstance(r, str) and r.strip().lower() in ("g", "s", "q", "e")]
+        if letters:
+            raise ValueError(letter_message(letters))
         return _checked_names(ratings, RATINGS, "rating")
 
     @field_validator("file_types")

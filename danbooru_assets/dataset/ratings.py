@@ -41,15 +41,16 @@ def rating_word(raw: Any, era: str) -> str | None:
     return RATING_LETTERS[era].get(text)
 
 
-def letter_message(letter: str) -> str:
-    """What an old rating letter in a settings file means now, as an error message."""
+def letter_message(letters: list[str]) -> str:
+    """What old rating letters in a settings file mean now, as an error message."""
     meanings = {
         "g": "general (since 2022)",
         "s": "sensitive (since 2022) or safe (before 2022: Danbooru2017-2021's s, general and sensitive together)",
         "q": "questionable",
         "e": "explicit",
     }
+    said = "; ".join(f"{letter!r} means {meanings[letter]}" for letter in letters)
     return (
-        f"rating letter {letter!r} is no longer accepted: the letters changed meaning in 2022. "
-        f"{letter!r} means {meanings[letter]}. Write the words: {', '.join(RATING_WORDS)}"
+        f"rating letters are no longer accepted: their meaning changed in 2022. {said}. "
+        f"Write the words: {', '.join(RATING_WORDS)}"
     )
