@@ -13,7 +13,8 @@ then, each in its own process (so each peak memory is its own):
 - ``library``: :func:`~danbooru_assets.dataset.metadata.convert_metadata_to_shards`, the
   whole conversion with the parser it uses;
 - ``asset``: the ``danbooru_metadata`` asset through ``dagster.materialize`` (discovery,
-  conversion, metadata), to compare with ``library``.
+  conversion, metadata), interleaved with the library call in one warmed-up process, best
+  of two each, so the ratio is the asset's own cost (the peak is that process's).
 
 Seconds and peak RSS are printed per row; ratios matter more than absolute figures on a
 shared machine.
@@ -65,7 +66,7 @@ def write_lines(path: Path, n: int, seed: int = 0, templates: int = 5000) -> Non
     id, md5 and parent (drawing 1M posts one by one takes longer than reading them)."""
     import numpy as np
 
-    marker = path.with_name(path.name + ".params")
+    marker = path.parent.parent / (path.name + ".params")  # outside metadata/: not a metadata file
     params = {"lines": n, "seed": seed, "templates": templates, "version": 2}
     if path.exists() and marker.exists() and json.loads(marker.read_text()) == params:
         return
@@ -221,11 +222,22 @@ def _child(args: argparse.Namespace) -> int:
     error = ""
     digest = None
     count = 0
+    extra: dict = {}
     try:
         if args.child == "library":
             count = run_library(path, work)
         elif args.child == "asset":
-            count = run_asset(work / "root", work)
+            # Interleaved with the library call in this one process, best of two each: the
+            # ratio is then the asset's own cost, not which process warmed up first.
+            times = {"library": [], "asset": []}
+            for _ in range(2):
+                t = time.perf_counter()
+                run_library(path, work)
+                times["library"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                count = run_asset(work / "root", work)
+                times["asset"].append(time.perf_counter() - t)
+            extra = {"library_same_process": min(times["library"]), "asset_best": min(times["asset"])}
         else:
             rows = CANDIDATES[args.child.removeprefix("parse:")](path)
             count = len(rows)
@@ -236,8 +248,10 @@ def _child(args: argparse.Namespace) -> int:
         error = f"{type(exc).__name__}: {str(exc)[:160]}"
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if extra:
+        seconds = extra["asset_best"]
     print(json.dumps({"name": args.child, "seconds": seconds, "peak_mb": peak_mb, "rows": count,
-                      "digest": digest, "error": error}))
+                      "digest": digest, "error": error, **extra}))
     return 0
 
 
@@ -280,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         rate = args.lines / r["seconds"] if r["seconds"] else 0
         note = f"  ({r['error']})" if r["error"] else ""
         print(f"{name:16s} {r['seconds']:8.2f} {rate:9,.0f} {r['peak_mb']:8.0f}  {same}{note}")
-    if "library" in results and "asset" in results:
-        print(f"asset / library: {results['asset']['seconds'] / results['library']['seconds']:.2f}x")
+    if "asset" in results and "library_same_process" in results["asset"]:
+        r = results["asset"]
+        print(f"asset / library, interleaved in one process (best of 2 each): {r['asset_best']:.2f} s / "
+              f"{r['library_same_process']:.2f} s = {r['asset_best'] / r['library_same_process']:.2f}x")
     return 0
