@@ -78,7 +78,8 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
 
     def image_path(self, rel_path: str) -> Path:
         """A dataset file's path (the assets that decode images call this)."""
-        return self.layout().image_path(rel_path)
+        # rel_path already names its folder: no need to find the image folder per image
+        return DatasetLayout(root=self.root, max_pixels=self.max_pixels).image_path(rel_path)
 
 
 class SettingsResource(dg.ConfigurableResource):
