@@ -140,15 +140,19 @@ def discover_metadata(folder: Path) -> list[MetadataFile]:
     if not folder.is_dir():
         return []
     found = []
-    for path in _walk(folder):
+    for path in _walk(folder, hidden=True):
+        name = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in Path(name).parts):  # ._posts.json (macOS), .part files
+            found.append(MetadataFile(path, name, KIND_UNKNOWN, "", "a hidden file"))
+            continue
         kind, packed, why = _sniff(path)
-        found.append(MetadataFile(path, path.relative_to(folder).as_posix(), kind, packed, why))
+        found.append(MetadataFile(path, name, kind, packed, why))
     return found
 
 
-def _walk(folder: Path) -> list[Path]:
-    """Regular files under ``folder``, hidden ones and hidden folders skipped, each real
-    folder visited once (a symbolic link loop is not followed round)."""
+def _walk(folder: Path, hidden: bool = False) -> list[Path]:
+    """Regular files under ``folder`` (hidden files too with ``hidden``; hidden folders never),
+    each real folder visited once (a symbolic link loop is not followed round)."""
     out: list[Path] = []
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -160,7 +164,7 @@ def _walk(folder: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if not name.startswith(".") and path.is_file():
+            if (hidden or not name.startswith(".")) and path.is_file():
                 out.append(path)
     return sorted(out, key=lambda p: p.relative_to(folder).as_posix())
 

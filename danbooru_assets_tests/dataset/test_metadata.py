@@ -205,6 +205,7 @@ def test_compressed_metadata_is_read_by_content_and_other_files_are_listed_as_un
     assert [p.name for p in files] == ["gzip_without_gz.json", "more.jsonl.gz", "posts.json.xz", "plain.jsonl", "posts.json.gz"]
     unknown = [(f.name, f.why) for f in layout.discover_metadata() if f.kind == "unknown"]
     assert unknown == [
+        ("._posts.json", "a hidden file"),
         ("README.txt", "no JSON object in its first 1 line(s) (JSON lines expected)"),
         ("posts.json.gz.part", "no JSON object in its first 1 line(s) (JSON lines expected)"),
     ]
