@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = results.get("parse:json", {}).get("digest")
     print(f"{'row':16s} {'seconds':>8s} {'lines/s':>9s} {'peak MB':>8s}  same rows as json")
     for name, r in results.items():
-        same = "" if r["digest"] is None else ("yes" if r["digest"] == reference else "NO")
+        same = "" if r["digest"] is None or reference is None else ("yes" if r["digest"] == reference else "NO")
         rate = args.lines / r["seconds"] if r["seconds"] else 0
         note = f"  ({r['error']})" if r["error"] else ""
         print(f"{name:16s} {r['seconds']:8.2f} {rate:9,.0f} {r['peak_mb']:8.0f}  {same}{note}")
