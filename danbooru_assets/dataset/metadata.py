@@ -370,6 +370,7 @@ class _Post(msgspec.Struct):
 _POST_DECODER = msgspec.json.Decoder(_Post)
 _FAST_CATEGORY = {**{k: v for k, v in _CATEGORY_COLUMN.items()}, **{str(k): v for k, v in _CATEGORY_COLUMN.items()}}
 _FAST_CATEGORY.update({2: "tags_general", "2": "tags_general", None: "tags_general"})  # 2: unused ("deprecated" in old dumps)
+_FAST_CATEGORY_INDEX = {key: TAG_COLUMNS.index(column) for key, column in _FAST_CATEGORY.items()}
 
 
 class _Unsure(Exception):
@@ -427,14 +428,17 @@ def fast_row(raw: bytes, tag_categories: dict[str, int] | None = None) -> dict[s
     }
     if tags is not None:
         row["metadata_format"] = "dump"
-        buckets: dict[str, list[str]] = {c: [] for c in TAG_COLUMNS}
-        for tag in tags:
-            column = _FAST_CATEGORY.get(tag.category)
-            if column is None:
-                raise _Unsure
-            buckets[column].append(tag.name)
-        for c, v in buckets.items():
-            row[c] = " ".join(_dedup(v))
+        buckets: list[list[str]] = [[], [], [], [], []]  # in TAG_COLUMNS order
+        index = _FAST_CATEGORY_INDEX
+        try:
+            for tag in tags:
+                buckets[index[tag.category]].append(tag.name)
+        except KeyError:
+            raise _Unsure from None
+        # One set for the whole post: a repeated tag (rare) is the only case to de-duplicate.
+        repeated = len({t.name for t in tags}) != len(tags)
+        for c, v in zip(TAG_COLUMNS, buckets):
+            row[c] = " ".join(_dedup(v) if repeated else v)
     else:
         row["metadata_format"] = "api"
         general = post.tag_string_general or ""
