@@ -22,7 +22,6 @@ the next conversion clears if a run was killed (:func:`run_scratch`).
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import lzma
 import zlib
@@ -97,8 +96,6 @@ _TRUE = frozenset({"true", "t", "1", "yes"})
 _FALSE = frozenset({"false", "f", "0", "no", ""})
 # A problem list keeps this many examples; the counts are always exact.
 MAX_EXAMPLES = 1000
-# Files compressed with gzip start with these two bytes (any name: a misnamed file is read too).
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass
@@ -119,10 +116,20 @@ class FileSummary:
     records: int = 0
     error: str | None = None  # why reading stopped early (a cut-short gzip stream)
     compression: str = ""  # gzip, xz, bz2 or ""
+    api_rows: int = 0  # records in the API form (tag_string_*)
+    g_ratings: int = 0  # of them, rated "g"
+
+    @property
+    def api_rows_before_2022(self) -> bool:
+        """API-form rows without a single "g": an export from before 2022 (a 2021 mirror in
+        the API's shape), whose "s" meant safe. The live API rates ~40% of posts "g"."""
+        return self.api_rows > 0 and self.g_ratings == 0
 
     def __str__(self) -> str:
         packed = f" ({self.compression or 'gzip'})" if self.gzip else ""
         text = f"{self.name}{packed}: {self.lines:,} lines, {self.records:,} records"
+        if self.api_rows_before_2022:
+            text += "; API form without any 'g' rating: ratings read as before 2022 (s = safe)"
         return text + (f"; {self.error}" if self.error else "")
 
 
@@ -514,6 +521,10 @@ def iter_metadata_records(
                     row["source_line"] = line_no
                 report.records += 1
                 summary.records += 1
+                if row["metadata_format"] == "api":
+                    summary.api_rows += 1
+                    if row["rating"] == "general":
+                        summary.g_ratings += 1
                 yield row
         except (EOFError, OSError, zlib.error, lzma.LZMAError) as exc:
             # A cut-short or corrupt gzip download: the lines before stay, the rest
@@ -646,6 +657,21 @@ def _duplicate_examples(table, ids, keep, file_names: list[str], limit: int) -> 
     return examples
 
 
+def _as_before_2022(table, file_indexes: list[int]):
+    """The API-form rows of those files re-read in the pre-2022 era: "s" is safe."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = pc.and_(pc.is_in(table["source_file"], pa.array(file_indexes, pa.int32())), pc.equal(table["metadata_format"], "api"))
+    rows = pc.fill_null(rows, False)
+    was_sensitive = pc.fill_null(pc.and_(rows, pc.equal(table["rating"], "sensitive")), False)
+    was_letter = pc.fill_null(pc.equal(pc.utf8_lower(pc.utf8_trim_whitespace(table["rating_raw"])), "s"), False)
+    rating = pc.if_else(pc.and_(was_sensitive, was_letter), "safe", table["rating"])
+    era = pc.if_else(rows, ERA_BEFORE_2022, table["rating_era"])
+    table = table.set_column(table.schema.get_field_index("rating"), "rating", rating)
+    return table.set_column(table.schema.get_field_index("rating_era"), "rating_era", era)
+
+
 def convert_metadata_to_shards(
     files: list[Path],
     out_dir,
@@ -721,11 +747,16 @@ def convert_metadata_to_shards(
             keep = last_row_per_id(ids)
             superseded = len(ids) - len(keep)
             examples = _duplicate_examples(table, ids, keep, file_names, 3) if superseded else []
-            table = table.take(pa.array(keep)).drop_columns(list(SOURCE_DTYPES))
+            table = table.take(pa.array(keep))
+            if old_api_files:
+                table = _as_before_2022(table, old_api_files)
+            table = table.drop_columns(list(SOURCE_DTYPES))
             shard = SHARD_KEYS[bucket]
             write_arrow(out_dir / f"{shard}.parquet", table)
             return shard, table.num_rows, superseded, examples
 
+        # A file's era is known once it is read: API-form files without any "g" are pre-2022.
+        old_api_files = [i for i, f in enumerate(report.files) if f.api_rows_before_2022]
         present = [b for b in range(NUM_SHARDS) if any(o[b + 1] > o[b] for _, o in mapped)]
         # Parquet encoding and file I/O release the GIL: threads overlap them.
         with ThreadPoolExecutor(write_threads) as pool:

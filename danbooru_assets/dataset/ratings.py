@@ -12,6 +12,9 @@ before_2022 Danbooru2017–2021 dumps (``tags`` as a      s safe, q questionable
 since_2022  the live API (``tag_string_*``, ints)       g general, s sensitive, q questionable, e explicit
 ==========  ==========================================  ==============================
 
+An API-form file without a single ``g`` is read in the ``before_2022`` era instead (a 2021
+mirror in the API's shape; ``convert_metadata_to_shards`` decides it per file).
+
 ``safe`` stays its own word: a pre-2022 ``s`` post is general or sensitive and the dump does
 not say which. Settings rules name words (:data:`RATING_WORDS`); a letter there is refused
 (:func:`letter_message`) because ``s`` means "safe" in one era and "sensitive" in the other.

@@ -296,7 +296,9 @@ def test_materialization_lists_files_bad_lines_values_and_duplicates(tmp_path: P
         },
     )
     md = {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node("danbooru_metadata")[0].metadata.items()}
-    assert md["files"] == "- `posts.json.gz (gzip): 4 lines, 3 records`"
+    assert md["files"] == (  # its posts are rated "s" and never "g": a pre-2022 export
+        "- `posts.json.gz (gzip): 4 lines, 3 records; API form without any 'g' rating: ratings read as before 2022 (s = safe)`"
+    )
     assert md["ignored_files"].startswith("- `notes.txt`: no JSON object")
     assert (md["lines"], md["records"], md["bad_lines"], md["bad_values"], md["duplicate_ids"]) == (4, 3, 1, 1, 1)
     assert "posts.json.gz:2: unusable record (id 1e+20 is not an integer)" in md["bad_line_examples"]

@@ -217,3 +217,19 @@ def test_a_rule_on_general_keeps_live_posts_and_says_what_old_safe_posts_are(tmp
     reasons = lambda ratings: apply_prefilter(index, PrefilterSettings(ratings=ratings))[0]["reasons"].tolist()  # noqa: E731
     assert reasons(["general"]) == ["", "rating", "rating"]
     assert reasons(["general", "safe"]) == ["", "rating", ""]
+
+
+def test_an_api_form_file_without_any_g_is_read_as_before_2022(tmp_path: Path):
+    """A 2021 mirror in the API's shape has no "g" (Danbooru added it in 2022): its "s" is
+    safe. The live API file beside it keeps "s" as sensitive."""
+    import json
+
+    root = write_live_api(tmp_path / "api")
+    old = [{"id": 7001, "rating": "s", "md5": "a", "tag_string_general": "1girl"},
+           {"id": 7002, "rating": "q", "md5": "b", "tag_string_general": "1girl"}]
+    (root / "metadata" / "danbooru2021_api.json").write_text("".join(json.dumps(r) + "\n" for r in old))
+    _, report, stored = _convert(root, tmp_path / "out")
+    assert stored.loc[7001, ["rating", "rating_raw", "rating_era"]].tolist() == ["safe", "s", "before_2022"]
+    assert stored.loc[7002, ["rating", "rating_era"]].tolist() == ["questionable", "before_2022"]
+    assert stored.loc[2001, ["rating", "rating_era"]].tolist() == ["sensitive", "since_2022"]
+    assert "ratings read as before 2022" in str(report.files[0]) and "before 2022" not in str(report.files[1])
