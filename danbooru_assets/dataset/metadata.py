@@ -122,7 +122,7 @@ class FileSummary:
     @property
     def api_rows_before_2022(self) -> bool:
         """API-form rows without a single "g": an export from before 2022 (a 2021 mirror in
-        the API's shape), whose "s" meant safe. The live API rates ~40% of posts "g"."""
+        the API's shape), whose "s" meant safe. The live API rates a large share of posts "g"."""
         return self.api_rows > 0 and self.g_ratings == 0
 
     def __str__(self) -> str:
