@@ -690,7 +690,7 @@ def convert_metadata_to_shards(
     earlier conversion that no longer have rows are removed. Returns a per-shard summary.
 
     Duplicate ids: the last line wins, in the order ``files`` are given (the asset gives
-    them sorted by name) and line order within a file, because mirrors append updated
+    them sorted by path under metadata/) and line order within a file, because mirrors append updated
     posts after the old ones. Each superseded line is counted (``report.duplicates``),
     with examples naming both lines.
     """
