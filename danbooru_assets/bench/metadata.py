@@ -1,8 +1,8 @@
 """Benchmark: the metadata stage over Danbooru2021-form lines, parsers side by side.
 
-    python -m danbooru_assets.bench metadata --lines 1000000 --workdir /tmp/bench-metadata
+    python -m danbooru_assets.bench metadata --lines 1000000 --files 4 --workdir /tmp/bench-metadata
 
-Writes (or reuses) ``--lines`` JSON lines in Danbooru2021's dump form (numbers as strings,
+Writes (or reuses) ``--lines`` JSON lines, over ``--files`` posts files, in Danbooru2021's dump form (numbers as strings,
 ``tags`` as ~30 ``{id, name, category}`` objects, about 2 KB a line, a few planted quirks),
 then, each in its own process (so each peak memory is its own):
 
@@ -10,8 +10,9 @@ then, each in its own process (so each peak memory is its own):
   module, ``orjson``, ``msgspec`` (typed, only the fields kept), pyarrow's JSON reader,
   polars and duckdb (the last three read the whole file as a table; whether they give the
   same rows as the reference is checked and printed);
-- ``library``: :func:`~danbooru_assets.dataset.metadata.convert_metadata_to_shards`, the
-  whole conversion with the parser it uses;
+- ``library:1`` and ``library``: :func:`~danbooru_assets.dataset.metadata.convert_metadata_to_shards`,
+  the whole conversion, in one process and with its default (the files parsed by two
+  worker processes);
 - ``asset``: the ``danbooru_metadata`` asset through ``dagster.materialize`` (discovery,
   conversion, metadata), interleaved with the library call in one warmed-up process, best
   of two each, so the ratio is the asset's own cost (the peak is that process's).
@@ -61,63 +62,73 @@ def synthetic_line(image_id: int, rng) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
-def write_lines(path: Path, n: int, seed: int = 0, templates: int = 5000) -> None:
-    """``n`` lines: ``templates`` distinct posts drawn once, then repeated with their own
-    id, md5 and parent (drawing 1M posts one by one takes longer than reading them)."""
+def write_release(folder: Path, n: int, files: int, seed: int = 0, templates: int = 5000) -> list[Path]:
+    """``n`` lines over ``files`` files ``posts000000000000.json`` …, as a release ships them:
+    ``templates`` distinct posts drawn once, then repeated with their own id, md5 and parent
+    (drawing 1M posts one by one takes longer than reading them)."""
     import numpy as np
 
-    marker = path.parent.parent / (path.name + ".params")  # outside metadata/: not a metadata file
-    params = {"lines": n, "seed": seed, "templates": templates, "version": 2}
-    if path.exists() and marker.exists() and json.loads(marker.read_text()) == params:
-        return
+    paths = [folder / f"posts{i:012d}.json" for i in range(files)]
+    marker = folder.parent / "bench_metadata.params"  # outside metadata/: not a metadata file
+    params = {"lines": n, "files": files, "seed": seed, "templates": templates, "version": 3}
+    if all(p.exists() for p in paths) and marker.exists() and json.loads(marker.read_text()) == params:
+        return paths
+    if folder.exists():
+        for old in folder.iterdir():
+            old.unlink()
     rng = np.random.default_rng(seed)
     forms = []
     for t in range(min(templates, n)):
         line = synthetic_line(999_999_000 + t, rng)
         forms.append(line.replace(f'"{999_999_000 + t}"', '"{id}"', 1).replace(f"{999_999_000 + t:032x}", "{md5}"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        for i in range(n):
-            image_id = 100_000 + i
-            if i % 100_000 == 50:
-                out.write('{"rating":"s","md5":"x"}\n')  # a row without an id
-                continue
-            out.write(forms[i % len(forms)].replace("{id}", str(image_id), 1).replace("{md5}", f"{image_id:032x}", 1) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    per_file = -(-n // files)
+    for f, path in enumerate(paths):
+        with open(path, "w") as out:
+            for i in range(f * per_file, min(n, (f + 1) * per_file)):
+                image_id = 100_000 + i
+                if i % 100_000 == 50:
+                    out.write('{"rating":"s","md5":"x"}\n')  # a row without an id
+                    continue
+                out.write(forms[i % len(forms)].replace("{id}", str(image_id), 1).replace("{md5}", f"{image_id:032x}", 1) + "\n")
     marker.write_text(json.dumps(params))
+    return paths
 
 
 # ---------------------------------------------------------------- candidates
 
 
-def _reference_rows(path: Path, loads) -> list[tuple]:
+def _reference_rows(paths: list[Path], loads) -> list[tuple]:
     """(id, rating, general tags) per line with the library's record normaliser."""
     from danbooru_assets.dataset.metadata import normalise_record
 
     out = []
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                row = normalise_record(loads(raw))
-            except (KeyError, ValueError):
-                continue
-            out.append((row["image_id"], row["rating"], row["tags_general"]))
+    for path in paths:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    row = normalise_record(loads(raw))
+                except (KeyError, ValueError):
+                    continue
+                out.append((row["image_id"], row["rating"], row["tags_general"]))
     return out
 
 
-def parse_json(path: Path):
-    return _reference_rows(path, json.loads)
+def parse_json(paths: list[Path]):
+    return _reference_rows(paths, json.loads)
 
 
-def parse_orjson(path: Path):
+def parse_orjson(paths: list[Path]):
     import orjson
 
-    return _reference_rows(path, orjson.loads)
+    return _reference_rows(paths, orjson.loads)
 
 
-def parse_msgspec(path: Path):
-    from danbooru_assets.dataset.metadata import iter_metadata_records, ParseReport
+def parse_msgspec(paths: list[Path]):
+    from danbooru_assets.dataset.metadata import ParseReport, iter_metadata_records
 
-    return [(r["image_id"], r["rating"], r["tags_general"]) for r in iter_metadata_records(path, ParseReport())]
+    report = ParseReport()
+    return [(r["image_id"], r["rating"], r["tags_general"]) for p in paths for r in iter_metadata_records(p, report)]
 
 
 def _columnar_rows(ids, ratings, tag_lists) -> list[tuple]:
@@ -133,34 +144,43 @@ def _columnar_rows(ids, ratings, tag_lists) -> list[tuple]:
     return rows
 
 
-def parse_pyarrow(path: Path):
+def parse_pyarrow(paths: list[Path]):
     import pyarrow.json as pj
 
-    table = pj.read_json(path)
-    return _columnar_rows(table["id"].to_pylist(), table["rating"].to_pylist(), table["tags"].to_pylist())
+    rows = []
+    for path in paths:
+        table = pj.read_json(path)
+        rows += _columnar_rows(table["id"].to_pylist(), table["rating"].to_pylist(), table["tags"].to_pylist())
+    return rows
 
 
-def parse_polars(path: Path):
+def parse_polars(paths: list[Path]):
     import polars as pl
 
-    frame = pl.read_ndjson(path, infer_schema_length=None)
-    return _columnar_rows(frame["id"].to_list(), frame["rating"].to_list(), frame["tags"].to_list())
+    rows = []
+    for path in paths:
+        frame = pl.read_ndjson(path, infer_schema_length=None)
+        rows += _columnar_rows(frame["id"].to_list(), frame["rating"].to_list(), frame["tags"].to_list())
+    return rows
 
 
-def parse_duckdb(path: Path):
+def parse_duckdb(paths: list[Path]):
     import duckdb
 
     con = duckdb.connect()
     con.execute("SET threads TO 2")
-    rel = con.execute(
-        "SELECT id, rating, tags FROM read_json_auto(?, format='newline_delimited', sample_size=-1)", [str(path)]
-    )
-    ids, ratings, tags = [], [], []
-    for i, r, t in rel.fetchall():
-        ids.append(i)
-        ratings.append(r)
-        tags.append(t or [])
-    return _columnar_rows(ids, ratings, tags)
+    rows = []
+    for path in paths:
+        rel = con.execute(
+            "SELECT id, rating, tags FROM read_json_auto(?, format='newline_delimited', sample_size=-1)", [str(path)]
+        )
+        ids, ratings, tags = [], [], []
+        for i, r, t in rel.fetchall():
+            ids.append(i)
+            ratings.append(r)
+            tags.append(t or [])
+        rows += _columnar_rows(ids, ratings, tags)
+    return rows
 
 
 CANDIDATES = {
@@ -169,10 +189,10 @@ CANDIDATES = {
 }
 
 
-def run_library(path: Path, work: Path) -> int:
+def run_library(paths: list[Path], work: Path, workers: int | None = None) -> int:
     from danbooru_assets.dataset.metadata import convert_metadata_to_shards
 
-    summary, report = convert_metadata_to_shards([path], work / "library_out", scratch_root=work / "scratch")
+    _, report = convert_metadata_to_shards(paths, work / "library_out", scratch_root=work / "scratch", workers=workers)
     return report.records
 
 
@@ -200,19 +220,19 @@ def _warm_up(child: str, work: Path) -> None:
     """One run on a ten-line tree first: both rows are then timed warm (modules imported,
     Dagster's first-run set-up done), so their ratio is the cost of the asset itself."""
     root = work / "warm" / "root"
-    write_lines(root / "metadata" / "posts000000000000.json", 10)
+    paths = write_release(root / "metadata", 10, 1)
     (root / "original").mkdir(exist_ok=True)
-    if child == "library":
-        run_library(root / "metadata" / "posts000000000000.json", work / "warm")
+    if child.startswith("library"):
+        run_library(paths, work / "warm")
     else:
         run_asset(root, work / "warm")
 
 
 def _child(args: argparse.Namespace) -> int:
     """One measurement in this process: prints a JSON line with seconds and peak RSS."""
-    path = Path(args.workdir) / "root" / "metadata" / "posts000000000000.json"
     work = Path(args.workdir)
-    if args.child in ("library", "asset"):  # imports before the clock: the call is measured, not start-up
+    paths = sorted((work / "root" / "metadata").glob("posts*.json"))
+    if args.child in ("library", "library:1", "asset"):  # imports before the clock: the call is measured, not start-up
         import dagster  # noqa: F401
 
         import danbooru_assets.dataset.metadata  # noqa: F401
@@ -225,21 +245,23 @@ def _child(args: argparse.Namespace) -> int:
     extra: dict = {}
     try:
         if args.child == "library":
-            count = run_library(path, work)
+            count = run_library(paths, work)
+        elif args.child == "library:1":  # the same, in one process
+            count = run_library(paths, work, workers=1)
         elif args.child == "asset":
             # Interleaved with the library call in this one process, best of two each: the
             # ratio is then the asset's own cost, not which process warmed up first.
             times = {"library": [], "asset": []}
             for _ in range(2):
                 t = time.perf_counter()
-                run_library(path, work)
+                run_library(paths, work)
                 times["library"].append(time.perf_counter() - t)
                 t = time.perf_counter()
                 count = run_asset(work / "root", work)
                 times["asset"].append(time.perf_counter() - t)
             extra = {"library_same_process": min(times["library"]), "asset_best": min(times["asset"])}
         else:
-            rows = CANDIDATES[args.child.removeprefix("parse:")](path)
+            rows = CANDIDATES[args.child.removeprefix("parse:")](paths)
             count = len(rows)
             digest = hashlib.sha256(repr(rows).encode()).hexdigest()[:16]  # str hash() differs per process
     except ImportError as exc:  # orjson, polars, duckdb are measured when installed, never required
@@ -258,6 +280,7 @@ def _child(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m danbooru_assets.bench metadata", description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--files", type=int, default=4, help="posts files the lines are spread over (a release ships several)")
     parser.add_argument("--workdir", default="/tmp/bench-metadata")
     parser.add_argument("--only", default="", help="comma-separated rows to run (parse:json,...,library,asset)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -265,14 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return _child(args)
     work = Path(args.workdir)
-    path = work / "root" / "metadata" / "posts000000000000.json"
     t0 = time.perf_counter()
-    write_lines(path, args.lines)
+    paths = write_release(work / "root" / "metadata", args.lines, args.files)
     (work / "root" / "original").mkdir(exist_ok=True)
-    size_mb = path.stat().st_size / 1e6
-    print(f"{args.lines:,} lines, {size_mb:,.0f} MB ({size_mb * 1e6 / args.lines:,.0f} B a line), "
+    size_mb = sum(p.stat().st_size for p in paths) / 1e6
+    print(f"{args.lines:,} lines in {args.files} files, {size_mb:,.0f} MB ({size_mb * 1e6 / args.lines:,.0f} B a line), "
           f"ready in {time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
-    rows = [f"parse:{c}" for c in CANDIDATES] + ["library", "asset"]
+    rows = [f"parse:{c}" for c in CANDIDATES] + ["library:1", "library", "asset"]
     if args.only:
         rows = [r for r in rows if r in args.only.split(",")]
     results = {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import lzma
 import zlib
 from dataclasses import dataclass, field
@@ -149,6 +150,16 @@ class ParseReport:
         self.bad_lines += 1
         if len(self.problems) < MAX_EXAMPLES:
             self.problems.append(MetadataProblem(file, line, reason))
+
+    def merge(self, other: "ParseReport") -> None:
+        """Add another file's report (files merged in their order keep the examples' order)."""
+        self.lines += other.lines
+        self.records += other.records
+        self.bad_lines += other.bad_lines
+        self.bad_values += other.bad_values
+        self.problems.extend(other.problems[: MAX_EXAMPLES - len(self.problems)])
+        self.value_problems.extend(other.value_problems[: MAX_EXAMPLES - len(self.value_problems)])
+        self.files.extend(other.files)
 
     def null_value(self, file: str, line: int, reason: str) -> None:
         self.bad_values += 1
@@ -672,6 +683,58 @@ def _as_before_2022(table, file_indexes: list[int]):
     return table.set_column(table.schema.get_field_index("rating_era"), "rating_era", era)
 
 
+# Below this much metadata the files are parsed in the calling process.
+PARALLEL_MIN_BYTES = 256 << 20
+
+
+def _spill_schema():
+    import numpy as np
+    import pyarrow as pa
+
+    schema = metadata_arrow_schema()
+    for column, dtype in SOURCE_DTYPES.items():
+        schema = schema.append(pa.field(column, pa.from_numpy_dtype(np.dtype(dtype))))
+    return schema
+
+
+def _parse_file_to_chunks(job) -> tuple[ParseReport, list[tuple[Path, Any]]]:
+    """Parse one file into Arrow chunks under the scratch folder, each sorted by shard with
+    its shard offsets; the file's own report. Runs in a worker process or in the caller."""
+    import numpy as np
+    import pyarrow as pa
+
+    from danbooru_assets.core.shards import NUM_SHARDS, shard_numbers
+
+    file_index, path, name, tag_categories, chunk_rows, scratch = job
+    report = ParseReport()
+    schema = _spill_schema()
+    columns = [*METADATA_COLUMNS, *SOURCE_DTYPES]
+    chunks: list[tuple[Path, Any]] = []
+
+    def spill(rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        # Column lists straight to Arrow: a third faster than through a DataFrame (bench metadata).
+        table = pa.table({c: pa.array([r[c] for r in rows], type=schema.field(c).type) for c in columns}, schema=schema)
+        bucket = shard_numbers(table["image_id"].to_numpy())
+        order = np.argsort(bucket, kind="stable")  # stable: line order kept within a shard
+        table = table.take(pa.array(order))
+        offsets = np.searchsorted(bucket[order], np.arange(NUM_SHARDS + 1))
+        chunk = Path(scratch) / f"chunk-{file_index:05d}-{len(chunks):05d}.arrow"
+        with pa.OSFile(str(chunk), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            writer.write_table(table)
+        chunks.append((chunk, offsets))
+        rows.clear()
+
+    rows: list[dict[str, Any]] = []
+    for row in iter_metadata_records(path, report, file_index, name, tag_categories):
+        rows.append(row)
+        if len(rows) >= chunk_rows:
+            spill(rows)
+    spill(rows)
+    return report, chunks
+
+
 def convert_metadata_to_shards(
     files: list[Path],
     out_dir,
@@ -680,8 +743,11 @@ def convert_metadata_to_shards(
     scratch_root: Path | None = None,
     names: list[str] | None = None,
     tag_categories: dict[str, int] | None = None,
+    workers: int | None = None,
 ) -> tuple[pd.DataFrame, ParseReport]:
     """Stream every metadata file once and write one Parquet per shard to ``out_dir``.
+    Files are parsed by ``workers`` processes (default: 2 when there are several files and
+    at least :data:`PARALLEL_MIN_BYTES`, else this process).
 
     Memory stays bounded by ``chunk_rows``: each parsed chunk is sorted by shard and
     spilled to a local Arrow file under ``scratch_root`` (default
@@ -700,44 +766,33 @@ def convert_metadata_to_shards(
     import pyarrow as pa
     from upath import UPath
 
-    from danbooru_assets.core.shards import NUM_SHARDS, SHARD_KEYS, shard_numbers
+    from danbooru_assets.core.shards import NUM_SHARDS, SHARD_KEYS
     from danbooru_assets.core.tables import prune_shard_files, write_arrow
 
     out_dir = UPath(out_dir)
     report = ParseReport()
     file_names = names or [p.name for p in files]
-    schema = metadata_arrow_schema()
-    for column, dtype in SOURCE_DTYPES.items():
-        schema = schema.append(pa.field(column, pa.from_numpy_dtype(np.dtype(dtype))))
-    frame_columns = [*METADATA_COLUMNS, *SOURCE_DTYPES]
     chunks: list[tuple[Path, np.ndarray]] = []  # (spilled chunk, row offset of each shard)
+    if workers is None:
+        # Files are the unit of parallel work (a release ships many); small inputs stay in
+        # this process, where starting workers would cost more than it saves.
+        big = sum(p.stat().st_size for p in files) >= PARALLEL_MIN_BYTES
+        workers = min(2, os.cpu_count() or 1, len(files)) if big else 1
 
     with run_scratch(scratch_root or default_scratch_root(out_dir)) as scratch:
+        jobs = [(i, p, file_names[i], tag_categories, chunk_rows, scratch) for i, p in enumerate(files)]
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-        def spill(rows: list[dict[str, Any]]) -> None:
-            if not rows:
-                return
-            # Column lists straight to Arrow: a third faster than through a DataFrame (bench metadata).
-            table = pa.table(
-                {c: pa.array([r[c] for r in rows], type=schema.field(c).type) for c in frame_columns}, schema=schema
-            )
-            bucket = shard_numbers(table["image_id"].to_numpy())
-            order = np.argsort(bucket, kind="stable")  # stable: line order kept within a shard
-            table = table.take(pa.array(order))
-            offsets = np.searchsorted(bucket[order], np.arange(NUM_SHARDS + 1))
-            path = scratch / f"chunk-{len(chunks):05d}.arrow"
-            with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                writer.write_table(table)
-            chunks.append((path, offsets))
-            rows.clear()
-
-        rows: list[dict[str, Any]] = []
-        for file_index, path in enumerate(files):
-            for row in iter_metadata_records(path, report, file_index, file_names[file_index], tag_categories):
-                rows.append(row)
-                if len(rows) >= chunk_rows:
-                    spill(rows)
-        spill(rows)
+            # spawn: a fork of a process with threads (Dagster's) may hang
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                parsed = list(pool.map(_parse_file_to_chunks, jobs))
+        else:
+            parsed = [_parse_file_to_chunks(job) for job in jobs]
+        for file_report, file_chunks in parsed:  # in file order: the last line of an id wins
+            report.merge(file_report)
+            chunks.extend(file_chunks)
         mapped = [(pa.ipc.open_file(pa.memory_map(str(p))).read_all(), o) for p, o in chunks]
 
         def finish_shard(bucket: int) -> tuple[str, int, int, list[str]]:

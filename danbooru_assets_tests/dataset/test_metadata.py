@@ -359,3 +359,33 @@ def test_the_fast_path_gives_the_reference_rows_or_leaves_the_line_to_it():
         assert fast == reference, raw
         taken += 1
     assert taken >= 12  # the clean lines of every release form do take the fast path
+
+
+def test_files_parsed_by_two_worker_processes_give_the_same_tables_and_report(tmp_path: Path):
+    """Files are the unit of parallel work; merged in file order, a repeated id still keeps
+    the later file's line, and every count and example is the single-process one."""
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+    _write_lines(meta / "a.json", [_post(1, image_width=1), _post(2), "{broken", _post(1003, rating="x")])
+    _write_lines(meta / "b.json.gz", [_post(1, image_width=2), _post(5, image_width=5042.9)])
+    _write_lines(meta / "c.jsonl", [_post(2, image_width=3), '{"rating": "s"}'])
+    files = sorted(p for p in meta.iterdir())
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        summary, report = convert_metadata_to_shards(files, out, workers=workers, scratch_root=tmp_path / "scratch")
+        tables = {p.name: pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))}
+        results[workers] = (summary, report, tables)
+    (s1, r1, t1), (s2, r2, t2) = results[1], results[2]
+    assert s1.equals(s2) and t1.keys() == t2.keys()
+    for name in t1:
+        pd.testing.assert_frame_equal(t1[name], t2[name])
+    assert [str(p) for p in r1.problems] == [str(p) for p in r2.problems] == [
+        "a.json:3: not JSON (Expecting property name enclosed in double quotes)",
+        "c.jsonl:2: unusable record (no 'id' field)",
+    ]
+    assert [str(p) for p in r1.value_problems] == [str(p) for p in r2.value_problems]
+    assert (r1.duplicates, r1.duplicate_examples) == (r2.duplicates, r2.duplicate_examples) == (
+        2, ["id 1: a.json:1 (1×20) superseded by b.json.gz:1 (2×20)", "id 2: a.json:2 (10×20) superseded by c.jsonl:1 (3×20)"]
+    )
+    assert [str(f) for f in r1.files] == [str(f) for f in r2.files]
