@@ -24,6 +24,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--shards",
         help="comma-separated shard keys (e.g. 0042,0107); default: every shard folder that has images",
     )
+    parser.add_argument(
+        "--image-folder", choices=("original", "512px"),
+        help="image folder under the root (sets DANBOORU_IMAGE_FOLDER); default: the only one there is",
+    )
 
 
 def _materialized_summary(result) -> str:
@@ -94,6 +98,10 @@ def run_main_job(args: argparse.Namespace) -> int:
         print(f"error: --shards {args.shards}: {exc}", file=sys.stderr)
         return 2
 
+    if args.image_folder:  # before definitions load: the dataset resource reads the variable
+        import os
+
+        os.environ["DANBOORU_IMAGE_FOLDER"] = args.image_folder
     home = config.ensure_dagster_home()
     config.set_planned_events_default()
     if config.using_sample_data():
@@ -112,7 +120,7 @@ def run_main_job(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
-    from danbooru_assets.dataset.layout import DatasetLayout, DatasetRootError
+    from danbooru_assets.dataset.layout import DatasetLayout, DatasetRootError, resolve_image_folder
     from danbooru_assets.definitions import RUN_STAGES, defs
     from danbooru_assets.orchestration.assets.settings import section_observations
     from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
@@ -131,8 +139,8 @@ def run_main_job(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dataset = DatasetLayout(config.dataset_root())
     try:
+        dataset = DatasetLayout(config.dataset_root(), resolve_image_folder(config.dataset_root(), config.image_folder()))
         dataset.check_root()
     except DatasetRootError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ ENVIRONMENT: dict[str, EnvVariable] = {
     v.name: v
     for v in (
         EnvVariable("DANBOORU_ROOT", "the bundled sample data (DANBOORU_SAMPLE_ROOT)", "the dataset root"),
+        EnvVariable("DANBOORU_IMAGE_FOLDER", "the only one of original/ and 512px/ under the root", "the image folder to index: original or 512px (required when the root holds both)"),
         EnvVariable("DANBOORU_SAMPLE_ROOT", "data/sample", "where the bundled sample data is generated and read while DANBOORU_ROOT is unset"),
         EnvVariable("DANBOORU_STORAGE", "data/storage", "asset tables: a folder or any fsspec URL"),
         EnvVariable("DANBOORU_SETTINGS", "<storage>/settings.yaml when DANBOORU_STORAGE is a URL, else data/settings.yaml", "durable curation settings (a path or an fsspec URL)"),
@@ -39,6 +40,7 @@ ENVIRONMENT: dict[str, EnvVariable] = {
         EnvVariable("DANBOORU_POSE_BACKEND", "keypoint_files on sample data, else keypoint_rcnn", "the pose estimator"),
         EnvVariable("DANBOORU_KEYPOINTS", "the sample's tarball on sample data", "published keypoint files to import (sets the backend to keypoint_files)"),
         EnvVariable("DANBOORU_POSE_FALLBACK", "none", "with keypoint files: a model backend (keypoint_rcnn, bizarre_pose, mediapipe) run on the images that have no keypoint file"),
+        EnvVariable("DANBOORU_KEYPOINT_FRAME", "512px (image for the sample's tarball)", "the frame of published keypoints: 512px (the 512px release's padded square, the seed's) or image (each indexed image's pixels)"),
         EnvVariable("DANBOORU_POSE_CHECKPOINT", "the backend's own weights", "pose model checkpoint"),
         EnvVariable("DANBOORU_BIZARRE_POSE_REPO", "none", "checkout of ShuhongChen/bizarre-pose-estimator (backend bizarre_pose)"),
         EnvVariable("DANBOORU_INFERENCE_SHARDS_PER_RUN", "50", "shards per run of a backfill of the inference assets"),
@@ -99,6 +101,12 @@ def dataset_root() -> Path:
     return default_sample_root()
 
 
+def image_folder() -> str:
+    """``$DANBOORU_IMAGE_FOLDER`` (``original`` or ``512px``); ``""``: found under the root
+    (:func:`danbooru_assets.dataset.layout.resolve_image_folder`)."""
+    return env("DANBOORU_IMAGE_FOLDER").strip()
+
+
 def default_sample_root() -> Path:
     """Bundled sample location: ``$DANBOORU_SAMPLE_ROOT`` or ``./data/sample``."""
     return Path(env("DANBOORU_SAMPLE_ROOT") or data_dir() / "sample").expanduser()
@@ -145,6 +153,7 @@ class PoseEnvironment:
     checkpoint: str
     bizarre_pose_repo: str
     fallback: str = ""  # with keypoint files: the model backend for images without a file
+    keypoint_frame: str = "512px"
 
 
 def pose_environment() -> PoseEnvironment:
@@ -157,7 +166,17 @@ def pose_environment() -> PoseEnvironment:
         checkpoint=env("DANBOORU_POSE_CHECKPOINT"),
         bizarre_pose_repo=env("DANBOORU_BIZARRE_POSE_REPO"),
         fallback=env("DANBOORU_POSE_FALLBACK"),
+        keypoint_frame=env("DANBOORU_KEYPOINT_FRAME") or _default_keypoint_frame(keypoints),
     )
+
+
+def _default_keypoint_frame(keypoints: str) -> str:
+    """``image`` for a generated sample's own tarball (its keypoints are in each image's
+    pixels), else ``512px`` (the seed's files: the 512px release's padded frame)."""
+    path = Path(keypoints).expanduser()
+    if keypoints and path.name == Path(KEYPOINTS_TARBALL).name and (path.parent.parent / "SAMPLE_DATASET.json").exists():
+        return "image"
+    return "512px"
 
 
 def _whole_number(name: str, default: int, minimum: int) -> int:

@@ -161,6 +161,7 @@ def pose_estimator_resource() -> PoseEstimatorResource:
             fallback_backend=env_or("DANBOORU_POSE_FALLBACK", pose.fallback),
             checkpoint=env_or("DANBOORU_POSE_CHECKPOINT", pose.checkpoint),
             bizarre_pose_repo=env_or("DANBOORU_BIZARRE_POSE_REPO", pose.bizarre_pose_repo),
+            keypoint_frame=env_or("DANBOORU_KEYPOINT_FRAME", pose.keypoint_frame),
         )
     return PoseEstimatorResource(
         backend=env_or("DANBOORU_POSE_BACKEND", pose.backend),
@@ -204,7 +205,10 @@ defs = dg.Definitions(
     ],
     executor=build_executor(),
     resources={
-        "dataset": DanbooruDatasetResource(root=env_or("DANBOORU_ROOT", str(config.dataset_root()))),
+        "dataset": DanbooruDatasetResource(
+            root=env_or("DANBOORU_ROOT", str(config.dataset_root())),
+            image_folder=env_or("DANBOORU_IMAGE_FOLDER", config.image_folder()),
+        ),
         "storage": storage,
         "io_manager": ParquetIOManagerFactory(storage=storage),
         "settings": SettingsResource(path=env_or("DANBOORU_SETTINGS", str(config.settings_path()))),

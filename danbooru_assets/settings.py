@@ -40,6 +40,7 @@ from danbooru_assets.pose.coco import KEYPOINT_NAMES
 from danbooru_assets.labels.classes import LABEL_CLASSES
 from danbooru_assets.quality.kinds import CLASSIFIER_KINDS, ClassifierKind
 from danbooru_assets.core.tables import write_bytes
+from danbooru_assets.dataset.ratings import RATING_WORDS
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +284,7 @@ DEFAULT_EXCLUDED_GENERAL_TAGS: list[str] = [
     "multiple_views", "character_sheet",
 ]
 PREFILTER_MODES = ("skip", "annotate", "off")
-RATINGS = ("g", "s", "q", "e")
+RATINGS = RATING_WORDS  # danbooru_assets.dataset.ratings: one vocabulary for every release
 
 
 def _checked_tag_entries(entries: list[str]) -> list[str]:
@@ -332,8 +333,11 @@ class PrefilterSettings(_StrictNumbers):
         default_factory=TagSets,
         description="When any list is set: keep only images carrying at least one of the entries.",
     )
-    ratings: list[Literal["g", "s", "q", "e"]] = Field(
-        list(RATINGS), min_length=1, description="Ratings kept (pre-2022 dumps: s means g and s together)."
+    ratings: list[str] = Field(
+        list(RATINGS),
+        min_length=1,
+        description="Ratings kept: general, sensitive, questionable, explicit (the live API since 2022) and "
+        "safe (Danbooru2017-2021's s: general and sensitive together). Rating letters are refused.",
     )
     min_score: int | None = Field(0, description="Exclude images scored below this (null: no score rule).")
     exclude_deleted: bool = Field(True, description="Exclude posts marked is_deleted.")
@@ -357,6 +361,11 @@ class PrefilterSettings(_StrictNumbers):
     @field_validator("ratings")
     @classmethod
     def _distinct_ratings(cls, ratings: list[str]) -> list[str]:
+        from danbooru_assets.dataset.ratings import letter_message
+
+        letters = [r.strip().lower() for r in ratings if isinstance(r, str) and r.strip().lower() in ("g", "s", "q", "e")]
+        if letters:
+            raise ValueError(letter_message(letters))
         return _checked_names(ratings, RATINGS, "rating")
 
     @field_validator("file_types")

@@ -168,3 +168,20 @@ def test_shard_list_parses_the_valid_form():
     from danbooru_assets.core.shards import parse_shard_list
 
     assert parse_shard_list("0107, 0042,0107") == ["0042", "0107"]
+
+
+def test_run_asks_which_image_folder_when_both_exist_and_takes_the_flag(tmp_path: Path):
+    root = tmp_path / "dataset"
+    (root / "original").mkdir(parents=True)
+    (root / "512px" / "0001").mkdir(parents=True)
+    env = {**os.environ, "DANBOORU_ROOT": str(root), "DAGSTER_HOME": str(tmp_path / "home"),
+           "DANBOORU_SETTINGS": str(tmp_path / "settings.yaml")}
+    env.pop("DANBOORU_IMAGE_FOLDER", None)
+    run = [sys.executable, "-m", "danbooru_assets.cli", "run"]
+    proc = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "holds both original/ and 512px/" in proc.stderr and "--image-folder" in proc.stderr
+    # The flag chooses the folder (original/ here has no shard folders: the run says where it looked).
+    proc = subprocess.run([*run, "--image-folder", "original"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"no shard folders with images under {root / 'original'}" in proc.stderr

@@ -94,3 +94,23 @@ def test_executor_choice(monkeypatch):
     monkeypatch.delenv("DANBOORU_CELERY_BROKER", raising=False)
     monkeypatch.delenv("DANBOORU_CELERY_BACKEND", raising=False)
     assert config.celery_backend() == config.celery_broker() == config.DEFAULT_CELERY_BROKER
+
+
+def test_keypoint_frame_and_image_folder_from_the_environment(monkeypatch, tmp_path):
+    from danbooru_assets import config
+
+    for name in ("DANBOORU_KEYPOINTS", "DANBOORU_KEYPOINT_FRAME", "DANBOORU_POSE_BACKEND", "DANBOORU_IMAGE_FOLDER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("DANBOORU_ROOT", str(tmp_path / "real"))
+    sample = tmp_path / "sample"
+    (sample / "keypoints").mkdir(parents=True)
+    (sample / "SAMPLE_DATASET.json").write_text("{}")
+    monkeypatch.setenv("DANBOORU_KEYPOINTS", str(sample / config.KEYPOINTS_TARBALL))
+    assert config.pose_environment().keypoint_frame == "image"  # the generator's own tarball
+    monkeypatch.setenv("DANBOORU_KEYPOINTS", str(tmp_path / "seed_keypoints.tar.gz"))
+    assert config.pose_environment().keypoint_frame == "512px"  # published files: the 512px frame
+    monkeypatch.setenv("DANBOORU_KEYPOINT_FRAME", "image")
+    assert config.pose_environment().keypoint_frame == "image"
+    assert config.image_folder() == ""
+    monkeypatch.setenv("DANBOORU_IMAGE_FOLDER", "512px")
+    assert config.image_folder() == "512px"

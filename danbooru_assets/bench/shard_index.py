@@ -67,13 +67,13 @@ def _index_shard(args: tuple[str, str, str]) -> int:
     root, scratch, shard = args
     path = Path(scratch) / f"{shard}.parquet"
     meta = read_arrow(path) if path.exists() else None
-    index, _ = build_shard_index(DanbooruDatasetResource(root=root), shard, meta)
+    index, _ = build_shard_index(DanbooruDatasetResource(root=root).layout(), shard, meta)
     return len(index)
 
 
 def convert_metadata(root: Path, scratch: Path) -> None:
     dataset = DanbooruDatasetResource(root=str(root))
-    convert_metadata_to_shards(dataset.metadata_files(), scratch)
+    convert_metadata_to_shards(dataset.layout().metadata_files(), scratch)
 
 
 def our_index(root: Path, scratch: Path, workers: int = 1) -> int:

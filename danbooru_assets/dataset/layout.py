@@ -2,7 +2,9 @@
 ``dataset`` resource configures one).
 
 ``<root>/<original|512px>/<bucket>/<id>.<ext>`` with ``bucket = id % 1000`` as four
-digits, and JSON-lines metadata under ``<root>/metadata/``.
+digits, and JSON-lines metadata under ``<root>/metadata/`` (any layout a release used:
+:mod:`danbooru_assets.dataset.metadata_discovery`). The 512px folder names every file
+``<id>.jpg``, whatever the original's type.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from danbooru_assets.core.shards import SHARD_KEYS
 if TYPE_CHECKING:
     import numpy as np
 
-# JSON-lines, plain or gzip-compressed (mirrors ship posts.json.gz).
-METADATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+IMAGE_FOLDERS = ("original", "512px")
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "webp", "bmp"})
 
 
@@ -54,6 +55,24 @@ def classify_entry(entry: os.DirEntry) -> tuple[str, os.stat_result | None]:
             return ENTRY_LINK_LOOP, None
         raise
     return ("", st) if stat.S_ISREG(st.st_mode) else (ENTRY_NOT_A_FILE, None)
+
+
+def resolve_image_folder(root: Path | str, chosen: str = "") -> str:
+    """The image folder to index: ``chosen`` when given (``original`` or ``512px``), else
+    the only one of them under ``root``. ``DatasetRootError`` when both exist and none is
+    chosen (a Danbooru20xx download may hold both: which one is meant is the user's call),
+    or ``chosen`` is neither name. With neither folder present, ``original``."""
+    if chosen:
+        if chosen not in IMAGE_FOLDERS:
+            raise DatasetRootError(f"image folder {chosen!r} is not one of {', '.join(IMAGE_FOLDERS)}")
+        return chosen
+    present = [f for f in IMAGE_FOLDERS if (Path(root).expanduser() / f).is_dir()]
+    if len(present) == 2:
+        raise DatasetRootError(
+            f"{root} holds both original/ and 512px/: choose one with DANBOORU_IMAGE_FOLDER=original|512px "
+            "or `danbooru-assets run --image-folder original|512px`"
+        )
+    return present[0] if present else IMAGE_FOLDERS[0]
 
 
 def resolve_inside(root: Path | str, rel_path: str) -> Path:
@@ -180,21 +199,31 @@ class DatasetLayout:
         present = {p.name for p in base.iterdir() if p.is_dir()}
         return [k for k in SHARD_KEYS if k in present]
 
+    @property
+    def metadata_dir(self) -> Path:
+        return self.root_path / "metadata"
+
+    def discover_metadata(self):
+        """Every file under ``metadata/``, classified by what it is
+        (:func:`~danbooru_assets.dataset.metadata_discovery.discover_metadata`)."""
+        from danbooru_assets.dataset.metadata_discovery import discover_metadata
+
+        return discover_metadata(self.metadata_dir)
+
     def metadata_files(self) -> list[Path]:
-        folder = self.root_path / "metadata"
-        if not folder.is_dir():
-            return []
-        return sorted(
-            p for p in folder.iterdir()
-            if p.is_file() and p.name.endswith(METADATA_SUFFIXES) and not p.name.startswith(".")
-        )
+        """The post files under ``metadata/`` (companion tables and unknown files left out)."""
+        from danbooru_assets.dataset.metadata_discovery import KIND_POSTS
+
+        return [f.path for f in self.discover_metadata() if f.kind == KIND_POSTS]
 
     def metadata_fingerprint(self) -> str:
-        """Changes when a metadata file is added, removed, resized or touched."""
+        """Changes when a file under ``metadata/`` is added, removed, resized or touched
+        (every file, companion tables included: the tags table lends categories)."""
+        from danbooru_assets.dataset.metadata_discovery import metadata_file_stats
+
         h = hashlib.sha256()
-        for p in self.metadata_files():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        for name, size, mtime_ns in metadata_file_stats(self.metadata_dir):
+            h.update(f"{name}:{size}:{mtime_ns};".encode())
         return h.hexdigest()[:16]
 
     def shard_fingerprint(self, shard: str, previous: dict | None = None) -> dict:

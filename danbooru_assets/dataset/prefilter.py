@@ -13,7 +13,10 @@ gives every usable row of a shard index the names of the rules it fails:
 - ``rating``, ``low_score``, ``deleted``, ``banned`` — from the metadata line; a null
   value (a line without it) breaks no rule;
 - ``file_type``, ``too_small``, ``aspect_ratio`` — from the index's extension and size
-  (the metadata's, else the image header's: never a decode).
+  (the metadata's, else the image header's: never a decode). For an image of the 512px
+  folder (every file a 512×512 ``.jpg``, padded) they judge the original instead: the
+  metadata's ``file_ext`` and size, where the line has them.
+- ``rating`` — the one vocabulary of :mod:`danbooru_assets.dataset.ratings`.
 
 Images without metadata (index status ``no_metadata``) are never excluded by the
 metadata rules (tags, rating, score, deleted, banned); they are counted as such.
@@ -45,8 +48,9 @@ METADATA_RULES = frozenset({"tag", "missing_required_tag", "rating", "low_score"
 # What the prefilter reads of shard_index.
 INDEX_INPUT_COLUMNS = [
     "image_id", "status", "ext", "width", "height", "rating", "score", "is_deleted", "is_banned",
-    *(f"tags_{c}" for c in CATEGORIES),
+    *(f"tags_{c}" for c in CATEGORIES), "rel_path", "meta_width", "meta_height", "meta_file_ext",
 ]
+DOWNSCALED_FOLDER = "512px/"
 PREFILTER_COLUMNS = ["image_id", "has_metadata", "reasons", "excluded", "decode"]
 
 
@@ -112,12 +116,22 @@ def rule_hits(index: pd.DataFrame, rules: PrefilterSettings) -> dict[str, np.nda
         hits["low_score"] = has_meta & (score < rules.min_score)  # NaN < x is False: no score, no rule
     hits["deleted"] = has_meta & _bool_column(index, "is_deleted") & rules.exclude_deleted
     hits["banned"] = has_meta & _bool_column(index, "is_banned") & rules.exclude_banned
-    ext = index["ext"].fillna("").str.lower().replace({"jpeg": "jpg"}).to_numpy(dtype=object)
+    ext = index["ext"].fillna("").str.lower().to_numpy(dtype=object)
+    width = index["width"].fillna(0).to_numpy(dtype=float)
+    height = index["height"].fillna(0).to_numpy(dtype=float)
+    if "rel_path" in index and "meta_width" in index:
+        # The 512px copy is a padded square JPEG of every post: judge the original it stands for.
+        small = index["rel_path"].fillna("").str.startswith(DOWNSCALED_FOLDER).to_numpy(dtype=bool)
+        meta_ext = index["meta_file_ext"].fillna("").str.lower().to_numpy(dtype=object)
+        meta_w = index["meta_width"].astype("Float64").fillna(0).to_numpy(dtype=float)
+        meta_h = index["meta_height"].astype("Float64").fillna(0).to_numpy(dtype=float)
+        ext = np.where(small & (meta_ext != ""), meta_ext, ext)
+        sized = small & (meta_w > 0) & (meta_h > 0)
+        width, height = np.where(sized, meta_w, np.where(small, 0, width)), np.where(sized, meta_h, np.where(small, 0, height))
+    ext = np.where(ext == "jpeg", "jpg", ext)
     hits["file_type"] = (
         np.zeros(n, dtype=bool) if rules.file_types is None else ~np.isin(ext.astype(str), rules.file_types)
     )
-    width = index["width"].fillna(0).to_numpy(dtype=float)
-    height = index["height"].fillna(0).to_numpy(dtype=float)
     known_size = (width > 0) & (height > 0)  # 0: the index could not tell; never a reason
     short, long = np.minimum(width, height), np.maximum(width, height)
     hits["too_small"] = known_size & (short < rules.min_side)

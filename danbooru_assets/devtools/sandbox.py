@@ -33,7 +33,8 @@ class Sandbox:
             "settings": resources.SettingsResource(path=str(self.settings_path)),
             "clip_model": clip_model or resources.ClipModelResource.demo(),
             "pose_estimator": pose_estimator
-            or resources.PoseEstimatorResource(keypoint_files=str(self.root / KEYPOINTS_TARBALL)),
+            # the sample tarball holds keypoints in each image's own pixels
+            or resources.PoseEstimatorResource(keypoint_files=str(self.root / KEYPOINTS_TARBALL), keypoint_frame="image"),
             "label_store": resources.LabelStoreResource(path=str(Path(base) / "labels.sqlite")),
         }
 

@@ -59,8 +59,9 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
 
     root: str = Field(description="Dataset root folder (holds original/ or 512px/, and metadata/).")
     image_folder: str = Field(
-        default="original",
-        description="Image folder under the root: 'original' or '512px' (Danbooru20xx's downscaled copy).",
+        default="",
+        description="Image folder under the root: 'original' or '512px' (Danbooru20xx's downscaled copy); "
+        "empty: the one of them the root holds (it must then hold only one).",
     )
     max_pixels: int = Field(
         default=DEFAULT_MAX_PIXELS,
@@ -70,11 +71,15 @@ class DanbooruDatasetResource(dg.ConfigurableResource):
     )
 
     def layout(self) -> DatasetLayout:
-        return DatasetLayout(root=self.root, image_folder=self.image_folder, max_pixels=self.max_pixels)
+        from danbooru_assets.dataset.layout import resolve_image_folder
+
+        folder = resolve_image_folder(self.root, self.image_folder)
+        return DatasetLayout(root=self.root, image_folder=folder, max_pixels=self.max_pixels)
 
     def image_path(self, rel_path: str) -> Path:
         """A dataset file's path (the assets that decode images call this)."""
-        return self.layout().image_path(rel_path)
+        # rel_path already names its folder: no need to find the image folder per image
+        return DatasetLayout(root=self.root, max_pixels=self.max_pixels).image_path(rel_path)
 
 
 class SettingsResource(dg.ConfigurableResource):
@@ -151,6 +156,12 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         "", description="keypoint_files: a folder or .tar/.tar.gz of <image id>.json files."
     )
     axis_order: str = Field("auto", description="keypoint_files: 'yx' (bizarre-pose output), 'xy' or 'auto'.")
+    keypoint_frame: str = Field(
+        "512px",
+        description="keypoint_files: the frame the files are in. '512px': the 512px release's padded "
+        "512x512 square (the seed's files), moved to each indexed image's size; 'image': each indexed "
+        "image's own pixels.",
+    )
     checkpoint: str = Field("", description="Local weights file (keypoint_rcnn); empty: the hub.")
     bizarre_pose_repo: str = Field("", description="bizarre_pose: path of the repository checkout.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cuda' or 'cpu'.")
@@ -182,6 +193,11 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             raise ValueError(
                 f"unknown pose fallback backend {self.fallback_backend!r}: set `pose_estimator.fallback_backend` "
                 f"(or DANBOORU_POSE_FALLBACK) to one of {', '.join(b for b in BACKENDS if b != KEYPOINT_FILES)}"
+            )
+        if self.uses_files() and self.keypoint_frame not in ("512px", "image"):
+            raise ValueError(
+                f"unknown keypoint frame {self.keypoint_frame!r}: set `pose_estimator.keypoint_frame` "
+                "(or DANBOORU_KEYPOINT_FRAME) to 512px or image"
             )
         if self.uses_files() and not Path(self.keypoint_files).exists():
             raise FileNotFoundError(
@@ -225,7 +241,9 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         from danbooru_assets.pose.keypoint_files import source_fingerprint
 
         self.check()
-        return fingerprint_string({**source_fingerprint(self.keypoint_files), "axis_order": self.axis_order})
+        return fingerprint_string(
+            {**source_fingerprint(self.keypoint_files), "axis_order": self.axis_order, "frame": self.keypoint_frame}
+        )
 
 
 # -- label store --

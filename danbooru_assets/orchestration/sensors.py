@@ -9,7 +9,7 @@ import json
 import dagster as dg
 
 from danbooru_assets.config import inference_shards_per_run, sensor_interval_s
-from danbooru_assets.dataset.layout import DatasetLayout
+from danbooru_assets.dataset.layout import DatasetLayout, DatasetRootError
 from danbooru_assets.orchestration.assets.settings import section_observations
 from danbooru_assets.orchestration.partitions import range_tags, shard_ranges
 from danbooru_assets.orchestration.staleness import settings_check_evaluations
@@ -75,7 +75,10 @@ def build_new_data_sensor(
     ):
         cursor = json.loads(context.cursor) if context.cursor else {}
         shards_seen: dict = cursor.get("shards", {})
-        layout = dataset.layout()
+        try:
+            layout = dataset.layout()
+        except DatasetRootError as exc:  # both original/ and 512px/, none chosen: say so each tick
+            return dg.SkipReason(str(exc))
         if not layout.root_path.is_dir():
             return dg.SkipReason(f"dataset root {layout.root_path} does not exist (set DANBOORU_ROOT)")
 

@@ -7,6 +7,12 @@ this module produces always holds ``x`` to the right and ``y`` down, in image pi
 
 Files live in a directory or in a ``.tar`` / ``.tar.gz`` that is streamed in one pass
 (never extracted). Missing and malformed files are counted and reported, never fatal.
+
+The seed's keypoints were estimated on Danbooru20xx's 512px release, whose images are the
+originals shrunk (never enlarged) to fit 512×512 and centred on a black 512×512 square
+(gwern: ImageMagick ``-resize 512x512\> -gravity center -background black -extent
+512x512``). Such keypoints are in that padded frame (``frame="512px"``);
+:func:`release_frame_to_image` moves them to the frame of the image actually indexed.
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from danbooru_assets.pose.features import keypoint_array, keypoint_frame
 from danbooru_assets.core.tables import add_tar_member, atomic_path, atomic_write_text
 
 AXIS_ORDERS = ("auto", "yx", "xy")
+# The frame published keypoints are in: the 512px release's padded square, or each
+# indexed image's own pixels (keypoints made from the images at hand, the sample's).
+KEYPOINT_FRAMES = ("512px", "image")
+RELEASE_SIDE = 512
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _KEY_SET = frozenset(KEYPOINT_NAMES)
 
@@ -320,15 +330,64 @@ def _to_frame(ids: np.ndarray, raw: np.ndarray, axis_order: str) -> pd.DataFrame
     return frame
 
 
-def keypoints_for_ids(published: pd.DataFrame | None, image_ids: np.ndarray, fingerprint: str) -> pd.DataFrame:
+def release_padding(width: np.ndarray, height: np.ndarray, side: int = RELEASE_SIDE):
+    """``(scale_x, scale_y, offset_x, offset_y)`` of images ``width`` × ``height`` in the
+    512px release: shrunk (never enlarged) to fit ``side``, rounded to whole pixels, centred
+    on a ``side``-square (offsets floor((side - scaled) / 2), as ImageMagick's centre gravity)."""
+    w = np.asarray(width, dtype=np.float64)
+    h = np.asarray(height, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.minimum(1.0, side / np.maximum(w, h))
+    sw = np.maximum(1.0, np.floor(w * scale + 0.5))
+    sh = np.maximum(1.0, np.floor(h * scale + 0.5))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return sw / w, sh / h, np.floor((side - sw) / 2), np.floor((side - sh) / 2)
+
+
+def release_frame_to_image(
+    xy: np.ndarray, width: np.ndarray, height: np.ndarray, indexed_folder: str = "original"
+) -> np.ndarray:
+    """Keypoints ``xy`` [N, 17, 2] (x, y) in the 512px release's padded frame, moved to the
+    frame of the indexed images of size ``width`` × ``height`` (the originals). Under the
+    ``512px`` folder the indexed image is that padded square: unchanged. An unknown size
+    (0 or missing) gives NaN: a keypoint in a frame it does not belong to is worse than none."""
+    xy = np.asarray(xy, dtype=np.float64)
+    if indexed_folder == "512px":
+        return xy.copy()
+    sx, sy, ox, oy = release_padding(width, height)
+    out = np.empty_like(xy)
+    out[:, :, 0] = (xy[:, :, 0] - ox[:, None]) / sx[:, None]
+    out[:, :, 1] = (xy[:, :, 1] - oy[:, None]) / sy[:, None]
+    known = (np.asarray(width, dtype=np.float64) > 0) & (np.asarray(height, dtype=np.float64) > 0)
+    out[~known] = np.nan
+    return out
+
+
+def keypoints_for_ids(
+    published: pd.DataFrame | None,
+    image_ids: np.ndarray,
+    fingerprint: str,
+    frame: str = "image",
+    sizes: tuple[np.ndarray, np.ndarray] | None = None,
+    indexed_folder: str = "original",
+) -> pd.DataFrame:
     """The ``pose_keypoints`` rows of ``image_ids`` (in that order) from imported keypoints
     (``read_keypoint_files``' table; None: nothing imported): status ``ok`` where an id
-    has a keypoint, ``no_keypoint_file`` (all NaN) where it has none."""
+    has a keypoint, ``no_keypoint_file`` (all NaN) where it has none. With ``frame``
+    ``512px``, the keypoints are moved from the 512px release's frame to the indexed images'
+    (``sizes``: their widths and heights, aligned with ``image_ids``; ``indexed_folder``)."""
+    if frame not in KEYPOINT_FRAMES:
+        raise ValueError(f"keypoint frame must be one of {KEYPOINT_FRAMES}, got {frame!r}")
     if published is None:
         published = pd.DataFrame(columns=["image_id", *KEYPOINT_COLUMNS])
     ids = np.asarray(image_ids, dtype=np.int64)
     rows = pd.DataFrame({"image_id": ids}).merge(published, on="image_id", how="left")
     kps = keypoint_array(rows)
+    if frame == "512px":
+        if sizes is None:
+            raise ValueError("keypoints in the 512px frame need the indexed images' sizes")
+        kps = kps.copy()
+        kps[:, :, :2] = release_frame_to_image(kps[:, :, :2], sizes[0], sizes[1], indexed_folder)
     found = np.isfinite(kps[:, :, 0]).any(axis=1)
     status = np.where(found, "ok", "no_keypoint_file")
     return keypoint_frame(ids, kps, None, backend=KEYPOINT_FILES, backend_fingerprint=fingerprint, status=list(status))

@@ -1,5 +1,6 @@
 import gzip
 import json
+import lzma
 import os
 import signal
 import subprocess
@@ -16,7 +17,6 @@ from danbooru_assets.dataset.metadata import (
     ParseReport,
     convert_metadata_to_shards,
     default_scratch_root,
-    ignored_metadata_entries,
     iter_metadata_records,
     normalise_record,
     remove_stale_scratch,
@@ -28,7 +28,7 @@ from danbooru_assets_tests.conftest import API_RECORDS, DUMP_RECORDS
 def test_api_form_is_normalised():
     row = normalise_record(API_RECORDS[0])
     assert row["image_id"] == 1001
-    assert row["rating"] == "g"
+    assert (row["rating"], row["rating_raw"], row["rating_era"]) == ("general", "g", "since_2022")
     assert row["tags_general"] == "1girl solo"
     assert row["tags_character"] == "hatsune_miku"
     assert row["tags_copyright"] == "vocaloid"
@@ -43,13 +43,18 @@ def test_dump_form_tags_are_split_by_category_and_numbers_parsed():
     assert row["tags_artist"] == "artist_x"
     assert row["tags_copyright"] == "touhou"
     assert row["tags_character"] == "hakurei_reimu"
-    assert row["rating"] == "s"
+    assert (row["rating"], row["rating_raw"], row["rating_era"]) == ("safe", "s", "before_2022")
     assert row["metadata_format"] == "dump"
 
 
-def test_unknown_rating_becomes_missing():
-    assert normalise_record({"id": 5, "rating": "x"})["rating"] is None
-    assert normalise_record({"id": 5, "rating": "explicit"})["rating"] == "e"
+def test_unknown_rating_becomes_missing_and_is_counted():
+    notes: list[str] = []
+    assert normalise_record({"id": 5, "rating": "x"}, notes)["rating"] is None
+    assert notes == ['rating "x" is not a rating of the since 2022 era (g, s, q, e); stored as null']
+    assert normalise_record({"id": 5, "rating": "explicit"})["rating"] == "explicit"
+    notes = []
+    row = normalise_record({"id": "5", "rating": "g", "tags": []}, notes)  # no "g" before 2022
+    assert row["rating"] is None and row["rating_raw"] == "g" and "before 2022 era (s, q, e)" in notes[0]
 
 
 def test_bad_line_is_reported_with_file_and_line(mini_dataset: Path):
@@ -183,7 +188,7 @@ def test_duplicate_ids_are_counted_and_the_last_line_wins(tmp_path: Path):
     assert stored.loc[7, "score"] == 9 and len(stored) == 3
 
 
-def test_gzip_metadata_is_read_and_other_files_are_listed_as_ignored(tmp_path: Path):
+def test_compressed_metadata_is_read_by_content_and_other_files_are_listed_as_unknown(tmp_path: Path):
     root = tmp_path / "danbooru"
     meta = root / "metadata"
     (meta / "old").mkdir(parents=True)
@@ -191,24 +196,28 @@ def test_gzip_metadata_is_read_and_other_files_are_listed_as_ignored(tmp_path: P
     _write_lines(meta / "more.jsonl.gz", [_post(3)])
     _write_lines(meta / "plain.jsonl", [_post(4)])
     (meta / "gzip_without_gz.json").write_bytes(gzip.compress(_post(5).encode()))  # misnamed: read by content
+    (meta / "old" / "posts.json.xz").write_bytes(lzma.compress(_post(6).encode()))  # sub-folders are searched
     (meta / "posts.json.gz.part").write_bytes(b"partial download")
     (meta / "._posts.json").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     (meta / "README.txt").write_text("notes")
-    files = DatasetLayout(root).metadata_files()
-    assert [p.name for p in files] == ["gzip_without_gz.json", "more.jsonl.gz", "plain.jsonl", "posts.json.gz"]
-    assert ignored_metadata_entries(meta, files) == [
+    layout = DatasetLayout(root)
+    files = layout.metadata_files()
+    assert [p.name for p in files] == ["gzip_without_gz.json", "more.jsonl.gz", "posts.json.xz", "plain.jsonl", "posts.json.gz"]
+    unknown = [(f.name, f.why) for f in layout.discover_metadata() if f.kind == "unknown"]
+    assert unknown == [
         ("._posts.json", "a hidden file"),
-        ("README.txt", "unknown extension (read: .json, .jsonl, .json.gz, .jsonl.gz)"),
-        ("old", "a folder (sub-folders are not searched)"),
-        ("posts.json.gz.part", "unknown extension (read: .json, .jsonl, .json.gz, .jsonl.gz)"),
+        ("README.txt", "no JSON object in its first 1 line(s) (JSON lines expected)"),
+        ("posts.json.gz.part", "no JSON object in its first 1 line(s) (JSON lines expected)"),
     ]
-    summary, report = convert_metadata_to_shards(files, tmp_path / "meta_shards")
-    assert report.records == 5 and report.bad_lines == 0
-    assert [(f.name, f.gzip, f.records) for f in report.files] == [
-        ("gzip_without_gz.json", True, 1),
-        ("more.jsonl.gz", True, 1),
-        ("plain.jsonl", False, 1),
-        ("posts.json.gz", True, 2),
+    names = [f.name for f in layout.discover_metadata() if f.kind == "posts"]
+    summary, report = convert_metadata_to_shards(files, tmp_path / "meta_shards", names=names)
+    assert report.records == 6 and report.bad_lines == 0
+    assert [(f.name, f.compression, f.records) for f in report.files] == [
+        ("gzip_without_gz.json", "gzip", 1),
+        ("more.jsonl.gz", "gzip", 1),
+        ("old/posts.json.xz", "xz", 1),
+        ("plain.jsonl", "", 1),
+        ("posts.json.gz", "gzip", 2),
     ]
 
 
@@ -287,8 +296,10 @@ def test_materialization_lists_files_bad_lines_values_and_duplicates(tmp_path: P
         },
     )
     md = {k: getattr(v, "value", v) for k, v in result.asset_materializations_for_node("danbooru_metadata")[0].metadata.items()}
-    assert md["files"] == "- `posts.json.gz (gzip): 4 lines, 3 records`"
-    assert md["ignored_files"].startswith("- `notes.txt`: unknown extension")
+    assert md["files"] == (  # its posts are rated "s" and never "g": a pre-2022 export
+        "- `posts.json.gz (gzip): 4 lines, 3 records; API form without any 'g' rating: ratings read as before 2022 (s = safe)`"
+    )
+    assert md["ignored_files"].startswith("- `notes.txt`: no JSON object")
     assert (md["lines"], md["records"], md["bad_lines"], md["bad_values"], md["duplicate_ids"]) == (4, 3, 1, 1, 1)
     assert "posts.json.gz:2: unusable record (id 1e+20 is not an integer)" in md["bad_line_examples"]
     assert "posts.json.gz:3: image_width 5042.9 is not an integer; stored as null" in md["bad_value_examples"]
@@ -305,3 +316,76 @@ def test_parent_and_children_fields_of_both_forms():
     bad = normalise_record({"id": 6, "parent_id": 2.5, "has_children": "perhaps"}, problems)
     assert bad["parent_id"] is None and bad["has_children"] is None
     assert [p.split()[0] for p in problems] == ["parent_id", "has_children"]
+
+
+def _fixture_lines() -> list[bytes]:
+    from danbooru_assets_tests.dataset.releases import danbooru2021_posts, live_api_posts
+
+    quirks = [
+        '{"id": 5042.9, "rating": "s"}', '{"id": true}', '{"id": "0042"}', '{"id": " 42"}', '{"id": -3}',
+        '{"id": 100000000000000000000}', '{"id": "9223372036854775807", "rating": "s"}',
+        '{"id": 1, "score": "-4", "image_width": "0", "rating": "S"}', '{"id": 1, "rating": 5}',
+        '{"id": 1, "is_deleted": "false", "is_banned": 1, "has_children": "t"}',
+        '{"id": 1, "tags": [{"name": "a", "category": "9"}, {"name": 3, "category": 0}, "bare"]}',
+        '{"id": 1, "tags": [{"name": "a", "category": ""}]}', '{"id": 1, "tags": "a b"}',
+        '{"id": 1, "tag_string": "x  y x", "md5": 5, "file_ext": ""}', '[1, 2]', '"text"', '{"id": 1,',
+        '{"id": 1, "tag_string_general": ["a"]}', '{"id": 1, "parent_id": "0", "created_at": 7}',
+        '{"id": 1, "id": "2", "rating": "g"}',
+    ]
+    lines = [json.dumps(r) for r in API_RECORDS + DUMP_RECORDS] + danbooru2021_posts() + live_api_posts() + quirks
+    return [line.encode() + b"\n" for line in lines]
+
+
+def test_the_fast_path_gives_the_reference_rows_or_leaves_the_line_to_it():
+    """``fast_row`` either returns exactly what :func:`normalise_record` gives for a line
+    without a note, or declines; and declines whenever the reference has something to say."""
+    import msgspec
+
+    from danbooru_assets.dataset.metadata import fast_row
+
+    taken = 0
+    for raw in _fixture_lines():
+        notes: list[str] = []
+        try:
+            reference = normalise_record(json.loads(raw), notes)
+        except Exception:
+            reference = None
+        try:
+            fast = fast_row(raw)
+        except Exception as exc:
+            assert isinstance(exc, msgspec.MsgspecError) or type(exc).__name__ == "_Unsure", raw
+            continue
+        assert reference is not None and not notes, raw
+        assert fast == reference, raw
+        taken += 1
+    assert taken >= 12  # the clean lines of every release form do take the fast path
+
+
+def test_files_parsed_by_two_worker_processes_give_the_same_tables_and_report(tmp_path: Path):
+    """Files are the unit of parallel work; merged in file order, a repeated id still keeps
+    the later file's line, and every count and example is the single-process one."""
+    meta = tmp_path / "metadata"
+    meta.mkdir()
+    _write_lines(meta / "a.json", [_post(1, image_width=1), _post(2), "{broken", _post(1003, rating="x")])
+    _write_lines(meta / "b.json.gz", [_post(1, image_width=2), _post(5, image_width=5042.9)])
+    _write_lines(meta / "c.jsonl", [_post(2, image_width=3), '{"rating": "s"}'])
+    files = sorted(p for p in meta.iterdir())
+    results = {}
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        summary, report = convert_metadata_to_shards(files, out, workers=workers, scratch_root=tmp_path / "scratch")
+        tables = {p.name: pd.read_parquet(p) for p in sorted(out.glob("*.parquet"))}
+        results[workers] = (summary, report, tables)
+    (s1, r1, t1), (s2, r2, t2) = results[1], results[2]
+    assert s1.equals(s2) and t1.keys() == t2.keys()
+    for name in t1:
+        pd.testing.assert_frame_equal(t1[name], t2[name])
+    assert [str(p) for p in r1.problems] == [str(p) for p in r2.problems] == [
+        "a.json:3: not JSON (Expecting property name enclosed in double quotes)",
+        "c.jsonl:2: unusable record (no 'id' field)",
+    ]
+    assert [str(p) for p in r1.value_problems] == [str(p) for p in r2.value_problems]
+    assert (r1.duplicates, r1.duplicate_examples) == (r2.duplicates, r2.duplicate_examples) == (
+        2, ["id 1: a.json:1 (1×20) superseded by b.json.gz:1 (2×20)", "id 2: a.json:2 (10×20) superseded by c.jsonl:1 (3×20)"]
+    )
+    assert [str(f) for f in r1.files] == [str(f) for f in r2.files]

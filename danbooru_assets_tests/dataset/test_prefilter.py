@@ -20,7 +20,7 @@ from danbooru_assets.settings import DEFAULT_EXCLUDED_GENERAL_TAGS, PrefilterSet
 
 def _index(rows: list[dict]) -> pd.DataFrame:
     base = {
-        "status": "ok", "ext": "jpg", "width": 800, "height": 1000, "rating": "g", "score": 5,
+        "status": "ok", "ext": "jpg", "width": 800, "height": 1000, "rating": "general", "score": 5,
         "is_deleted": False, "is_banned": False, "tags_general": "1girl solo", "tags_character": "",
         "tags_copyright": "original", "tags_artist": "someone", "tags_meta": "",
     }
@@ -38,7 +38,7 @@ def test_every_rule_names_its_reason() -> None:
         {"image_id": 2, "tags_general": "comic monochrome greyscale 1girl"},
         {"image_id": 3, "tags_general": "1boy 1girl hetero"},  # an entry of two tags, both present
         {"image_id": 4, "tags_general": "1boy solo"},  # one of the two only: no rule
-        {"image_id": 5, "rating": "e"},
+        {"image_id": 5, "rating": "explicit"},
         {"image_id": 6, "score": -2},
         {"image_id": 7, "is_deleted": True, "is_banned": True},
         {"image_id": 8, "ext": "gif"},
@@ -47,7 +47,7 @@ def test_every_rule_names_its_reason() -> None:
         {"image_id": 11, "score": None, "rating": None, "is_deleted": None},  # nulls break no rule
         {"image_id": 12, "status": "zero_bytes", "tags_general": "comic"},  # not usable: no row at all
     ])
-    rules = PrefilterSettings(ratings=["g", "s", "q"], file_types=["jpg", "png"])
+    rules = PrefilterSettings(ratings=["general", "sensitive", "questionable", "safe"], file_types=["jpg", "png"])
     table, counts = apply_prefilter(index, rules)
     assert _reasons(table) == {
         1: "", 2: "tag:comic|tag:monochrome|tag:greyscale", 3: "tag:1boy 1girl", 4: "", 5: "rating",

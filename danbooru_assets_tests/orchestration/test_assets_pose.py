@@ -151,7 +151,7 @@ def test_a_keypoint_file_edited_in_place_is_imported_again(posed, tmp_path):
         tar.extractall(folder, filter="data")
     edited = next(folder.rglob(f"{image_id}.json"))
     files_backend = posed.resources["pose_estimator"]
-    posed.resources["pose_estimator"] = PoseEstimatorResource(keypoint_files=str(folder), axis_order="yx")
+    posed.resources["pose_estimator"] = PoseEstimatorResource(keypoint_files=str(folder), axis_order="yx", keypoint_frame="image")
     try:
         posed.materialize(["published_keypoints"])
         posed.materialize(["pose_keypoints"], shard)

@@ -258,3 +258,62 @@ def test_keypoints_for_ids_in_the_asked_order_with_a_status_for_ids_without_a_fi
     nothing = keypoints_for_ids(None, np.array([5]), "fp")  # no import for this shard
     assert nothing["status"].tolist() == ["no_keypoint_file"]
 
+
+
+def _dot_centres(image, colour) -> tuple[float, float]:
+    """Centroid (x, y) of the pixels near ``colour``."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
+    near = (np.abs(pixels - np.array(colour)).sum(axis=2) < 60)
+    ys, xs = np.nonzero(near)
+    return float(xs.mean()), float(ys.mean())
+
+
+@pytest.mark.parametrize("size", [(900, 600), (640, 1024), (300, 200), (512, 512)])
+def test_published_keypoints_move_from_the_512px_frame_to_the_indexed_image(tmp_path, size):
+    """Points drawn at known places in an original (one dot per keypoint, each on its own
+    canvas so no dot hides another); the 512px copy made by the release's recipe; each
+    keypoint read off that copy (as the seed's estimator saw it), published [y, x]; stored in
+    the original's frame when original/ is indexed, unchanged when 512px/ is."""
+    from PIL import Image, ImageDraw
+
+    from danbooru_assets.pose.coco import KEYPOINT_NAMES
+    from danbooru_assets_tests.dataset.releases import to_512px
+
+    w, h = size
+    rng = np.random.default_rng(w * h)
+    truth = np.stack([rng.uniform(0.1 * w, 0.9 * w, 17), rng.uniform(0.1 * h, 0.9 * h, 17)], axis=1)
+    colours = [(int(c[0]), int(c[1]), int(c[2])) for c in rng.integers(40, 255, (17, 3))]
+    radius = max(w, h) / 512 * 4  # a dot still a few pixels wide in the 512 copy
+    published = {}
+    for k, (x, y) in enumerate(truth):
+        single = Image.new("RGB", (w, h), (0, 0, 0))
+        ImageDraw.Draw(single).ellipse([x - radius, y - radius, x + radius, y + radius], fill=colours[k])
+        px, py = _dot_centres(to_512px(single), colours[k])  # where the estimator saw it
+        published[KEYPOINT_NAMES[k]] = [py, px]  # the seed's files: [y, x]
+    folder = tmp_path / "kp"
+    folder.mkdir()
+    (folder / "7.json").write_text(json.dumps(published))
+    table, _ = read_keypoint_files(folder, axis_order="yx")
+
+    in_original = keypoints_for_ids(table, np.array([7]), "fp", "512px", (np.array([w]), np.array([h])), "original")
+    got = in_original[[f"kp_{n}_{a}" for n in KEYPOINT_NAMES for a in "xy"]].to_numpy().reshape(17, 2)
+    scale = max(w, h) / 512 if max(w, h) > 512 else 1.0
+    assert np.abs(got - truth).max() <= 1.0 * scale + 0.6  # a 512-frame pixel, in the original's pixels
+
+    in_512 = keypoints_for_ids(table, np.array([7]), "fp", "512px", (np.array([512]), np.array([512])), "512px")
+    got = in_512[[f"kp_{n}_{a}" for n in KEYPOINT_NAMES for a in "xy"]].to_numpy().reshape(17, 2)
+    seen = np.array([[published[n][1], published[n][0]] for n in KEYPOINT_NAMES])  # the 512px file's own pixels
+    assert np.allclose(got, seen)
+
+    as_image = keypoints_for_ids(table, np.array([7]), "fp", "image")  # no frame change at all
+    got = as_image[[f"kp_{n}_{a}" for n in KEYPOINT_NAMES for a in "xy"]].to_numpy().reshape(17, 2)
+    assert np.allclose(got, seen)
+
+
+def test_unknown_size_gives_no_keypoints_rather_than_wrong_ones():
+    from danbooru_assets.pose.keypoint_files import release_frame_to_image
+
+    xy = np.full((2, 17, 2), 256.0)
+    out = release_frame_to_image(xy, np.array([1024, 0]), np.array([512, 0]))
+    assert np.allclose(out[0, :, 0], 512) and np.allclose(out[0, :, 1], 256)  # 2x, offset 128 in y
+    assert np.isnan(out[1]).all()

@@ -21,28 +21,38 @@ METADATA_SHARDS_DIR = "danbooru_metadata_shards"
 @dg.asset(
     group_name="raw",
     kinds={"parquet"},
-    description="The dataset's metadata JSON-lines (API and dump forms, plain or .gz) converted "
-    "once to Parquet and split by shard, so each shard's index reads only its own slice. Bad "
-    "lines are skipped and bad values nulled, each reported as file:line; for a duplicate id "
-    "the last line wins.",
+    description="The dataset's post metadata (every release's layout and form, plain or compressed, "
+    "found by content; companion tables listed, never read as posts) converted once to Parquet and "
+    "split by shard, so each shard's index reads only its own slice. Bad lines are skipped and bad "
+    "values nulled, each reported as file:line; for a duplicate id the last line wins.",
 )
 def danbooru_metadata(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResource, storage: StorageResource):
-    from danbooru_assets.dataset.layout import METADATA_SUFFIXES
-    from danbooru_assets.dataset.metadata import convert_metadata_to_shards, ignored_metadata_entries
+    from danbooru_assets.dataset.metadata import convert_metadata_to_shards
+    from danbooru_assets.dataset.metadata_discovery import COMPANION_KINDS, KIND_POSTS, KIND_UNKNOWN, read_tag_categories
 
     layout = dataset.layout()
     layout.check_root()
-    folder = layout.root_path / "metadata"
+    folder = layout.metadata_dir
     # Taken before reading: a file that changes during the conversion makes the
     # new_data_sensor convert again.
     fingerprint = layout.metadata_fingerprint()
-    files = layout.metadata_files()
-    ignored = ignored_metadata_entries(folder, files)
-    if not files:
-        context.log.warning(f"no metadata files (*{', *'.join(METADATA_SUFFIXES)}) under {folder}")
-    for name, why in ignored:
-        context.log.warning(f"metadata/{name} not read: {why}")
-    summary, report = convert_metadata_to_shards(files, storage.path(METADATA_SHARDS_DIR))
+    found = layout.discover_metadata()
+    posts = [f for f in found if f.kind == KIND_POSTS]
+    companions = [f for f in found if f.kind in COMPANION_KINDS]
+    unknown = [f for f in found if f.kind == KIND_UNKNOWN]
+    if not posts:
+        context.log.warning(f"no post metadata files under {folder} (JSON lines, plain or .gz/.xz/.bz2, any name)")
+    for f in unknown:
+        context.log.warning(f"metadata/{f.name} not read: {f.why}")
+    tag_categories, bad_tag_lines = read_tag_categories(found)
+    if bad_tag_lines:
+        context.log.warning(f"{bad_tag_lines} line(s) of the tags table could not be used (no name or category)")
+    summary, report = convert_metadata_to_shards(
+        [f.path for f in posts],
+        storage.path(METADATA_SHARDS_DIR),
+        names=[f.name for f in posts],
+        tag_categories=tag_categories or None,
+    )
     for file in report.files:
         if file.error:
             context.log.warning(f"metadata file cut short: {file}")
@@ -62,7 +72,13 @@ def danbooru_metadata(context: dg.AssetExecutionContext, dataset: DanbooruDatase
     context.add_output_metadata(
         {
             "files": md_list(f"`{file}`" for file in report.files),
-            "ignored_files": md_list(f"`{name}`: {why}" for name, why in ignored),
+            "post_files": len(posts),
+            "companion_tables": md_list(f"`{f.name}`: {f.kind} table, not read as posts" for f in companions),
+            "companion_tables_skipped": sum(1 for f in companions if f.kind != "tags"),
+            "tag_categories_from_tags_table": len(tag_categories),
+            "tags_table_bad_lines": bad_tag_lines,
+            "unknown_files": len(unknown),
+            "ignored_files": md_list(f"`{f.name}`: {f.why}" for f in unknown),
             "metadata_fingerprint": fingerprint,
             "lines": report.lines,
             "records": report.records,
@@ -137,7 +153,11 @@ def shard_index(context: dg.AssetExecutionContext, dataset: DanbooruDatasetResou
     tables = loop.run(index_one)
     yield dg.Output(
         tables,
-        metadata={**loop.metadata(), "problems": dg.MetadataValue.md("\n".join(problems[:25]) or "none")},
+        metadata={
+            **loop.metadata(),
+            "image_folder": str(layout.root_path / layout.image_folder),
+            "problems": dg.MetadataValue.md("\n".join(problems[:25]) or "none"),
+        },
     )
     for name, per_shard in checks.items():
         yield combine_check_results(per_shard)

@@ -119,12 +119,14 @@ def check_import_is_current(storage: StorageResource, fingerprint: str, source: 
 
 
 def _keypoints_from_files(
-    storage: StorageResource, shard: str, ids: "np.ndarray", fingerprint: str
+    storage: StorageResource, shard: str, todo: "pd.DataFrame", fingerprint: str, frame: str, indexed_folder: str
 ) -> "pd.DataFrame":
     from danbooru_assets.pose.keypoint_files import keypoints_for_ids
 
     path = storage.path(PUBLISHED_SHARDS_DIR, f"{shard}.parquet")
-    return keypoints_for_ids(read_parquet(path) if path.exists() else None, ids, fingerprint)
+    sizes = (todo["width"].to_numpy(dtype=float), todo["height"].to_numpy(dtype=float))
+    published = read_parquet(path) if path.exists() else None
+    return keypoints_for_ids(published, todo["image_id"].to_numpy(), fingerprint, frame, sizes, indexed_folder)
 
 
 def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, dataset: DanbooruDatasetResource, todo):
@@ -220,7 +222,9 @@ def pose_keypoints(
         if todo.empty:
             fresh = pd.DataFrame()
         elif pose_estimator.uses_files():
-            fresh = _keypoints_from_files(storage, shard, todo["image_id"].to_numpy(), fingerprint)
+            fresh = _keypoints_from_files(
+                storage, shard, todo, fingerprint, pose_estimator.keypoint_frame, dataset.layout().image_folder
+            )
             no_file = fresh["status"] == NO_KEYPOINT_FILE
             if no_file.any() and pose_estimator.has_fallback():
                 estimator = estimator or pose_estimator.estimator()
