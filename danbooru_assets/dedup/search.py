@@ -205,6 +205,8 @@ def hamming_pairs(codes: np.ndarray, radius: int, parts: int = 3) -> Pairs:
     the million, ~0.3 candidates each. Never quadratic for spread codes; a run of codes
     sharing a chunk (many images hashing alike) costs the square of its size.
     ``similarity`` holds the distance (as float32)."""
+    if not 3 <= parts <= 64:
+        raise ValueError(f"parts must be 3..64 (chunks of at most 22 bits, a direct table each), got {parts}")
     codes = np.ascontiguousarray(codes, dtype=np.int64)
     n = len(codes)
     u = codes.view(np.uint64)
