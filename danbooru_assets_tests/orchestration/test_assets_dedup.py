@@ -35,14 +35,16 @@ def test_exact_and_parent_child_duplicates_from_the_ground_truth(dedup_pipeline)
     table = pipe.table("near_duplicates")
     dropped = table.loc[~table["kept"]].set_index("image_id")
     # An exact copy has the same bytes and md5: the file hash names it (the stronger signal).
-    for variant, kind in (("exact_copy", "file_hash"), ("parent_child", "parent_child"), ("resized", "phash")):
+    # A child post with a small emblem drawn on is often a perceptual copy too (named so).
+    for variant, kinds in (("exact_copy", {"file_hash"}), ("parent_child", {"parent_child", "phash"}),
+                           ("resized", {"phash"})):
         pairs = _planted(pipe, variant)
         assert pairs, f"no {variant} pair reached clip_subset"
         for copy, source in pairs:
             gone = copy if copy in dropped.index else source
             other = source if gone == copy else copy
             assert dropped.loc[gone, "duplicate_of"] == other
-            assert dropped.loc[gone, "kind"] == kind
+            assert dropped.loc[gone, "kind"] in kinds
     # The demo model's similarities mean nothing: CLIP pairs link nothing by default.
     assert (dropped["kind"] != "clip").all()
     resized = dropped.loc[dropped["kind"] == "phash"]
@@ -104,8 +106,10 @@ def test_copies_arriving_in_a_later_run_without_metadata_are_linked(dedup_pipeli
     index = pipe.table("shard_index", shard).set_index("image_id")
     kept = pipe.table("clip_subset", shard)
     stats = pipe.table("image_stats", shard).set_index("image_id")
+    # Big enough that the 0.8x copy still passes clip.min_side (256).
     ids = [i for i in kept.loc[kept["kept"], "image_id"] if pd.notna(stats.loc[i, "phash"])
-           and str(index.loc[i, "rel_path"]).endswith(".jpg")]
+           and str(index.loc[i, "rel_path"]).endswith(".jpg")
+           and min(stats.loc[i, "orig_width"], stats.loc[i, "orig_height"]) >= 330]
     source = int(ids[0])
     path = pipe.root / index.loc[source, "rel_path"]
     byte_copy, resized = 9_000_000 + int(shard), 9_001_000 + int(shard)
@@ -113,7 +117,7 @@ def test_copies_arriving_in_a_later_run_without_metadata_are_linked(dedup_pipeli
     (path.parent / f"{byte_copy}.jpg").write_bytes(path.read_bytes())
     img = Image.open(path).convert("RGB")
     buf = io.BytesIO()
-    img.resize((round(img.width * 0.7), round(img.height * 0.7)), Image.Resampling.LANCZOS).save(buf, "JPEG", quality=70)
+    img.resize((round(img.width * 0.8), round(img.height * 0.8)), Image.Resampling.LANCZOS).save(buf, "JPEG", quality=70)
     (path.parent / f"{resized}.jpg").write_bytes(buf.getvalue())
 
     pipe.materialize(["shard_index", "metadata_prefilter", "clip_embeddings", "image_stats", "clip_scores"],
@@ -121,6 +125,8 @@ def test_copies_arriving_in_a_later_run_without_metadata_are_linked(dedup_pipeli
     pipe.materialize(["clip_subset"], shards=[shard])
     meta = pipe.metadata(pipe.materialize(["near_duplicates"]), "near_duplicates")
     assert not meta["search"].startswith("reused")  # new images: a new search
+    subset = pipe.table("clip_subset", shard).set_index("image_id")
+    assert subset.loc[[byte_copy, resized], "kept"].all()
     table = pipe.table("near_duplicates").set_index("image_id")
     assert table.loc[byte_copy, "duplicate_of"] == source and table.loc[byte_copy, "kind"] == "file_hash"
     assert table.loc[resized, "duplicate_of"] == source and table.loc[resized, "kind"] == "phash"

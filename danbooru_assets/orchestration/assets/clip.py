@@ -107,9 +107,8 @@ def clip_embeddings_and_image_stats(
             if reused_stats is not None and len(reused_stats):
                 # Rows stored before the duplicate fingerprints existed get them now, from
                 # one decode without the model (never silently missing).
-                reused_stats = reused_stats.reindex(columns=image_stats_frame([], [], []).columns).astype(
-                    {"file_hash": "string", "phash": "Int64"}
-                )
+                reused_stats = reused_stats.assign(**{c: reused_stats.get(c) for c in ("file_hash", "phash")})
+                reused_stats = reused_stats.astype({"file_hash": "string", "phash": "Int64"})
                 old = missing_hashes(reused_stats).to_numpy()
                 if old.any():
                     rel = reused_stats.loc[old, ["image_id"]].merge(candidates[["image_id", "rel_path"]].drop_duplicates(

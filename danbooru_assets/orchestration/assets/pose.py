@@ -363,6 +363,8 @@ def pose_subset(
             ]
             decisions.loc[copies, "keep"] = False
         not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
+        # A copy without a pose is still named a copy (every reason is kept).
+        not_ok.loc[not_ok["image_id"].isin(duplicates), "drop_reasons"] = f"{NO_POSE}|{DUPLICATE}"
         subset = (
             pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
             .merge(subset_rows, on="image_id", how="left")
