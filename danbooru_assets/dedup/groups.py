@@ -264,7 +264,7 @@ def group_pairs(
         "groups": int(members["kept"].sum()),
         "dropped": len(dropped),
         **{f"dropped_{s}": int((dropped["kind"] == s).sum()) for s in SIGNALS},
-        **{f"{s}_links": int((links["signal"] == s).sum()) for s in SIGNALS},
+        **{f"links_{s}": int((links["signal"] == s).sum()) for s in SIGNALS},
         "candidate_pairs": len(pairs),
     }
     return DedupResult(members=members, review=review_pairs(pairs, phash_max, clip_threshold, review), counts=counts)

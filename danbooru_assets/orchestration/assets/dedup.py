@@ -48,7 +48,7 @@ NEAR_ON_DEMO = (
 
 
 class NearDuplicatesConfig(dg.Config):
-    """Override the settings file's threshold for one run."""
+    """Override the settings file's thresholds for one run."""
 
     threshold: float | None = Field(
         None, ge=CLIP_SEARCH_MIN, le=1, description="Cosine similarity; absent: dedup.threshold."
@@ -57,7 +57,7 @@ class NearDuplicatesConfig(dg.Config):
         None, ge=0, le=PHASH_SEARCH_MAX, description="Perceptual-hash Hamming distance; absent: dedup.phash_max_distance."
     )
     near_with_demo_model: bool = Field(
-        False, description="Link near pairs even with the demo model's meaningless embeddings (tests, demos)."
+        False, description="Link CLIP pairs even with the demo model's meaningless embeddings (tests, demos)."
     )
 REVIEW_PAIRS = 12  # per sheet: 24 thumbnails, 3 pairs a row
 
