@@ -221,28 +221,40 @@ def hamming_pairs(codes: np.ndarray, radius: int, parts: int = 3) -> Pairs:
         del key
         counts = np.bincount(sorted_key, minlength=1 << width).astype(np.int32)
         starts = (np.cumsum(counts, dtype=np.int64) - counts).astype(np.int64)
+        # A pair whose chunks differ by mask m is met from both ends; probing only from the
+        # end whose chunk has m's highest bit clear meets it once and halves the work.
+        clear: dict[int, np.ndarray] = {}
         for mask in _flip_masks(width, per_chunk):
-            probe = sorted_key ^ np.int32(mask)
+            mask = int(mask)
+            if mask == 0:
+                pq_all = np.arange(n, dtype=np.int64)
+            else:
+                high = mask.bit_length() - 1
+                if high not in clear:
+                    clear[high] = np.flatnonzero((sorted_key >> high) & 1 == 0)
+                pq_all = clear[high]
+            probe = sorted_key[pq_all] ^ np.int32(mask)
             cnt = counts[probe]
             has = np.flatnonzero(cnt)
-            cnt, first = cnt[has], starts[probe[has]]
+            cnt, first, q = cnt[has], starts[probe[has]], pq_all[has]
             # Buckets of one code (most of them) need no expansion.
             single = cnt == 1
-            pos_q = [has[single]]
+            pos_q = [q[single]]
             pos_o = [first[single]]
             multi = ~single
             if multi.any():
                 c, f = cnt[multi], first[multi]
                 offset = np.arange(int(c.sum()), dtype=np.int64) - np.repeat(np.cumsum(c, dtype=np.int64) - c, c)
-                pos_q.append(np.repeat(has[multi], c))
+                pos_q.append(np.repeat(q[multi], c))
                 pos_o.append(np.repeat(f, c) + offset)
             pq, po = np.concatenate(pos_q), np.concatenate(pos_o)
-            # Each pair is met from both ends: keep it once.
-            keep = po > pq
-            pq, po = pq[keep], po[keep]
+            if mask == 0:  # the same chunk: each pair met from both ends, and each code meets itself
+                keep = po > pq
+                pq, po = pq[keep], po[keep]
             dist = np.bitwise_count(sorted_u[pq] ^ sorted_u[po])
             ok = dist <= radius
             parts_i.append(order[pq[ok]])
             parts_j.append(order[po[ok]])
             parts_d.append(dist[ok].astype(np.float32))
+        del clear
     return _finish(parts_i, parts_j, parts_d, n, f"multi-index hashing ({parts} chunks, radius {radius})")
