@@ -201,8 +201,8 @@ def hamming_pairs(codes: np.ndarray, radius: int, parts: int = 3) -> Pairs:
     probed with every mask of that many bits and the candidates are checked on the whole
     code. Tables are direct (an offset per chunk value: 3 chunks of 21-22 bits), so a probe
     is an array lookup, and the queries go in chunk order so XOR-ed probes stay mostly
-    sequential in memory. Radius 8 over a million spread codes: ~760 vectorised probes of
-    the million, ~0.3 candidates each. Never quadratic for spread codes; a run of codes
+    sequential in memory; a pair is probed from one end only. Radius 8 over a million
+    spread codes: ~760 vectorised probes of half the million, ~0.3 candidates each. Never quadratic for spread codes; a run of codes
     sharing a chunk (many images hashing alike) costs the square of its size.
     ``similarity`` holds the distance (as float32)."""
     if not 3 <= parts <= 64:
