@@ -53,8 +53,10 @@ def _grey(img: Image.Image | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``img`` (PIL or uint8 HxWx3) as a float32 greyscale thumbnail of ``size`` (w, h)."""
     if isinstance(img, np.ndarray):
         img = Image.fromarray(img)
-    # BOX: the mean of each cell, so a resized or re-encoded copy averages to the same cells.
-    return np.asarray(img.convert("L").resize(size, Image.Resampling.BOX), dtype=np.float32)
+    # LANCZOS (PIL widens it when reducing): the least aliasing, so a resized copy's
+    # thumbnail is the source's. bench dedup measured it against BOX (cell means) and
+    # BILINEAR: resized copies within 6 bits 0.993 vs 0.973 and 0.990.
+    return np.asarray(img.convert("L").resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
 
 
 def pack_bits(bits: np.ndarray) -> int:
