@@ -41,6 +41,7 @@ from danbooru_assets.labels.classes import LABEL_CLASSES
 from danbooru_assets.quality.kinds import CLASSIFIER_KINDS, ClassifierKind
 from danbooru_assets.core.tables import write_bytes
 from danbooru_assets.dataset.ratings import RATING_WORDS
+from danbooru_assets.dedup import CLIP_SEARCH_MIN, PHASH_SEARCH_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -388,9 +389,18 @@ class DedupSettings(_StrictNumbers):
 
     threshold: float = Field(
         0.95,
-        gt=0,
+        ge=CLIP_SEARCH_MIN,
         le=1,
-        description="Cosine similarity of CLIP embeddings at or above which two images are near duplicates.",
+        description="Cosine similarity of CLIP embeddings at or above which two images are near duplicates "
+        f"(at least {CLIP_SEARCH_MIN}: candidate pairs are stored down to there, so a change regroups them "
+        "without a new search).",
+    )
+    phash_max_distance: int = Field(
+        6,
+        ge=0,
+        le=PHASH_SEARCH_MAX,
+        description="Hamming distance of the 64-bit perceptual hashes at or below which two images are "
+        f"copies (resized, re-encoded); at most {PHASH_SEARCH_MAX}, the distance candidate pairs are stored at.",
     )
     parent_child: bool = Field(
         True, description="Danbooru parent/child posts (variant sets) count as duplicates of each other."

@@ -192,6 +192,10 @@ BAD_VALUES = [
     ("dedup.threshold", "0"),
     ("dedup.threshold", "1.01"),
     ("dedup.threshold", ".nan"),
+    ("dedup.threshold", "0.8"),  # below the floor candidate pairs are stored at
+    ("dedup.phash_max_distance", "-1"),
+    ("dedup.phash_max_distance", "9"),  # beyond the distance candidate pairs are stored at
+    ("dedup.phash_max_distance", "6.5"),
     ("dedup.parent_child", "maybe"),
 ]
 

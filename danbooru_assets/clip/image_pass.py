@@ -78,3 +78,36 @@ def embed_images_with_stats(
             if progress is not None:
                 progress(done, n)
     return embeddings, image_stats_frame(ids, status, stats)
+
+
+def missing_hashes(stats: pd.DataFrame) -> pd.Series:
+    """Readable rows of a stored image_stats table without the duplicate fingerprints
+    (decoded before they existed): a boolean mask."""
+    from danbooru_assets.clip.image_stats import HASH_COLUMNS
+
+    if not set(HASH_COLUMNS) <= set(stats.columns):
+        return stats["status"] == "ok"
+    return (stats["status"] == "ok") & stats["file_hash"].isna()
+
+
+def hash_images(
+    paths: Sequence[Path | str],
+    target_short_side: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> list[dict[str, Any] | None]:
+    """The fingerprints (``file_hash``, ``phash``) of images embedded before they existed:
+    the decode the CLIP pass does (same draft scale, same small copy), without the model.
+    ``None`` for a file that no longer decodes."""
+    from danbooru_assets.clip.loader import stats_array
+    from danbooru_assets.core.images import ImageDecodeError, open_image_rgb
+    from danbooru_assets.dedup.hashes import image_hashes
+
+    out: list[dict[str, Any] | None] = []
+    for path in paths:
+        try:
+            img, _ = open_image_rgb(path, target_short_side, max_pixels)
+        except ImageDecodeError:
+            out.append(None)
+            continue
+        out.append(image_hashes(path, stats_array(img)))
+    return out

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from danbooru_assets.dedup.hashes import HASH_COLUMNS
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -28,8 +30,10 @@ STATS_COLUMNS: list[str] = [
     "is_greyscale",
     "edge_density",
 ]
-# The image_stats table: the decode's outcome, the displayed size, then the statistics.
-FRAME_COLUMNS: list[str] = ["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS]
+# HASH_COLUMNS: the duplicate fingerprints of the same decode (file_hash, phash). Both
+# null on a readable row: decoded before they existed (the next run of the stage adds them).
+# The image_stats table: the decode's outcome, the displayed size, the statistics, the hashes.
+FRAME_COLUMNS: list[str] = ["image_id", "status", "orig_width", "orig_height", *STATS_COLUMNS, *HASH_COLUMNS]
 
 # A pixel is near-black when all channels are <= BLACK_MAX, near-white when all are >= WHITE_MIN.
 # JPEG noise around pure black/white stays well inside these margins.
@@ -143,4 +147,6 @@ def image_stats_frame(
     for col in STATS_COLUMNS:
         values = [s[col] if s else None for s in stats]
         columns[col] = pd.array(values, dtype="boolean" if col == "is_greyscale" else "Float32")
+    columns["file_hash"] = pd.array([s.get("file_hash") if s else None for s in stats], dtype="string")
+    columns["phash"] = pd.array([s.get("phash") if s else None for s in stats], dtype="Int64")
     return pd.DataFrame(columns, columns=FRAME_COLUMNS)

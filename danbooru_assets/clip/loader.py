@@ -3,7 +3,8 @@
 Each image is read and decoded once (:func:`danbooru_assets.core.images.open_image_rgb`, the
 project's one decode and its rules), in a DataLoader worker; the statistics of
 :mod:`danbooru_assets.clip.image_stats` are computed on a <= 256 px copy of the decoded
-image, and the model's preprocessing turns it into a tensor. Batches span files (the
+image, and the model's preprocessing turns it into a tensor. The same small copy gives the perceptual
+hash, and the file's bytes their hash (:mod:`danbooru_assets.dedup.hashes`). Batches span files (the
 sampler runs over the whole shard), the number of batches in flight is bounded
 (``num_workers * prefetch_factor``) so memory stays flat however many images a run covers,
 and a file that cannot be decoded becomes a ``"unreadable: <reason>"`` (or
@@ -27,6 +28,7 @@ from PIL import Image
 from danbooru_assets.clip.image_stats import STATS_COLUMNS, compute_image_stats
 from danbooru_assets.config import DEFAULT_MAX_PIXELS
 from danbooru_assets.core.images import ImageDecodeError, open_image_rgb
+from danbooru_assets.dedup.hashes import image_hashes
 
 if TYPE_CHECKING:
     import torch
@@ -168,7 +170,10 @@ class ShardImageDataset:
         except ImageDecodeError as exc:
             return Sample(None, image_id, None, f"{exc.status}: {exc.reason}")
         stats: dict[str, Any] = {"orig_width": width, "orig_height": height}
-        stats.update(compute_image_stats(stats_array(img, self.stats_max_side)))
+        small = stats_array(img, self.stats_max_side)
+        stats.update(compute_image_stats(small))
+        # The duplicate fingerprints of the same decode (and the bytes the decode just read).
+        stats.update(image_hashes(self.paths[index], small))
         return Sample(self.transform(img), image_id, stats, "ok")
 
 

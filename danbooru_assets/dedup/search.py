@@ -170,3 +170,91 @@ def near_pairs(vectors: np.ndarray, floor: float, exact_max: int = EXACT_MAX, **
     if len(vectors) <= exact_max:
         return exact_pairs(vectors, floor)
     return clustered_pairs(vectors, floor, **clustered)
+
+
+# --------------------------------------------------------------------------- Hamming
+
+
+def _chunk_layout(bits: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous (shift, width) bit ranges covering ``bits`` bits."""
+    widths = [bits // parts + (1 if k < bits % parts else 0) for k in range(parts)]
+    shifts = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(int)
+    return list(zip(shifts.tolist(), widths))
+
+
+def _flip_masks(width: int, radius: int) -> np.ndarray:
+    """Every ``width``-bit mask with at most ``radius`` bits set (0 first)."""
+    from itertools import combinations
+
+    masks = [0]
+    for r in range(1, radius + 1):
+        masks += [sum(1 << b for b in bits) for bits in combinations(range(width), r)]
+    return np.array(masks, dtype=np.int64)
+
+
+def hamming_pairs(codes: np.ndarray, radius: int, parts: int = 3) -> Pairs:
+    """Every pair of 64-bit codes (int64) within Hamming distance ``radius``: multi-index
+    hashing (Norouzi et al.), exact.
+
+    The codes are cut into ``parts`` chunks; two codes within ``radius`` differ by at most
+    ``radius // parts`` bits in at least one chunk (pigeonhole), so each chunk's table is
+    probed with every mask of that many bits and the candidates are checked on the whole
+    code. Tables are direct (an offset per chunk value: 3 chunks of 21-22 bits), so a probe
+    is an array lookup, and the queries go in chunk order so XOR-ed probes stay mostly
+    sequential in memory; a pair is probed from one end only. Radius 8 over a million
+    spread codes: ~760 vectorised probes of half the million, ~0.3 candidates each. Never quadratic for spread codes; a run of codes
+    sharing a chunk (many images hashing alike) costs the square of its size.
+    ``similarity`` holds the distance (as float32)."""
+    if not 3 <= parts <= 64:
+        raise ValueError(f"parts must be 3..64 (chunks of at most 22 bits, a direct table each), got {parts}")
+    codes = np.ascontiguousarray(codes, dtype=np.int64)
+    n = len(codes)
+    u = codes.view(np.uint64)
+    per_chunk = radius // parts
+    parts_i, parts_j, parts_d = [], [], []
+    for shift, width in _chunk_layout(64, parts):
+        key = ((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int32)
+        # Everything below works on positions in chunk order (memory stays sequential);
+        # only the pairs found are mapped back to rows.
+        order = np.argsort(key, kind="stable")
+        sorted_key, sorted_u = key[order], u[order]
+        del key
+        counts = np.bincount(sorted_key, minlength=1 << width).astype(np.int32)
+        starts = (np.cumsum(counts, dtype=np.int64) - counts).astype(np.int64)
+        # A pair whose chunks differ by mask m is met from both ends; probing only from the
+        # end whose chunk has m's highest bit clear meets it once and halves the work.
+        clear: dict[int, np.ndarray] = {}
+        for mask in _flip_masks(width, per_chunk):
+            mask = int(mask)
+            if mask == 0:
+                pq_all = np.arange(n, dtype=np.int64)
+            else:
+                high = mask.bit_length() - 1
+                if high not in clear:
+                    clear[high] = np.flatnonzero((sorted_key >> high) & 1 == 0)
+                pq_all = clear[high]
+            probe = sorted_key[pq_all] ^ np.int32(mask)
+            cnt = counts[probe]
+            has = np.flatnonzero(cnt)
+            cnt, first, q = cnt[has], starts[probe[has]], pq_all[has]
+            # Buckets of one code (most of them) need no expansion.
+            single = cnt == 1
+            pos_q = [q[single]]
+            pos_o = [first[single]]
+            multi = ~single
+            if multi.any():
+                c, f = cnt[multi], first[multi]
+                offset = np.arange(int(c.sum()), dtype=np.int64) - np.repeat(np.cumsum(c, dtype=np.int64) - c, c)
+                pos_q.append(np.repeat(q[multi], c))
+                pos_o.append(np.repeat(f, c) + offset)
+            pq, po = np.concatenate(pos_q), np.concatenate(pos_o)
+            if mask == 0:  # the same chunk: each pair met from both ends, and each code meets itself
+                keep = po > pq
+                pq, po = pq[keep], po[keep]
+            dist = np.bitwise_count(sorted_u[pq] ^ sorted_u[po])
+            ok = dist <= radius
+            parts_i.append(order[pq[ok]])
+            parts_j.append(order[po[ok]])
+            parts_d.append(dist[ok].astype(np.float32))
+        del clear
+    return _finish(parts_i, parts_j, parts_d, n, f"multi-index hashing ({parts} chunks, radius {radius})")

@@ -138,3 +138,25 @@ def test_bf16_autocast_on_cpu(image_dir: Path) -> None:
     # Reduced precision changes the numbers a little, not the direction.
     cos = (emb.astype(np.float32) * ref.astype(np.float32)).sum(axis=1)
     assert (cos > 0.98).all()
+
+
+def test_the_same_pass_gives_the_file_hash_and_perceptual_hash(image_dir: Path, tmp_path: Path) -> None:
+    """The duplicate fingerprints come from the one decode; hash_images (the backfill for
+    rows stored before them) gives the same values without the model."""
+    import shutil
+
+    from danbooru_assets.clip.image_pass import hash_images, missing_hashes
+    from danbooru_assets.dedup.hashes import file_hash
+
+    paths = _paths(image_dir)[:3]
+    copy_path = tmp_path / "copy.jpg"
+    shutil.copyfile(paths[0], copy_path)
+    model = _demo()
+    _, frame = embed_images_with_stats(model, [*paths, copy_path], [1, 2, 3, 4])
+    assert frame["file_hash"].tolist()[:3] == [file_hash(p) for p in paths]
+    assert frame["file_hash"].iloc[3] == frame["file_hash"].iloc[0]
+    assert frame["phash"].notna().all() and frame["phash"].iloc[3] == frame["phash"].iloc[0]
+    again = hash_images(paths, model.load().image_size)
+    assert [h["phash"] for h in again] == frame["phash"].tolist()[:3]
+    assert not missing_hashes(frame).any()
+    assert missing_hashes(frame.drop(columns=["file_hash", "phash"])).all()

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from danbooru_assets.dedup.groups import MEMBER_COLUMNS, duplicate_groups
+from danbooru_assets.dedup.groups import MEMBER_COLUMNS, candidate_pairs, duplicate_groups, group_pairs
 
 
 def _unit(rng, n, dim=32):
@@ -14,6 +14,10 @@ def _images(n, **columns):
         "image_id": np.arange(100, 100 + n),
         "md5": [f"{i:032x}" for i in range(n)],
         "parent_id": pd.array([None] * n, dtype="Int64"),
+        "file_hash": [f"f{i:031x}" for i in range(n)],
+        # Spread codes: 0x5555... shifted by i bits differ by many bits from each other.
+        "phash": pd.array([int(np.int64(np.uint64(0x9E3779B97F4A7C15 * (i + 1) % 2**64).view(np.int64)))
+                           for i in range(n)], dtype="Int64"),
         "portrait_score": np.linspace(0.5, 0.6, n),
         "width": np.full(n, 500),
         "height": np.full(n, 500),
@@ -56,14 +60,17 @@ def test_each_kind_groups_and_the_keep_rule():
     assert list(members.columns) == MEMBER_COLUMNS
     dropped = members.loc[~members["kept"]].set_index("image_id")
     assert dropped["duplicate_of"].to_dict() == {100: 101, 105: 104, 106: 107}
-    assert dropped["kind"].to_dict() == {100: "near", 105: "md5", 106: "parent_child"}
-    assert abs(dropped.loc[100, "similarity"] - 0.97) < 1e-3
+    assert dropped["kind"].to_dict() == {100: "clip", 105: "md5", 106: "parent_child"}
+    assert abs(dropped.loc[100, "value"] - 0.97) < 1e-3 and dropped.loc[100, "linked_to"] == 101
+    assert dropped.loc[100, "detail"] == "clip cosine 0.970"
+    assert pd.isna(dropped.loc[105, "value"]) and dropped.loc[105, "detail"].startswith("md5 ")
     assert result.counts["groups"] == 3 and result.counts["dropped"] == 3
-    assert result.counts["dropped_near"] == result.counts["dropped_md5"] == result.counts["dropped_parent_child"] == 1
-    # 102 ~ 103 at 0.93: no group, but on the "just below" review list.
+    assert result.counts["dropped_clip"] == result.counts["dropped_md5"] == result.counts["dropped_parent_child"] == 1
+    # 102 ~ 103 at 0.93: no group, but on the "just outside" review list.
     assert not members["image_id"].isin([102, 103]).any()
-    review = result.review_pairs.set_index(["image_a", "image_b"])["similarity"]
-    assert abs(review[(102, 103)] - 0.93) < 1e-3 and (100, 101) in review.index
+    outside = result.review["clip_outside"].set_index(["image_a", "image_b"])["value"]
+    assert abs(outside[(102, 103)] - 0.93) < 1e-3
+    assert (100, 101) in set(zip(result.review["clip_inside"]["image_a"], result.review["clip_inside"]["image_b"]))
 
 
 def test_parent_child_off_and_near_off():
@@ -73,13 +80,13 @@ def test_parent_child_off_and_near_off():
     parent = pd.array([None, None, None, 102], dtype="Int64")
     images = _images(4, parent_id=parent)
     assert set(duplicate_groups(images, vectors, 0.95, parent_child=False).members["image_id"]) == {100, 101}
-    # Near pairs off (a random-weights model): only the parent/child pair groups.
-    result = duplicate_groups(images, vectors, 0.95, use_near=False)
+    # CLIP pairs off (a random-weights model): only the parent/child pair groups.
+    result = duplicate_groups(images, vectors, 0.95, use_clip=False)
     assert set(result.members["image_id"]) == {102, 103}
-    assert len(result.review_pairs) == 1  # still shown for review
+    assert len(result.review["clip_inside"]) == 1  # still shown for review
 
 
-def test_a_chain_is_one_group_with_similarity_to_the_kept_image():
+def test_a_chain_is_one_group_and_names_the_link_that_brought_each_in():
     rng = np.random.default_rng(2)
     vectors = _unit(rng, 3)
     vectors[1] = _near_copy(vectors[0], 0.96, rng)
@@ -88,8 +95,9 @@ def test_a_chain_is_one_group_with_similarity_to_the_kept_image():
     result = duplicate_groups(_images(3, portrait_score=score), vectors, 0.95)
     dropped = result.dropped.set_index("image_id")
     assert set(dropped.index) == {101, 102} and (dropped["duplicate_of"] == 100).all()
-    # 102 joined through 101: its own similarity to 100 is below the threshold, and says so.
-    assert dropped.loc[102, "similarity"] < 0.95 < dropped.loc[101, "similarity"]
+    # 102 joined through 101 (its own similarity to 100 is below the threshold): its link is to 101.
+    assert dropped.loc[101, "linked_to"] == 100 and dropped.loc[102, "linked_to"] == 101
+    assert dropped.loc[102, "value"] >= 0.95
 
 
 def test_no_duplicates_gives_an_empty_table_with_the_columns():
@@ -97,3 +105,42 @@ def test_no_duplicates_gives_an_empty_table_with_the_columns():
     result = duplicate_groups(_images(5), _unit(rng, 5), 0.95)
     assert result.members.empty and list(result.members.columns) == MEMBER_COLUMNS
     assert result.counts["groups"] == 0 and result.counts["images"] == 5
+
+
+def test_file_hash_and_phash_link_without_metadata_and_name_their_value():
+    rng = np.random.default_rng(4)
+    images = _images(6, md5=[None] * 6)  # no metadata line for any of them
+    file_hash = images["file_hash"].tolist()
+    file_hash[1] = file_hash[0]  # 101: the same bytes as 100
+    phash = images["phash"].tolist()
+    phash[3] = phash[2] ^ 0b1011  # 103: a resized copy of 102, 3 bits apart
+    phash[5] = phash[4] ^ 0b1111111  # 105 ~ 104 at 7 bits: outside 6, inside 8
+    images["file_hash"], images["phash"] = file_hash, pd.array(phash, dtype="Int64")
+    result = duplicate_groups(images, _unit(rng, 6), 0.95, phash_max=6)
+    dropped = result.dropped.set_index("image_id")
+    assert set(dropped.index) == {100, 102}  # the higher portrait_score of each pair is kept
+    assert dropped.loc[100, "kind"] == "file_hash" and dropped.loc[102, "kind"] == "phash"
+    assert dropped.loc[102, "value"] == 3 and dropped.loc[102, "detail"] == "phash distance 3"
+    assert result.review["phash_outside"][["image_a", "image_b", "value"]].values.tolist() == [[104, 105, 7]]
+
+
+def test_a_threshold_change_regroups_from_the_stored_pairs():
+    rng = np.random.default_rng(5)
+    images = _images(4)
+    phash = images["phash"].tolist()
+    phash[1] = phash[0] ^ 0b1111111  # 7 bits apart
+    images["phash"] = pd.array(phash, dtype="Int64")
+    vectors = _unit(rng, 4)
+    vectors[3] = _near_copy(vectors[2], 0.9, rng)
+    stored = candidate_pairs(images, vectors).pairs  # searched once, at the loosest thresholds
+    assert set(stored["signal"]) == {"phash", "clip"}
+    strict = group_pairs(images, stored, phash_max=6, clip_threshold=0.95)
+    loose = group_pairs(images, stored, phash_max=8, clip_threshold=0.88)
+    assert strict.members.empty
+    assert set(loose.dropped["kind"]) == {"phash", "clip"} and loose.counts["dropped"] == 2
+
+
+def test_images_without_a_hash_link_by_nothing_they_lack():
+    images = _images(3, file_hash=[None, None, None], phash=pd.array([None, None, None], dtype="Int64"))
+    result = duplicate_groups(images, _unit(np.random.default_rng(6), 3), 0.95)
+    assert result.members.empty and result.counts["candidate_pairs"] == 0

@@ -39,3 +39,36 @@ def test_near_pairs_switches_method_by_size():
 def test_empty_and_single_sets(n):
     vectors = np.ones((n, 8), np.float16) / np.sqrt(8)
     assert len(exact_pairs(vectors, 0.5)) == 0
+
+
+def _random_codes(n, seed):
+    return np.random.default_rng(seed).integers(-(2**63), 2**63 - 1, size=n, dtype=np.int64)
+
+
+@pytest.mark.parametrize("radius,parts", [(8, 3), (6, 3), (7, 4), (2, 3)])
+def test_hamming_pairs_are_exactly_the_brute_force_pairs(radius, parts):
+    from danbooru_assets.dedup.hashes import hamming
+    from danbooru_assets.dedup.search import hamming_pairs
+
+    rng = np.random.default_rng(radius)
+    codes = _random_codes(1500, radius)
+    # Plant copies at every distance up to radius + 2 (so some fall just outside).
+    for k in range(200):
+        bits = rng.choice(64, size=k % (radius + 3), replace=False)
+        codes[1000 + k % 500] = codes[k] ^ np.int64(np.bitwise_or.reduce(np.uint64(1) << bits.astype(np.uint64), initial=np.uint64(0)).view(np.int64))
+    codes[1400:1410] = codes[1399]  # a run of identical codes
+    found = hamming_pairs(codes, radius, parts=parts)
+    d = hamming(codes[:, None], codes[None, :])
+    i, j = np.nonzero(np.triu(d <= radius, 1))
+    assert set(zip(found.i.tolist(), found.j.tolist())) == set(zip(i.tolist(), j.tolist()))
+    assert (found.similarity == d[found.i, found.j]).all()
+    assert found.method.startswith("multi-index hashing")
+
+
+def test_hamming_pairs_of_nothing():
+    from danbooru_assets.dedup.search import hamming_pairs
+
+    assert len(hamming_pairs(np.zeros(0, np.int64), 8)) == 0
+    assert len(hamming_pairs(np.zeros(1, np.int64), 8)) == 0
+    with pytest.raises(ValueError, match="parts must be"):
+        hamming_pairs(np.zeros(3, np.int64), 8, parts=2)

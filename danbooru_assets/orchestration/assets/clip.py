@@ -76,7 +76,7 @@ def clip_embeddings_and_image_stats(
 ):
     import pandas as pd
 
-    from danbooru_assets.clip.image_pass import embed_images_with_stats
+    from danbooru_assets.clip.image_pass import embed_images_with_stats, hash_images, missing_hashes
     from danbooru_assets.clip.image_stats import image_stats_frame
     from danbooru_assets.core.embeddings import embedding_column
     from danbooru_assets.core.images import TRUNCATED
@@ -91,6 +91,7 @@ def clip_embeddings_and_image_stats(
     # after a kill between the two tables' writes they differ, and only what both hold
     # counts, so the re-run encodes the rest and the two agree again.
     plans: dict[str, dict] = {}
+    backfilled: dict[str, int] = {}
     plan_errors: dict[str, Exception] = {}
     set_aside: list = []
     for shard in sorted(context.partition_keys):
@@ -111,10 +112,27 @@ def clip_embeddings_and_image_stats(
             if prev_emb is not None:
                 prev_emb = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
             reuse = plan_reuse(candidates, [prev_emb, prev_stats], REUSE_KEY)
+            reused_stats = reuse.reused[1]
+            if reused_stats is not None and len(reused_stats):
+                # Rows stored before the duplicate fingerprints existed get them now, from
+                # one decode without the model (never silently missing).
+                reused_stats = reused_stats.assign(**{c: reused_stats.get(c) for c in ("file_hash", "phash")})
+                reused_stats = reused_stats.astype({"file_hash": "string", "phash": "Int64"})
+                old = missing_hashes(reused_stats).to_numpy()
+                if old.any():
+                    rel = reused_stats.loc[old, ["image_id"]].merge(candidates[["image_id", "rel_path"]].drop_duplicates(
+                        "image_id"), on="image_id", how="left")
+                    found = hash_images([dataset.image_path(p) for p in rel["rel_path"]],
+                                        model.load().image_size, dataset.max_pixels)
+                    for column in ("file_hash", "phash"):
+                        values = [h[column] if h else None for h in found]
+                        reused_stats.loc[old, column] = pd.array(values, dtype=reused_stats[column].dtype)
+                    reused_stats = reused_stats.copy()
+                    backfilled[shard] = int(old.sum())
             plans[shard] = {
                 "todo": reuse.todo.assign(shard=shard),
                 "reused_emb": reuse.reused[0],
-                "reused_stats": reuse.reused[1],
+                "reused_stats": reused_stats,
                 "prefiltered": prefiltered,
             }
         except Exception as exc:  # reported by the shard loop below, with the others
@@ -174,6 +192,11 @@ def clip_embeddings_and_image_stats(
             "truncated": int(embeddings_table["status"].str.startswith(f"unreadable: {TRUNCATED}").sum()),
             "readable": len(ok_stats),
             "greyscale": int(ok_stats["is_greyscale"].sum()),
+            # Readable images whose fingerprints were added to their stored row this run,
+            # and those still without one (their file no longer decodes).
+            "hashes_backfilled": backfilled.get(shard, 0),
+            "without_file_hash": int(ok_stats["file_hash"].isna().sum()),
+            "without_phash_flat": int((ok_stats["file_hash"].notna() & ok_stats["phash"].isna()).sum()),
             # Usable images the metadata prefilter (skip mode) kept from the decoder.
             "never_decoded_prefiltered": plan["prefiltered"],
         }
@@ -185,7 +208,8 @@ def clip_embeddings_and_image_stats(
 
     loop = ShardLoop(context, "clip_embeddings")
     results = loop.run(assemble_shard, keep_on_failure=keep)
-    keys = ["images", "encoded", "reused", "unreadable", "truncated", "never_decoded_prefiltered"]
+    keys = ["images", "encoded", "reused", "unreadable", "truncated", "never_decoded_prefiltered",
+            "hashes_backfilled", "without_file_hash", "without_phash_flat"]
     speed = {
         "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
         **set_aside_metadata(set_aside),

@@ -411,7 +411,7 @@ def pose_subset(
             ]
             decisions.loc[copies, "keep"] = False
         not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
-        # A copy without a pose is still named a copy (a keypoint file may come later).
+        # A copy without a pose is still named a copy (every reason is kept; a keypoint file may come later).
         not_ok.loc[not_ok["image_id"].isin(duplicates), "drop_reasons"] = f"{NO_POSE}|{DUPLICATE}"
         subset = (
             pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
