@@ -1,4 +1,4 @@
-"""Import and export per-image keypoint JSON files (the seed's published format).
+r"""Import and export per-image keypoint JSON files (the seed's published format).
 
 One JSON object per image, named ``<image_id>.json``, with exactly the 17 keys of
 ``coco.KEYPOINT_NAMES``, each ``[a, b]``. The seed's files are bizarre-pose-estimator

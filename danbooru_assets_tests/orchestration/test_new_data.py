@@ -62,7 +62,8 @@ def test_a_copy_arriving_as_new_data_is_flagged_before_pose_subset(processed: Pi
 
     table = pipe.table("near_duplicates").set_index("image_id")
     assert not table.loc[new_id, "kept"], "the copy was not flagged"
-    assert table.loc[new_id, "kind"] == "md5" and table.loc[new_id, "duplicate_of"] == source_id
+    # The same bytes: the file hash is the first signal that ties them (the md5 agrees too).
+    assert table.loc[new_id, "kind"] == "file_hash" and table.loc[new_id, "duplicate_of"] == source_id
     assert table.loc[source_id, "kept"]
     pose = pipe.table("pose_subset", shard).set_index("image_id")
     assert not pose.loc[new_id, "keep"]
@@ -95,7 +96,8 @@ def test_images_without_a_keypoint_file_are_counted_then_estimated_by_the_fallba
 
     files = pipe.resources["pose_estimator"]
     pipe.resources["pose_estimator"] = PoseEstimatorResource(
-        keypoint_files=files.keypoint_files, fallback_backend="keypoint_rcnn", allow_random_weights=True,
+        keypoint_files=files.keypoint_files, keypoint_frame=files.keypoint_frame, fallback_backend="keypoint_rcnn",
+        allow_random_weights=True,
         input_size=128, batch_size=4, device="cpu",
     )
     try:

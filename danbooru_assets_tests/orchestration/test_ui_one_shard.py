@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -25,14 +23,13 @@ import pytest
 from danbooru_assets.clip.rules import apply_clip_rules
 from danbooru_assets.clip.scoring import threshold_summary
 from danbooru_assets.core.tables import read_parquet
-from danbooru_assets.devtools.local_dagster import LocalDagster
+from danbooru_assets.devtools.local_dagster import LocalDagster, run_until_quiet
 from danbooru_assets.devtools.sample_data import generate_sample_dataset
 from danbooru_assets.settings import load_settings
-from danbooru_assets_tests.orchestration.test_ui_backfill import CHROMIUM, MAIN_JOB_TIMEOUT_S, _browser, _env
+from danbooru_assets_tests.orchestration.test_ui_backfill import CHROMIUM, STALL_S, _browser, _env
 
 pytestmark = pytest.mark.slow
 
-RUN_TIMEOUT_S = 600  # a bound for a hung run, not a speed claim: the loop waits on the run's status
 CHECK_QUERY = """query($key: AssetKeyInput!) { assetCheckExecutions(assetKey: $key, checkName: "settings_current", limit: 1) {
     status evaluation { success metadataEntries { label ... on IntMetadataEntry { intValue } } } } }"""
 META_QUERY = """query($key: AssetKeyInput!, $parts: [String!]) { assetOrError(assetKey: $key) { ... on Asset {
@@ -67,13 +64,14 @@ def test_one_stale_shard_from_the_asset_page_is_stored_at_the_new_threshold(tmp_
     env = _env(tmp_path, summary.root)
     work = tmp_path / "work"
     work.mkdir()
-    main = subprocess.run([sys.executable, "-m", "danbooru_assets", "run"], cwd=work, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=MAIN_JOB_TIMEOUT_S)
+    # Waits as long as the CLI keeps printing progress: a loaded machine is slow, not broken.
+    main = run_until_quiet([sys.executable, "-m", "danbooru_assets", "run"], STALL_S, cwd=work,
+                           env={**os.environ, **env})
     assert main.returncode == 0, f"danbooru-assets run failed:\n{main.stdout[-3000:]}\n{main.stderr[-3000:]}"
     storage, settings_path = tmp_path / "storage", tmp_path / "settings.yaml"
 
-    done = subprocess.run([sys.executable, "-m", "danbooru_assets", "settings", "set", "clip.keep_fraction=0.5"],
-                          cwd=work, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    done = run_until_quiet([sys.executable, "-m", "danbooru_assets", "settings", "set", "clip.keep_fraction=0.5"],
+                           STALL_S, cwd=work, env={**os.environ, **env})
     assert done.returncode == 0, done.stdout + done.stderr
     # The shard whose subset the new threshold changes most (the default keeps 20%, now 50%).
     before = {s: read_parquet(storage / "clip_subset" / f"{s}.parquet") for s in summary.shards}
@@ -120,7 +118,7 @@ def test_one_stale_shard_from_the_asset_page_is_stored_at_the_new_threshold(tmp_
             assert answer["__typename"] == "LaunchRunSuccess", answer
             assert {"key": "dagster/partition", "value": shard} in params["executionMetadata"]["tags"]
             assert params["selector"]["assetSelection"] == [{"path": ["clip_subset"]}]
-            result = dagster.wait_run(answer["run"]["id"], timeout=RUN_TIMEOUT_S)
+            result = dagster.wait_run(answer["run"]["id"])  # as long as the run advances
             assert result.success, f"{result.status}: {dagster.run_errors(result.run_id)}\n{dagster.log_tails(20)}"
             page.goto(f"{dagster.url}/assets/clip_subset?view=partitions&partition={shard}")
             page.get_by_text("threshold_source").first.wait_for()
