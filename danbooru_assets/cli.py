@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -211,7 +213,7 @@ def run_main_job(args: argparse.Namespace) -> int:
         progress_logger.removeHandler(bar)
     if note := curated_note(outputs):
         print(note)
-    print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `dg dev` or `dagster dev` (DAGSTER_HOME={home})")
+    print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `danbooru-assets ui` (DAGSTER_HOME={home})")
     return 0
 
 
@@ -379,6 +381,39 @@ def shards_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def ui_launch(host: str, port: int) -> tuple[list[str], dict[str, str], Path]:
+    """The ``dg dev`` command line, environment and folder for the UI over the CLI's instance.
+
+    ``dg dev`` started in the project folder warns that the ``dagster.yaml`` there "will not
+    be used" whenever ``DAGSTER_HOME`` is another folder (it is the template the CLI copies
+    into the instance). Started in ``DAGSTER_HOME`` with the code location named (``-m``),
+    it reads the instance's own copy and has nothing to warn about; the working-directory
+    defaults are pinned first, so it reads the same sample, tables, settings and labels."""
+    from danbooru_assets import config
+
+    home = config.ensure_dagster_home()
+    config.set_planned_events_default()
+    env = {**os.environ, **config.working_directory_defaults()}
+    dg = Path(sys.executable).with_name("dg")
+    command = [str(dg) if dg.exists() else "dg", "dev", "-m", "danbooru_assets.definitions",
+               "-h", host, "-p", str(port)]
+    return command, env, home
+
+
+def ui_command(args: argparse.Namespace) -> int:
+    """Start Dagster's UI (webserver and daemon) over the instance ``run`` wrote to."""
+    command, env, home = ui_launch(args.host, args.port)
+    print(f"Dagster UI on http://{args.host}:{args.port} (DAGSTER_HOME={home}); Ctrl+C stops it", flush=True)
+    os.chdir(home)
+    os.execvpe(command[0], command, env)  # the UI's own process from here on: Ctrl+C reaches it
+    return 0  # not reached
+
+
+def _add_ui_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=3000, help="port (default 3000)")
+
+
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
     """Appends ``(default: X)`` to an option's help unless the help names its default."""
 
@@ -412,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="danbooru-assets",
         description="Curate Danbooru-style illustration datasets (a Dagster code location). "
-        "Start with `danbooru-assets run` (the sample data when DANBOORU_ROOT is unset), then `dg dev` to browse.",
+        "Start with `danbooru-assets run` (the sample data when DANBOORU_ROOT is unset), then `danbooru-assets ui` to browse.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_command(
@@ -441,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsHelpFormatter,  # shows --port's default
     )
     _add_command(sub, "export", export_command, _add_export_arguments, "export the curated dataset for training")
+    _add_command(
+        sub, "ui", ui_command, _add_ui_arguments,
+        "open Dagster's UI (dg dev: webserver and daemon) over the instance `run` wrote to",
+    )
     _add_command(
         sub, "why", why_command,
         lambda p: p.add_argument("image_id", type=int, help="the post id, e.g. 123042"),

@@ -208,6 +208,22 @@ def ensure_dagster_home() -> Path:
     return home
 
 
+def working_directory_defaults() -> dict[str, str]:
+    """The variables whose defaults are relative to the working directory, pinned to
+    absolute paths (only those unset): a process started in another folder (``ui`` starts
+    the webserver in ``DAGSTER_HOME``) then reads the same sample, tables, settings and labels."""
+    pinned = {}
+    if not is_set("DANBOORU_ROOT") and not is_set("DANBOORU_SAMPLE_ROOT"):
+        pinned["DANBOORU_SAMPLE_ROOT"] = str(default_sample_root().resolve())
+    if not is_set("DANBOORU_STORAGE"):
+        pinned["DANBOORU_STORAGE"] = str(Path(storage_base()).resolve())
+    if not is_set("DANBOORU_SETTINGS") and not is_url(storage_base()):
+        pinned["DANBOORU_SETTINGS"] = str(Path(settings_path()).resolve())
+    if not is_set("DANBOORU_LABELS"):
+        pinned["DANBOORU_LABELS"] = str(Path(labels_path()).resolve())
+    return pinned
+
+
 def set_planned_events_default() -> None:
     """One planned event per asset and range run, unless the user chose otherwise."""
     os.environ.setdefault(PLANNED_EVENTS_ENV, "true")

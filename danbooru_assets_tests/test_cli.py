@@ -185,3 +185,58 @@ def test_run_asks_which_image_folder_when_both_exist_and_takes_the_flag(tmp_path
     proc = subprocess.run([*run, "--image-folder", "original"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 2
     assert f"no shard folders with images under {root / 'original'}" in proc.stderr
+
+
+def test_ui_starts_dg_dev_in_the_instance_folder_with_the_project_paths_pinned(tmp_path: Path, monkeypatch):
+    from danbooru_assets.cli import ui_launch
+
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    for name in ("DAGSTER_HOME", "DANBOORU_ROOT", "DANBOORU_SAMPLE_ROOT", "DANBOORU_STORAGE", "DANBOORU_SETTINGS",
+                 "DANBOORU_LABELS"):
+        monkeypatch.delenv(name, raising=False)
+    command, env, home = ui_launch("127.0.0.1", 3123)
+    assert home == project / ".dagster_home" and (home / "dagster.yaml").exists()
+    assert command[1:] == ["dev", "-m", "danbooru_assets.definitions", "-h", "127.0.0.1", "-p", "3123"]
+    # Relative defaults mean the project folder, not the instance folder the UI runs in.
+    assert env["DANBOORU_SAMPLE_ROOT"] == str(project / "data" / "sample")
+    assert env["DANBOORU_STORAGE"] == str(project / "data" / "storage")
+    assert env["DANBOORU_SETTINGS"] == str(project / "data" / "settings.yaml")
+    assert env["DANBOORU_LABELS"] == str(project / "data" / "labels.sqlite")
+    assert env["DAGSTER_HOME"] == str(home)
+    # A variable the user set is theirs.
+    monkeypatch.setenv("DANBOORU_STORAGE", "memory://tables")
+    _, env, _ = ui_launch("127.0.0.1", 3123)
+    assert env["DANBOORU_STORAGE"] == "memory://tables" and "DANBOORU_SETTINGS" not in env
+
+
+@pytest.mark.slow
+def test_ui_serves_without_a_warning_to_interpret(tmp_path: Path):
+    """Issue 17 (5): `dg dev` in the project folder warns that its dagster.yaml "will not be
+    used"; `danbooru-assets ui` serves the instance with no warning at all."""
+    import time
+    import urllib.request
+
+    from danbooru_assets.devtools.local_dagster import free_port
+
+    port = free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home"), "DANBOORU_ROOT": str(tmp_path / "dataset")}
+    (tmp_path / "dataset" / "original").mkdir(parents=True)
+    log = tmp_path / "ui.log"
+    project = Path(__file__).resolve().parents[1]  # holds the template dagster.yaml
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "danbooru_assets", "ui", "--port", str(port)], cwd=project,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Wait while the UI starts (no deadline: a loaded machine is slow, not broken).
+        while "Serving dagster-webserver" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            time.sleep(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info") as answer:
+            assert answer.status == 200
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait()
+    text = log.read_text()
+    assert "WARNING" not in text and "will not be used" not in text, text
