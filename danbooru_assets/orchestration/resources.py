@@ -17,7 +17,7 @@ from danbooru_assets import config
 from danbooru_assets.clip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_FIELDS, ClipModel, model_fields
 from danbooru_assets.config import DEFAULT_MAX_PIXELS
 from danbooru_assets.core.shards import SHARD_KEYS
-from danbooru_assets.core.tables import PARQUET_SUFFIX, ShardTables
+from danbooru_assets.core.tables import ShardTables, TableLayout
 from danbooru_assets.dataset.layout import DatasetLayout
 from danbooru_assets.pose.backend_names import BACKENDS, KEYPOINT_FILES
 from danbooru_assets.settings import CurationSettings, SettingsError, load_settings, settings_source
@@ -38,18 +38,20 @@ class StorageResource(dg.ConfigurableResource):
 
     base_path: str
 
+    def layout(self) -> TableLayout:
+        """Where each table lives (:class:`~danbooru_assets.core.tables.TableLayout`)."""
+        return TableLayout(self.base_path)
+
     def path(self, *parts: str) -> UPath:
-        return UPath(self.base_path).joinpath(*parts)
+        return self.layout().path(*parts)
 
     def asset_path(self, asset_name: str, partition: str | None = None) -> UPath:
         """Where the IO manager keeps an asset's table (for the CLI, the labeling page, benchmarks)."""
-        if partition is None:
-            return self.path(asset_name + PARQUET_SUFFIX)
-        return self.path(asset_name, partition + PARQUET_SUFFIX)
+        return self.layout().table_path(asset_name, partition)
 
     def shard_tables(self, asset_name: str, columns: list[str] | None = None) -> ShardTables:
         """Every stored shard of a per-shard asset, for readers outside a run (CLI, exports)."""
-        return ShardTables(asset_name, self.path(asset_name), SHARD_KEYS, columns)
+        return self.layout().shard_tables(asset_name, SHARD_KEYS, columns)
 
 
 class DanbooruDatasetResource(dg.ConfigurableResource):
