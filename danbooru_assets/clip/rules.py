@@ -24,12 +24,6 @@ STATS_INPUT_COLUMNS = [
 ]
 
 
-def rules_with_overrides(rules: ImageRules, overrides: Mapping[str, Any]) -> ImageRules:
-    """``rules`` with a run's ``overrides``, validated as the settings file is (a bad
-    value fails the run instead of being used)."""
-    return ImageRules.model_validate({**rules.model_dump(), **overrides})
-
-
 def values_at(table: pd.DataFrame, column: str, ids, fill):
     """``table[column]`` at ``ids`` (``fill`` where an id is absent or the value null), as
     numpy: a sorted lookup instead of a pandas merge, which costs milliseconds on a small

@@ -64,6 +64,8 @@ class ShardStage:
     batch_rows: int | None = None
     """New rows per ``process`` call, across shards; None: every new row of the range at once
     (the stage batches inside, e.g. a data loader)."""
+    batch_across_shards: bool = True
+    """False: one ``process`` call per shard (a failure stays with its shard)."""
     progress_label: str = "images"
 
     def candidates(self, shard: str) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -153,11 +155,17 @@ class StageRun:
         from danbooru_assets.core.progress import ThroughputLogger
 
         progress = ThroughputLogger(self.log, label=self.stage.progress_label)
-        step = self.stage.batch_rows or total
+        if self.stage.batch_across_shards:
+            step = self.stage.batch_rows or total
+            bounds = [(start, min(start + step, total)) for start in range(0, total, step)]
+        else:
+            sizes = todo_all.groupby("shard", sort=False).size().to_numpy()
+            ends = sizes.cumsum()
+            bounds = list(zip((ends - sizes).tolist(), ends.tolist()))
         started = time.perf_counter()
         results: dict[str, list[pd.DataFrame]] = {}
-        for start in range(0, total, step):
-            batch = todo_all.iloc[start : start + step]
+        for start, end in bounds:
+            batch = todo_all.iloc[start:end]
             try:
                 if not self.set_up:
                     self.stage.setup()

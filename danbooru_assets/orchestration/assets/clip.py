@@ -23,7 +23,7 @@ from danbooru_assets.orchestration.executors import GPU_QUEUE_TAGS
 from danbooru_assets.orchestration.io_manager import COLUMNS
 from danbooru_assets.orchestration.resources import StorageResource
 from danbooru_assets.core.tables import ShardTables
-from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, INFERENCE_RETRY, shard_partitions
 from danbooru_assets.settings import prompt_lists, settings_hash, threshold_settings
 from danbooru_assets.orchestration.resources import ClipModelResource, SettingsResource
 from danbooru_assets.orchestration.settings_guard import outdated_parts, with_settings_record
@@ -33,9 +33,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 GROUP = "clip"
-# A transient fault (a CUDA hiccup, a network filesystem) gets one more try; stored rows
-# make the retry cost only what was not finished.
-INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)
 
 
 @dg.multi_asset(
@@ -127,8 +124,7 @@ def prompt_embeddings(
 ):
     from danbooru_assets.clip.scoring import prompt_embeddings_table
 
-    current = settings.load()
-    positive, negative = prompt_lists(current.clip)
+    read = settings.read()
     # Absent (None) means the settings file's prompts; an empty list is a mistake, never
     # "the defaults": with no positive (or no negative) prompt every score is the same.
     empty = [name for name in ("positive_prompts", "negative_prompts") if getattr(config, name) == []]
@@ -137,11 +133,10 @@ def prompt_embeddings(
             f"prompt_embeddings: run config {' and '.join(empty)} is an empty list; give at least one "
             "prompt, or leave the field out to use the settings file's prompts"
         )
-    overridden = config.positive_prompts is not None or config.negative_prompts is not None
-    positive = config.positive_prompts if config.positive_prompts is not None else positive
-    negative = config.negative_prompts if config.negative_prompts is not None else negative
+    clip, source = settings.resolve(read, read.settings.clip, config.model_dump(exclude_none=True))
+    positive, negative = prompt_lists(clip)
     model = clip_model.model()
-    table = with_settings_record(prompt_embeddings_table(model, positive, negative), current, "prompts")
+    table = with_settings_record(prompt_embeddings_table(model, positive, negative), read.settings, "prompts")
     return dg.Output(
         table,
         metadata={
@@ -150,7 +145,7 @@ def prompt_embeddings(
                 + "\n".join(f"| `{r.column}` | {r.kind} | {r.prompt} |" for r in table.itertuples())
             ),
             "prompt_set": settings_hash({"positive": positive, "negative": negative}),
-            "settings_source": "run config" if overridden else settings.source(),
+            "settings_source": source,
             **model.metadata(),
         },
     )
@@ -179,7 +174,8 @@ def clip_scores(
     prompts = prompt_embeddings
     # Never the prompts of before a settings change (a one-shard Materialize from the asset
     # page): a few prompts are encoded again here, as prompt_embeddings would encode them.
-    current = settings.load()
+    read = settings.read()
+    current = read.settings
     prompts_note = "stored prompt_embeddings"
     if outdated_parts(prompts, current, "prompts"):
         prompts = prompt_embeddings_table(clip_model.model(), *prompt_lists(current.clip))
@@ -204,6 +200,7 @@ def clip_scores(
             }),
             "model_fingerprint_id": str(prompts["model_fingerprint_id"].iloc[0]),
             "prompts_used": prompts_note,
+            "settings_source": read.source,
             **({"warning": DEMO_WARNING} if bool(prompts["demo_model"].iloc[0]) else {}),
         },
     )
@@ -212,8 +209,10 @@ def clip_scores(
 class ClipThresholdConfig(dg.Config):
     """Override the settings file's threshold for one run."""
 
-    keep_fraction: float | None = Field(None, description="Target fraction of scored images to keep.")
-    fixed_threshold: float | None = Field(None, description="A fixed portrait_score threshold.")
+    # The bounds of the settings file's clip section (ClipSettings), checked here so the
+    # launchpad refuses a bad value before a run starts.
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Target fraction of scored images to keep.")
+    fixed_threshold: float | None = Field(None, ge=0, le=1, description="A fixed portrait_score threshold (0..1).")
 
 
 REVIEW_SHEET_SIZE = 25
@@ -264,13 +263,13 @@ def clip_threshold(
     from danbooru_assets.core.visuals import figure_to_image
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    current = settings.load()
-    wanted = threshold_settings(current.clip)
-    overridden = config.keep_fraction is not None or config.fixed_threshold is not None
-    if config.keep_fraction is not None:
-        wanted = {"keep_fraction": config.keep_fraction, "fixed_threshold": None}
-    if config.fixed_threshold is not None:
-        wanted["fixed_threshold"] = config.fixed_threshold
+    read = settings.read()
+    current = read.settings
+    overrides = config.model_dump(exclude_none=True)
+    if "keep_fraction" in overrides:  # a fraction asked for is used, even where the file fixes a threshold
+        overrides.setdefault("fixed_threshold", None)
+    clip, source = settings.resolve(read, current.clip, overrides)
+    wanted = threshold_settings(clip)
     scores = clip_scores.concat()
     summary = _threshold_summary(scores, wanted, clip_scores, shard_index)
     values = scores["portrait_score"].to_numpy()
@@ -305,7 +304,7 @@ def clip_threshold(
             **{k: v for k, v in summary.items() if k != "target_keep_fraction"},
             "coverage": dg.MetadataValue.md(("**Partial:** " if unscored else "") + coverage_note),
             "settings": dg.MetadataValue.json(wanted),
-            "settings_source": "run config" if overridden else settings.source(),
+            "settings_source": source,
             "histogram": image_markdown(figure_to_image(fig), "portrait_score histogram"),
             "just_above_threshold": _review_sheet(dataset, paths, above, f"just above {threshold:.4f} (kept)"),
             "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
@@ -383,16 +382,11 @@ def clip_subset(
     settings: SettingsResource,
     storage: StorageResource,
 ) -> dg.Output:
-    from pydantic import ValidationError
+    from danbooru_assets.clip.rules import apply_clip_rules
 
-    from danbooru_assets.clip.rules import apply_clip_rules, rules_with_overrides
-
-    overrides = config.model_dump(exclude_none=True)
-    current = settings.load()
-    try:
-        rules = rules_with_overrides(current.clip.image_rules, overrides)
-    except ValidationError as exc:  # a wrong value fails this run, never used for it
-        raise dg.Failure(description=f"clip_subset: run config {exc}", allow_retries=False) from None
+    read = settings.read()
+    current = read.settings
+    rules, source = settings.resolve(read, current.clip.image_rules, config.model_dump(exclude_none=True))
     threshold, threshold_source = current_threshold(clip_threshold, current, storage)
     if threshold_source != STORED_THRESHOLD:
         context.log.warning(f"clip_subset: threshold {threshold:.6f} {threshold_source}")
@@ -418,6 +412,6 @@ def clip_subset(
             "threshold": threshold,
             "threshold_source": threshold_source,
             "rules": dg.MetadataValue.json(rules.model_dump()),
-            "settings_source": "run config" if overrides else settings.source(),
+            "settings_source": source,
         },
     )
