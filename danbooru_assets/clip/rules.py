@@ -3,7 +3,7 @@ statistics' rules over one shard, every reason a row is dropped kept with it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
 
 from danbooru_assets.settings import ImageRules
 

@@ -171,7 +171,9 @@ def _stored_pairs(storage, images: "pd.DataFrame", vectors, log) -> tuple["pd.Da
         # No column list: tables stored before the hashes existed lack them (counted below).
         "image_stats": dg.AssetIn(),
     },
-    deps=settings_keys("dedup"),
+    # The labels too: the keep rule prefers an image labeled good, so a new label can change
+    # which copy is kept (and the UI marks near_duplicates stale).
+    deps=[dg.AssetKey("labels"), *settings_keys("dedup")],
     # One at a time across runs (the instance's default pool limit is 1): concurrent
     # new-data runs each re-run it, and the later one must see the earlier one's shards.
     pool="dedup",
