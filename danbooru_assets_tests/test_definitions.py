@@ -145,3 +145,31 @@ def test_lineage_declares_every_source_a_step_reads():
             checked["settings"] += 1
             assert any(p.startswith("settings_") for p in parents), f"{name} reads settings but declares no section"
     assert checked["labels"] >= 4 and checked["settings"] >= 10  # near_duplicates, quality_model, queue, curated
+
+
+def test_every_imported_package_is_declared():
+    """Issue 19: sqlalchemy, yaml and pydantic were imported but not declared in pyproject.toml."""
+    import importlib.metadata
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    declared = {norm(re.split(r"[<>=!\[ ;]", spec)[0]) for spec in specs}
+    distributions = importlib.metadata.packages_distributions()
+    modules = set()
+    for path in (root / "danbooru_assets").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = {m for m in modules if m not in sys.stdlib_module_names and m != "danbooru_assets"}
+    undeclared = sorted(
+        m for m in third_party if not any(norm(d) in declared for d in distributions.get(m, [m]))
+    )
+    assert len(third_party) > 15 and undeclared == []
