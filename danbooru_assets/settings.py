@@ -5,8 +5,8 @@ default, so these live in a file (``$DANBOORU_SETTINGS``, default
 ``data/settings.yaml``) rather than only in launchpad run config. Run config can still
 override a value for one run (the materialization says so).
 
-The file has :data:`SECTIONS` (prompts, CLIP threshold, image rules, pose rules,
-quality), each an observable source asset whose data version is the section's hash
+The file has the seven :data:`SECTIONS` (prompts, CLIP threshold, image rules, metadata
+prefilter, pose rules, duplicates, quality), each an observable source asset whose data version is the section's hash
 (``assets/settings.py``); each asset depends on the sections it reads, so after an edit
 the UI marks exactly the affected assets stale, with no code reload.
 

@@ -2,8 +2,6 @@
 
 import json
 
-import dagster as dg
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -352,7 +350,7 @@ def test_a_run_config_threshold_stands_until_the_settings_file_changes(ingested)
 def test_run_config_threshold_has_the_settings_files_bounds(ingested, bad):
     """Issue 19: ClipThresholdConfig refused nothing; now the bounds of ClipSettings."""
     before = ingested.table("clip_threshold")
-    with pytest.raises(dg.DagsterInvalidConfigError):
+    with pytest.raises(Exception, match=f"ClipThresholdConfig\\n{next(iter(bad))}"):
         ingested.materialize(["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": bad}}})
     assert ingested.table("clip_threshold").equals(before)
 

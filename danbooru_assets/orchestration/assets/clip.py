@@ -209,8 +209,8 @@ def clip_scores(
 class ClipThresholdConfig(dg.Config):
     """Override the settings file's threshold for one run."""
 
-    # The bounds of the settings file's clip section (ClipSettings), checked here so the
-    # launchpad refuses a bad value before a run starts.
+    # The bounds of the settings file's clip section (ClipSettings): a bad value fails the
+    # step at once, naming the field, before anything is read or stored.
     keep_fraction: float | None = Field(None, gt=0, le=1, description="Target fraction of scored images to keep.")
     fixed_threshold: float | None = Field(None, ge=0, le=1, description="A fixed portrait_score threshold (0..1).")
 
