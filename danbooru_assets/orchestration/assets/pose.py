@@ -39,9 +39,6 @@ PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
 # compares it with the files now, so an import that is missing, interrupted or older than
 # the files is never taken for the current one.
 IMPORT_RECORD = "import.json"
-NO_POSE = "no_pose"
-# A copy of an image another row keeps (near_duplicates says which, how, and how similar).
-DUPLICATE = "duplicate"
 
 
 @dg.asset(
@@ -189,13 +186,6 @@ def pose_keypoints(
     )
 
 
-def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
-    from danbooru_assets.pose.features import pose_features
-
-    ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
-    return pose_features(ok, ok["width"].to_numpy(), ok["height"].to_numpy())
-
-
 @dg.asset(
     ins={"pose_keypoints": dg.AssetIn()},
     group_name=GROUP,
@@ -207,7 +197,7 @@ def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
 def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTables) -> dg.Output:
     import pandas as pd
 
-    from danbooru_assets.pose.features import robust_statistics
+    from danbooru_assets.pose.features import ok_features, robust_statistics
     from danbooru_assets.pose.plots import feature_histograms, hip_midpoint_scatter
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
@@ -215,7 +205,7 @@ def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTabl
     keypoints = pose_keypoints.concat()
     if keypoints.empty or not (keypoints["status"] == "ok").any():
         raise ValueError("no keypoints with status ok: materialize pose_keypoints for some shards first")
-    features = _ok_features(keypoints)
+    features = ok_features(keypoints)
     stats = robust_statistics(features)
     medians = {k: v.get("median") for k, v in stats.get("features", {}).items() if isinstance(v, dict)}
     table = pd.DataFrame(
@@ -275,11 +265,8 @@ def pose_subset(
     settings: SettingsResource,
     dataset: DanbooruDatasetResource,
 ) -> dg.Output:
-    import numpy as np
-    import pandas as pd
-
     from danbooru_assets.pose.plots import select_examples
-    from danbooru_assets.pose.rules import REASONS, apply_pose_rules, density_rule_status, reason_counts
+    from danbooru_assets.pose.rules import SUBSET_REASONS, density_rule_status, pose_subset_shard
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     read = settings.read()
@@ -297,41 +284,20 @@ def pose_subset(
     duplicates = near_duplicates.loc[~near_duplicates["kept"].astype(bool), "image_id"].to_numpy()
 
     def filter_shard(shard: str):
-        keypoints = pose_keypoints[shard]
-        subset_rows = clip_subset[shard]
-        ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
-        decisions = apply_pose_rules(_ok_features(keypoints), rules, stats)
-        copies = np.isin(decisions["image_id"].to_numpy(), duplicates)
-        if copies.any():  # appended to the rule reasons, so every reason is kept
-            decisions.loc[copies, "drop_reasons"] = [
-                f"{r}|{DUPLICATE}" if r else DUPLICATE for r in decisions.loc[copies, "drop_reasons"]
-            ]
-            decisions.loc[copies, "keep"] = False
-        not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
-        # A copy without a pose is still named a copy (every reason is kept; a keypoint file may come later).
-        not_ok.loc[not_ok["image_id"].isin(duplicates), "drop_reasons"] = f"{NO_POSE}|{DUPLICATE}"
-        subset = (
-            pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
-            .merge(subset_rows, on="image_id", how="left")
-            .sort_values("image_id")
-            .reset_index(drop=True)
-        )
-        reasons = reason_counts(decisions)
-        reasons[NO_POSE] = len(not_ok)
-        reasons[DUPLICATE] = reasons.get(DUPLICATE, 0) + int(not_ok["image_id"].isin(duplicates).sum())
+        keypoints, subset_rows = pose_keypoints[shard], clip_subset[shard]
+        subset, decisions, counts = pose_subset_shard(keypoints, subset_rows, rules, stats, duplicates)
         if len(decisions):  # examples for the sheets, at most EXAMPLES_PER_SHEET of each overall
+            ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
             for label, rows in zip(("kept", "dropped"), select_examples(decisions, n=EXAMPLES_PER_SHEET)):
                 room = EXAMPLES_PER_SHEET - len(examples[label])
                 examples[label].extend((ok.iloc[[r]], decisions.iloc[[r]], subset_rows) for r in rows[:room])
-        counts = {"rows": len(subset), "kept": int(subset["keep"].sum())}
-        counts.update({f"dropped_{name}": int(reasons.get(name, 0)) for name in (*REASONS, NO_POSE, DUPLICATE)})
         return subset, counts
 
     loop = ShardLoop(context, "pose_subset", images_key="rows")
     tables = loop.run(filter_shard)
     metadata = {
         **loop.metadata(
-            ["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE, DUPLICATE))],
+            ["rows", "kept", *(f"dropped_{name}" for name in SUBSET_REASONS)],
             {"kept_fraction": ("kept", "rows")},
         ),
         "rules": dg.MetadataValue.json(rules.model_dump()),
