@@ -201,5 +201,26 @@ __all__ = [
     "score_embeddings",
     "score_stored",
     "threshold_for_fraction",
+    "threshold_histogram",
     "threshold_summary",
 ]
+
+
+def threshold_histogram(values: np.ndarray, threshold: float, kept: int):
+    """The portrait_score histogram with the threshold drawn on it (a PIL image), for
+    clip_threshold's materialization."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from danbooru_assets.core.visuals import figure_to_image
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(values, bins=60, color="#4c72b0")
+    ax.axvline(threshold, color="#dd4444", lw=2, label=f"threshold {threshold:.4f}")
+    ax.set_xlabel("portrait_score")
+    ax.set_ylabel("images")
+    ax.set_title(f"{len(values):,} scored images, {kept:,} kept ({kept / max(len(values), 1):.1%})")
+    ax.legend()
+    return figure_to_image(fig)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from danbooru_assets.core.incremental import FILE_IDENTITY
 from danbooru_assets.core.stage import Progress, ShardPlan, ShardStage
 from danbooru_assets.pose.backend_names import KEYPOINT_FILES
 
@@ -21,7 +20,6 @@ if TYPE_CHECKING:
 
     from danbooru_assets.pose.backends import PoseEstimator
 
-REUSE_KEY = list(FILE_IDENTITY)
 # pose_keypoints' status of an image the published keypoint files have no file for.
 NO_KEYPOINT_FILE = "no_keypoint_file"
 
@@ -81,8 +79,9 @@ class PoseKeypointStage(ShardStage):
     def refresh_reused(self, plan: ShardPlan) -> ShardPlan:
         reused = plan.reused[0]
         if reused is not None and len(reused):  # the image sizes of now (the same file; the metadata may change)
-            sizes = plan.candidates[[*REUSE_KEY, "width", "height"]].drop_duplicates(REUSE_KEY)
-            plan.reused[0] = reused.drop(columns=["width", "height"]).merge(sizes, on=REUSE_KEY)
+            key = list(self.reuse_key)
+            sizes = plan.candidates[[*key, "width", "height"]].drop_duplicates(key)
+            plan.reused[0] = reused.drop(columns=["width", "height"]).merge(sizes, on=key)
         return plan
 
     def estimator(self) -> PoseEstimator:

@@ -143,3 +143,10 @@ def test_threshold_summary_fixed_or_fraction_and_coverage() -> None:
     assert (fixed["mode"], fixed["kept"], fixed["target_keep_fraction"], fixed["shard_coverage"]) == (
         "fixed", 9, None, 0.0)
 
+
+
+def test_threshold_histogram_is_a_picture() -> None:
+    from danbooru_assets.clip.scoring import threshold_histogram
+
+    image = threshold_histogram(np.random.default_rng(0).random(500), 0.8, 100)
+    assert image.mode == "RGB" and image.width > 300 and len(set(image.getdata())) > 2

@@ -254,13 +254,9 @@ def clip_threshold(
     dataset: DanbooruDatasetResource,
     clip_model: ClipModelResource,
 ) -> dg.Output:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
-    from danbooru_assets.core.visuals import figure_to_image
+    from danbooru_assets.clip.scoring import threshold_histogram
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
     read = settings.read()
@@ -286,13 +282,6 @@ def clip_threshold(
     if unscored:
         context.log.warning(f"clip_threshold: {coverage_note}")
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.hist(values, bins=60, color="#4c72b0")
-    ax.axvline(threshold, color="#dd4444", lw=2, label=f"threshold {threshold:.4f}")
-    ax.set_xlabel("portrait_score")
-    ax.set_ylabel("images")
-    ax.set_title(f"{len(values):,} scored images, {kept:,} kept ({kept / len(values):.1%})")
-    ax.legend()
     above = scores.loc[values >= threshold].nsmallest(REVIEW_SHEET_SIZE, "portrait_score")
     below = scores.loc[values < threshold].nlargest(REVIEW_SHEET_SIZE, "portrait_score")
     # Only the shards of the ~50 review images are read for their paths.
@@ -305,7 +294,7 @@ def clip_threshold(
             "coverage": dg.MetadataValue.md(("**Partial:** " if unscored else "") + coverage_note),
             "settings": dg.MetadataValue.json(wanted),
             "settings_source": source,
-            "histogram": image_markdown(figure_to_image(fig), "portrait_score histogram"),
+            "histogram": image_markdown(threshold_histogram(values, threshold, kept), "portrait_score histogram"),
             "just_above_threshold": _review_sheet(dataset, paths, above, f"just above {threshold:.4f} (kept)"),
             "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
             **({"warning": DEMO_WARNING} if clip_model.model().is_demo() else {}),
