@@ -20,7 +20,7 @@ from danbooru_assets.core.shards import SHARD_KEYS
 from danbooru_assets.core.tables import ShardTables, TableLayout
 from danbooru_assets.dataset.layout import DatasetLayout
 from danbooru_assets.pose.backend_names import BACKENDS, KEYPOINT_FILES
-from danbooru_assets.settings import CurationSettings, ReadSettings, SettingsError, read_settings, settings_source
+from danbooru_assets.settings import CurationSettings, ReadSettings, SettingsError, read_settings
 
 if TYPE_CHECKING:
     from danbooru_assets.labels.store import LabelStore
@@ -100,11 +100,8 @@ class SettingsResource(dg.ConfigurableResource):
         return self._failing_run(lambda _path: read.resolve(section, overrides))
 
     def load(self) -> CurationSettings:
+        """The settings alone (sensors, checks); a step that records its source uses :meth:`read`."""
         return self.read().settings
-
-    def source(self) -> str:
-        """``settings file``, or ``defaults (…)`` when there is no file or it is empty."""
-        return self._failing_run(settings_source)
 
     def _failing_run(self, read: Callable[[str], Any]) -> Any:
         # A dg.Failure: the run's failure message is the one line naming the file and key.
