@@ -121,7 +121,14 @@ def test_settings_sensor_tick_names_the_broken_file_and_line(tmp_path):
         settings_sensor.evaluate_tick(context)
     assert str(exc.value).startswith(f"settings file {path}: not valid YAML at line 2 ('keep_fraction: [1')")
     path.write_text("clip:\n  keep_fraction: 0.3\n")
-    assert settings_sensor.evaluate_tick(dg.build_sensor_context(resources={"settings": SettingsResource(path=str(path))})).asset_events
+    # A tick that observes reads the instance (the sections' last data versions): give it one.
+    with dg.DagsterInstance.ephemeral() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"settings": SettingsResource(path=str(path))})
+        observed = {e.asset_key.to_user_string() for e in settings_sensor.evaluate_tick(context).asset_events}
+        # Every section is observed on the first tick (its data version: the section's hash).
+        assert {k for k in observed if k.startswith("settings_")} == {
+            f"settings_{s}" for s in ("prompts", "clip_threshold", "image_rules", "prefilter", "pose_rules", "dedup",
+                                      "quality")}
 
 
 @pytest.mark.slow
