@@ -5,8 +5,8 @@ default, so these live in a file (``$DANBOORU_SETTINGS``, default
 ``data/settings.yaml``) rather than only in launchpad run config. Run config can still
 override a value for one run (the materialization says so).
 
-The file has :data:`SECTIONS` (prompts, CLIP threshold, image rules, pose rules,
-quality), each an observable source asset whose data version is the section's hash
+The file has the seven :data:`SECTIONS` (prompts, CLIP threshold, image rules, metadata
+prefilter, pose rules, duplicates, quality), each an observable source asset whose data version is the section's hash
 (``assets/settings.py``); each asset depends on the sections it reads, so after an edit
 the UI marks exactly the affected assets stale, with no code reload.
 
@@ -566,26 +566,48 @@ def read_settings_data(path: Path | str) -> dict | None:
     return data
 
 
-def load_settings(path: Path | str) -> CurationSettings:
-    """The settings in the file, defaults for what it leaves out. A bad file is a
-    :class:`SettingsError` naming the file and the key (never silently ignored); an empty
-    file means the defaults, with a warning."""
+class ReadSettings(typing.NamedTuple):
+    """The settings file read once (a step reads it once: one version throughout), and
+    where its values came from (for materialization metadata)."""
+
+    settings: CurationSettings
+    source: str
+    """``settings file``, or ``defaults (…)`` when there is no file or it holds nothing."""
+
+    def resolve(self, section: BaseModel, overrides: dict[str, Any] | None = None) -> tuple[Any, str]:
+        """``section`` (a part of :attr:`settings`) with a run's ``overrides``, validated
+        with the section's own bounds (as the file is), and its source: ``run config``
+        when any value was overridden. A bad value is a :class:`SettingsError`."""
+        if not overrides:
+            return section, self.source
+        try:
+            return type(section).model_validate({**section.model_dump(), **overrides}), "run config"
+        except ValidationError as exc:
+            raise SettingsError(f"run config: {exc}") from None
+
+
+def read_settings(path: Path | str) -> ReadSettings:
+    """The settings in the file, defaults for what it leaves out, and their source, from
+    one read. A bad file is a :class:`SettingsError` naming the file and the key (never
+    silently ignored); an empty file means the defaults, with a warning."""
     data = read_settings_data(path)
     if data is None:
-        if settings_file(path).exists():
+        where = settings_file(path)
+        if where.exists():
             logger.warning("settings file %s holds no settings: using the defaults", path)
-        return CurationSettings()
-    return validate_settings(data, f"settings file {path}")
+            return ReadSettings(CurationSettings(), f"defaults ({where} holds no settings)")
+        return ReadSettings(CurationSettings(), f"defaults (no file at {where})")
+    return ReadSettings(validate_settings(data, f"settings file {path}"), "settings file")
+
+
+def load_settings(path: Path | str) -> CurationSettings:
+    """The settings in the file (:func:`read_settings`)."""
+    return read_settings(path).settings
 
 
 def settings_source(path: Path | str) -> str:
-    """Where :func:`load_settings` takes the settings from, for materialization metadata."""
-    path = settings_file(path)
-    if not path.exists():
-        return f"defaults (no file at {path})"
-    if read_settings_data(path) is None:
-        return f"defaults ({path} holds no settings)"
-    return "settings file"
+    """Where :func:`load_settings` takes the settings from (:func:`read_settings`)."""
+    return read_settings(path).source
 
 
 def save_settings(path: Path | str, settings: CurationSettings) -> None:

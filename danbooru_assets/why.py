@@ -14,7 +14,7 @@ from typing import Any
 from upath import UPath
 
 from danbooru_assets.core.shards import shard_key
-from danbooru_assets.core.tables import PARQUET_SUFFIX, read_parquet
+from danbooru_assets.core.tables import TableLayout, read_parquet
 
 # (asset, per-shard?, columns shown when present), in the order an image goes through them.
 STAGES: list[tuple[str, bool, list[str]]] = [
@@ -94,12 +94,12 @@ def _fmt(value: Any) -> str:
 
 def trace_image(storage_base: str | UPath, image_id: int) -> ImageTrace:
     """Every stored stage's row for ``image_id``, and where (and why) it left the pipeline."""
-    base = UPath(storage_base)
+    layout = TableLayout(str(storage_base))
     image_id = int(image_id)
     shard = shard_key(image_id)
     stages: list[StageRow] = []
     for asset, per_shard, columns in STAGES:
-        path = base / asset / f"{shard}{PARQUET_SUFFIX}" if per_shard else base / f"{asset}{PARQUET_SUFFIX}"
+        path = layout.table_path(asset, shard if per_shard else None)
         if not path.exists():
             stages.append(StageRow(asset, "not materialized" + (f" for shard {shard}" if per_shard else ""), {}))
             continue
@@ -111,7 +111,7 @@ def trace_image(storage_base: str | UPath, image_id: int) -> ImageTrace:
         row = rows.iloc[0]
         stages.append(StageRow(asset, "row", {c: _plain(row[c]) for c in columns if c in rows.columns}))
     threshold = None
-    threshold_path = base / f"clip_threshold{PARQUET_SUFFIX}"
+    threshold_path = layout.table_path("clip_threshold")
     if threshold_path.exists():
         threshold = float(read_parquet(threshold_path, ["threshold"])["threshold"].iloc[0])
     return ImageTrace(image_id, shard, stages, threshold, _verdict(stages))

@@ -85,7 +85,8 @@ def mini_dataset(tmp_path: Path) -> Path:
 
 
 # clip_threshold run config that keeps every image at the CLIP stage.
-KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}}
+# portrait_score is a probability (>= 0): a threshold of 0 keeps every scored image.
+KEEP_ALL = {"ops": {"clip_threshold": {"config": {"fixed_threshold": 0.0}}}}
 
 class Pipeline(Sandbox):
     """The sandbox over a small generated sample dataset, with the demo CLIP model

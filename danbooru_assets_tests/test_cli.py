@@ -38,8 +38,14 @@ def test_settings_set_and_show(tmp_path: Path, monkeypatch, capsys):
 
 
 def test_parser_knows_every_documented_command():
+    """Every command the README shows (``danbooru-assets <command>``) is one the parser knows."""
+    import re
+
     choices = build_parser()._subparsers._group_actions[0].choices
-    assert {"run", "sample-data", "settings", "label", "export"} <= set(choices)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = set(re.findall(r"danbooru-assets ([a-z][a-z-]+)", readme))
+    assert {"run", "sample-data", "settings", "label", "export"} <= documented
+    assert sorted(documented - set(choices)) == []
 
 
 @pytest.fixture

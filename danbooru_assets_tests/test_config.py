@@ -21,11 +21,26 @@ def test_every_project_variable_in_the_code_is_in_the_table():
     assert all(v.default and v.meaning for v in config.ENVIRONMENT.values())
 
 
+# os.environ.get("DANBOORU_…"), os.getenv("DANBOORU_…"), os.environ["DANBOORU_…"] (a read;
+# setting one for a child process, os.environ["DANBOORU_…"] = …, is not)
+ENV_READ = re.compile(
+    r"""(?:environ\.get\(|getenv\()\s*["']DANBOORU_|environ\[\s*["']DANBOORU_\w*["']\s*\](?!\s*=(?!=))"""
+)
+
+
+def test_the_environment_read_pattern_finds_each_form():
+    for read in ('os.environ.get("DANBOORU_X")', "os.getenv('DANBOORU_X', '')", 'os.environ["DANBOORU_X"]'):
+        assert ENV_READ.search(read), read
+    assert not ENV_READ.search('env = {"DANBOORU_X": "1"}')
+    assert not ENV_READ.search('os.environ["DANBOORU_X"] = value')
+    assert ENV_READ.search('if os.environ["DANBOORU_X"] == "1":')
+
+
 def test_only_config_reads_the_environment():
     readers = [
         str(path.relative_to(PACKAGE))
         for path in PACKAGE.rglob("*.py")
-        if "bench" not in path.parts and re.search(r"os\.environ\.get\(\s*\"DANBOORU_|getenv\(\s*\"DANBOORU_", path.read_text())
+        if "bench" not in path.parts and ENV_READ.search(path.read_text())
     ]
     assert readers == [] or readers == ["config.py"], readers
 

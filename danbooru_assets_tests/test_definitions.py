@@ -36,7 +36,15 @@ def test_definitions_validate_and_every_asset_is_described_and_grouped():
     dg.Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
     keys = list(graph.get_all_asset_keys())
-    assert len(keys) >= 20  # the settings sections and every stage
+    # Exactly the public asset keys (a rename or a lost asset fails here, not in a user's UI).
+    assert sorted(k.to_user_string() for k in keys) == sorted([
+        "danbooru_metadata", "shard_index", "metadata_prefilter", "clip_embeddings", "image_stats",
+        "prompt_embeddings", "clip_scores", "clip_threshold", "clip_subset", "near_duplicates",
+        "published_keypoints", "pose_keypoints", "pose_statistics", "pose_subset", "labels", "quality_model",
+        "quality_predictions", "labeling_queue", "curated_dataset",
+        *(f"settings_{s}" for s in ("prompts", "clip_threshold", "image_rules", "prefilter", "pose_rules", "dedup",
+                                    "quality")),
+    ])
     undescribed = [k.to_user_string() for k in keys if not graph.get(k).description]
     ungrouped = [k.to_user_string() for k in keys if not graph.get(k).group_name or graph.get(k).group_name == "default"]
     assert undescribed == []
@@ -108,3 +116,60 @@ def test_the_dagster_import_check_finds_each_form(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import os\nimport dagster as dg\nfrom dagster._core import x\n\ndef f():\n    from dagster import asset\n")
     assert _dagster_imports(probe, tmp_path) == ["probe.py:2 dagster", "probe.py:3 dagster._core", "probe.py:6 dagster"]
+
+
+# Reads that follow a global input's settings only to check it is current (settings_guard):
+# quality_predictions checks quality_model against quality.classifier; declaring the
+# section would make its eager condition fire on every round-plan edit.
+GUARD_ONLY_SETTINGS = {"quality_predictions"}
+
+
+def test_lineage_declares_every_source_a_step_reads():
+    """Issue 19: an asset that opens the label store depends on ``labels``; one that reads the
+    settings file depends on the sections it reads (near_duplicates' keep rule prefers labeled
+    good, so labeling must mark it stale)."""
+    from danbooru_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    checked = {"labels": 0, "settings": 0}
+    for key in graph.get_all_asset_keys():
+        name = key.to_user_string()
+        if name == "labels" or name.startswith("settings_"):
+            continue  # the sources themselves
+        resources = set(defs.resolve_assets_def(key).required_resource_keys)
+        parents = {p.to_user_string() for p in graph.get(key).parent_keys}
+        if "label_store" in resources:
+            checked["labels"] += 1
+            assert "labels" in parents, f"{name} opens the label store but does not depend on labels"
+        if "settings" in resources and name not in GUARD_ONLY_SETTINGS:
+            checked["settings"] += 1
+            assert any(p.startswith("settings_") for p in parents), f"{name} reads settings but declares no section"
+    assert checked["labels"] >= 4 and checked["settings"] >= 10  # near_duplicates, quality_model, queue, curated
+
+
+def test_every_imported_package_is_declared():
+    """Issue 19: sqlalchemy, yaml and pydantic were imported but not declared in pyproject.toml."""
+    import importlib.metadata
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    declared = {norm(re.split(r"[<>=!\[ ;]", spec)[0]) for spec in specs}
+    distributions = importlib.metadata.packages_distributions()
+    modules = set()
+    for path in (root / "danbooru_assets").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = {m for m in modules if m not in sys.stdlib_module_names and m != "danbooru_assets"}
+    undeclared = sorted(
+        m for m in third_party if not any(norm(d) in declared for d in distributions.get(m, [m]))
+    )
+    assert len(third_party) > 15 and undeclared == []

@@ -38,7 +38,7 @@ def test_no_file_means_defaults_and_says_so(tmp_path: Path):
     path = tmp_path / "absent.yaml"
     assert load_settings(path) == CurationSettings()
     assert settings_source(path) == f"defaults (no file at {path})"
-    assert SettingsResource(path=str(path)).source() == f"defaults (no file at {path})"
+    assert SettingsResource(path=str(path)).read().source == f"defaults (no file at {path})"
 
 
 @pytest.mark.parametrize("text", ["", "# everything commented out\n", "~\n"])
@@ -390,3 +390,20 @@ def test_prompt_validation_is_linear():
     assert _CountingStr.comparisons <= 10 * len(names)
     with pytest.raises(ValueError, match="prompt listed twice: prompt 7"):
         _checked_names([*names, "prompt 7"], [*names, "prompt 7"], "prompt")
+
+
+def test_a_step_reads_the_file_once_for_settings_and_source(tmp_path, monkeypatch):
+    """Issue 19: load() and source() each read the file, so a step could see two versions."""
+    from danbooru_assets import settings as settings_module
+    from danbooru_assets.orchestration.resources import SettingsResource
+    from danbooru_assets.settings import CurationSettings, save_settings
+
+    path = tmp_path / "settings.yaml"
+    save_settings(path, CurationSettings())
+    reads = []
+    real = settings_module.read_settings_data
+    monkeypatch.setattr(settings_module, "read_settings_data", lambda p: reads.append(p) or real(p))
+    read = SettingsResource(path=str(path)).read()
+    assert reads == [str(path)] and read.source == "settings file"
+    rules, source = read.resolve(read.settings.pose, {"min_confidence": 0.5})
+    assert rules.min_confidence == 0.5 and source == "run config" and len(reads) == 1

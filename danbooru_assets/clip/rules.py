@@ -3,7 +3,7 @@ statistics' rules over one shard, every reason a row is dropped kept with it."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
 
 from danbooru_assets.settings import ImageRules
 
@@ -22,12 +22,6 @@ STATS_INPUT_COLUMNS = [
     "image_id", "status", "orig_width", "orig_height",
     "border_black_rows_frac", "border_black_cols_frac", "content_area_frac",
 ]
-
-
-def rules_with_overrides(rules: ImageRules, overrides: Mapping[str, Any]) -> ImageRules:
-    """``rules`` with a run's ``overrides``, validated as the settings file is (a bad
-    value fails the run instead of being used)."""
-    return ImageRules.model_validate({**rules.model_dump(), **overrides})
 
 
 def values_at(table: pd.DataFrame, column: str, ids, fill):

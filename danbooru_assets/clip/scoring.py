@@ -143,29 +143,6 @@ def score_stored(embeddings: pd.DataFrame, prompts: pd.DataFrame) -> pd.DataFram
     return scores
 
 
-def score_with_model(
-    clip: Any,
-    image_embeddings: np.ndarray,
-    positive_prompts: Sequence[str] = DEFAULT_POSITIVE_PROMPTS,
-    negative_prompts: Sequence[str] = DEFAULT_NEGATIVE_PROMPTS,
-    logit_scale: float | None = None,
-) -> pd.DataFrame:
-    """Encode the prompts with ``clip`` (a :class:`~danbooru_assets.clip.model.ClipModel`)
-    and score the embeddings.
-
-    ``logit_scale=None`` uses the model's own learned temperature.
-    """
-    scale = clip.logit_scale() if logit_scale is None else logit_scale
-    return score_embeddings(
-        image_embeddings,
-        clip.encode_text(list(positive_prompts)),
-        clip.encode_text(list(negative_prompts)),
-        logit_scale=scale,
-        positive_prompts=positive_prompts,
-        negative_prompts=negative_prompts,
-    )
-
-
 def threshold_for_fraction(scores: np.ndarray, keep_fraction: float) -> float:
     """The score ``t`` such that keeping ``scores >= t`` keeps ~``keep_fraction`` of them.
 
@@ -214,24 +191,36 @@ def threshold_summary(
     }
 
 
-def kept_fraction(scores: np.ndarray, threshold: float) -> float:
-    """Share of non-NaN scores ``>= threshold`` (for metadata next to the threshold)."""
-    values = np.asarray(scores, dtype=np.float64).ravel()
-    values = values[~np.isnan(values)]
-    return float((values >= threshold).mean()) if values.size else 0.0
-
-
 __all__ = [
     "DEFAULT_NEGATIVE_PROMPTS",
     "DEFAULT_POSITIVE_PROMPTS",
     "PORTRAIT_SCORE",
-    "kept_fraction",
     "prompt_column",
     "prompt_embeddings_table",
     "prompt_mapping",
     "score_embeddings",
     "score_stored",
-    "score_with_model",
     "threshold_for_fraction",
+    "threshold_histogram",
     "threshold_summary",
 ]
+
+
+def threshold_histogram(values: np.ndarray, threshold: float, kept: int):
+    """The portrait_score histogram with the threshold drawn on it (a PIL image), for
+    clip_threshold's materialization."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from danbooru_assets.core.visuals import figure_to_image
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(values, bins=60, color="#4c72b0")
+    ax.axvline(threshold, color="#dd4444", lw=2, label=f"threshold {threshold:.4f}")
+    ax.set_xlabel("portrait_score")
+    ax.set_ylabel("images")
+    ax.set_title(f"{len(values):,} scored images, {kept:,} kept ({kept / max(len(values), 1):.1%})")
+    ax.legend()
+    return figure_to_image(fig)

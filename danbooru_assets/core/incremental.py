@@ -7,7 +7,8 @@ two tables (``clip_embeddings`` and ``image_stats``) writes them one after the o
 kill between the two leaves them different, and reusing what both hold puts them back in
 step on the next run. A replaced image (same id, another file) is computed again.
 
-Plain pandas, no Dagster: ``clip_embeddings``/``image_stats`` and ``pose_keypoints`` use it.
+Plain pandas, no Dagster: the stage runner (:mod:`danbooru_assets.core.stage`) uses it for
+every per-shard stage.
 """
 
 from __future__ import annotations
@@ -29,12 +30,6 @@ class ReusePlan:
     reused: list[pd.DataFrame | None]
     """One frame per previous table (in the order given): its rows to keep (None where
     the previous table was None)."""
-
-    @property
-    def n_reused(self) -> int:
-        """Images whose stored rows are kept."""
-        first = next((t for t in self.reused if t is not None), None)
-        return 0 if first is None else int(first["image_id"].nunique())
 
 
 def plan_reuse(

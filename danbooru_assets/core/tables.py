@@ -363,3 +363,42 @@ class ShardTables(Mapping[str, "pd.DataFrame"]):
         if not frames:
             return pd.DataFrame(columns=columns or ["image_id"])
         return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class TableLayout:
+    """The one definition of where a table lives under a storage base (a folder or an
+    fsspec URL): ``<base>/<asset>/<shard>.parquet`` per shard, ``<base>/<asset>.parquet``
+    for a global asset, ``<base>/<name>/…`` for side tables. The Parquet IO manager,
+    ``StorageResource``, the CLI, the labeling page and the exports all ask it.
+
+    It is also the :class:`~danbooru_assets.core.stage.TableStore` of the per-shard
+    stages: their previous output (a damaged one set aside) and their partial writes."""
+
+    base: str
+
+    def root(self) -> UPath:
+        return UPath(self.base)
+
+    def path(self, *parts: str) -> UPath:
+        """A side table or folder under the base (an asset's own files, not its table)."""
+        return self.root().joinpath(*parts)
+
+    def folder(self, asset: str) -> UPath:
+        """The folder of a per-shard asset's tables."""
+        return self.path(asset)
+
+    def table_path(self, asset: str, shard: str | None = None) -> UPath:
+        """A per-shard asset's table of ``shard``, or a global asset's table."""
+        if shard is None:
+            return self.path(asset + PARQUET_SUFFIX)
+        return self.path(asset, shard + PARQUET_SUFFIX)
+
+    def shard_tables(self, asset: str, keys: list[str], columns: list[str] | None = None) -> ShardTables:
+        return ShardTables(asset, self.folder(asset), keys, columns)
+
+    def previous(self, table: str, shard: str) -> tuple[pd.DataFrame | None, SetAside | None]:
+        return read_or_set_aside(self.table_path(table, shard))
+
+    def write(self, table: str, shard: str, frame: pd.DataFrame) -> None:
+        write_parquet(self.table_path(table, shard), frame)

@@ -1204,13 +1204,11 @@ def run_label(args: argparse.Namespace) -> int:
     from danbooru_assets import config
 
     if args.queue is None:
-        from upath import UPath
+        from danbooru_assets.core.tables import TableLayout
 
-        from danbooru_assets.core.tables import PARQUET_SUFFIX
-
-        # The labeling_queue asset's table, where the Parquet IO manager keeps it
-        # (StorageResource.asset_path), also when the storage is an fsspec URL.
-        args.queue = UPath(config.storage_base()) / f"labeling_queue{PARQUET_SUFFIX}"
+        # The labeling_queue asset's table, where the Parquet IO manager keeps it, also
+        # when the storage is an fsspec URL.
+        args.queue = TableLayout(config.storage_base()).table_path("labeling_queue")
     root = Path(args.root) if args.root is not None else config.dataset_root()
     # a path or a SQLAlchemy URL, passed through as given (pathlib would mangle "://")
     store_location = args.store if args.store is not None else config.labels_path()

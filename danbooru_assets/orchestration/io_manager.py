@@ -27,7 +27,7 @@ from upath import UPath
 
 from danbooru_assets.core.tables import (
     PARQUET_SUFFIX,
-    ShardTables,
+    TableLayout,
     read_parquet,
     remove_stale_temp_files,
     write_parquet,
@@ -49,7 +49,7 @@ class ParquetIOManager(dg.UPathIOManager):
 
     def __init__(self, base_path: UPath):
         super().__init__(base_path=base_path)
-        self.root = UPath(base_path)
+        self.layout = TableLayout(str(base_path))
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
         import pandas as pd
@@ -66,8 +66,8 @@ class ParquetIOManager(dg.UPathIOManager):
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
         return read_parquet(path, _declared_columns(context))
 
-    def _asset_folder(self, asset_key: dg.AssetKey) -> UPath:
-        return self.root.joinpath(*asset_key.path)
+    def _asset_name(self, asset_key: dg.AssetKey) -> str:
+        return "/".join(asset_key.path)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if not context.has_asset_partitions:
@@ -81,10 +81,11 @@ class ParquetIOManager(dg.UPathIOManager):
         if not isinstance(obj, Mapping) or set(obj) != set(keys):
             got = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
             raise TypeError(f"{name}: a step over shards {keys[0]}..{keys[-1]} must return one table per shard, got {got}")
-        folder = self._asset_folder(context.asset_key)
+        asset = self._asset_name(context.asset_key)
+        folder = self.layout.folder(asset)
         _log_removed(context, remove_stale_temp_files(folder))
         for key in keys:
-            self.dump_to_path(context, obj[key], folder / f"{key}{self.extension}")
+            self.dump_to_path(context, obj[key], self.layout.table_path(asset, key))
         # A range's total is named as one; each shard's own row count is its partition's
         # metadata (ShardLoop.metadata), which a one-shard run gets from here too.
         rows = int(sum(len(df) for df in obj.values()))
@@ -92,18 +93,15 @@ class ParquetIOManager(dg.UPathIOManager):
             {
                 ("range_row_count" if len(keys) > 1 else "dagster/row_count"): rows,
                 "shards": len(keys),
-                "path": dg.MetadataValue.path(str(folder if len(keys) > 1 else folder / f"{keys[0]}{self.extension}")),
+                "path": dg.MetadataValue.path(str(folder if len(keys) > 1 else self.layout.table_path(asset, keys[0]))),
             }
         )
 
     def load_input(self, context: dg.InputContext) -> Any:
         if not context.has_asset_key or not context.has_asset_partitions:
             return super().load_input(context)
-        tables = ShardTables(
-            context.asset_key.to_user_string(),
-            self._asset_folder(context.asset_key),
-            list(context.asset_partition_keys),
-            _declared_columns(context),
+        tables = self.layout.shard_tables(
+            self._asset_name(context.asset_key), list(context.asset_partition_keys), _declared_columns(context)
         )
         if not context.has_input_name and len(tables) + len(tables.missing) == 1:
             # Loaded from outside a run (``defs.load_asset_value(..., partition_key=...)``):

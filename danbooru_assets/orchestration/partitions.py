@@ -79,3 +79,7 @@ def shard_selection(keys: list[str], asset: str = "clip_subset") -> list[str]:
     lines += [f"  dg launch --assets {asset} --partition-range {a}...{b}" for a, b in ranges]
     lines += ["", "Every stage for exactly these shards: danbooru-assets run"]
     return lines
+
+# A transient fault (a CUDA hiccup, a network filesystem) gets one more try; stored rows
+# make the retry cost only what was not finished.
+INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)

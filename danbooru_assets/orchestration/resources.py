@@ -17,10 +17,10 @@ from danbooru_assets import config
 from danbooru_assets.clip.model import DEFAULT_MODEL, DEFAULT_PRETRAINED, DEMO_FIELDS, ClipModel, model_fields
 from danbooru_assets.config import DEFAULT_MAX_PIXELS
 from danbooru_assets.core.shards import SHARD_KEYS
-from danbooru_assets.core.tables import PARQUET_SUFFIX, ShardTables
+from danbooru_assets.core.tables import ShardTables, TableLayout
 from danbooru_assets.dataset.layout import DatasetLayout
 from danbooru_assets.pose.backend_names import BACKENDS, KEYPOINT_FILES
-from danbooru_assets.settings import CurationSettings, SettingsError, load_settings, settings_source
+from danbooru_assets.settings import CurationSettings, ReadSettings, SettingsError, read_settings
 
 if TYPE_CHECKING:
     from danbooru_assets.labels.store import LabelStore
@@ -38,18 +38,20 @@ class StorageResource(dg.ConfigurableResource):
 
     base_path: str
 
+    def layout(self) -> TableLayout:
+        """Where each table lives (:class:`~danbooru_assets.core.tables.TableLayout`)."""
+        return TableLayout(self.base_path)
+
     def path(self, *parts: str) -> UPath:
-        return UPath(self.base_path).joinpath(*parts)
+        return self.layout().path(*parts)
 
     def asset_path(self, asset_name: str, partition: str | None = None) -> UPath:
         """Where the IO manager keeps an asset's table (for the CLI, the labeling page, benchmarks)."""
-        if partition is None:
-            return self.path(asset_name + PARQUET_SUFFIX)
-        return self.path(asset_name, partition + PARQUET_SUFFIX)
+        return self.layout().table_path(asset_name, partition)
 
     def shard_tables(self, asset_name: str, columns: list[str] | None = None) -> ShardTables:
         """Every stored shard of a per-shard asset, for readers outside a run (CLI, exports)."""
-        return ShardTables(asset_name, self.path(asset_name), SHARD_KEYS, columns)
+        return self.layout().shard_tables(asset_name, SHARD_KEYS, columns)
 
 
 class DanbooruDatasetResource(dg.ConfigurableResource):
@@ -87,12 +89,19 @@ class SettingsResource(dg.ConfigurableResource):
 
     path: str = Field(description="The durable curation settings file (YAML).")
 
-    def load(self) -> CurationSettings:
-        return self._failing_run(load_settings)
+    def read(self) -> ReadSettings:
+        """The settings and their source from one read of the file: a step calls it once
+        and resolves each section it uses with :meth:`resolve`."""
+        return self._failing_run(read_settings)
 
-    def source(self) -> str:
-        """``settings file``, or ``defaults (…)`` when there is no file or it is empty."""
-        return self._failing_run(settings_source)
+    def resolve(self, read: ReadSettings, section: Any, overrides: dict[str, Any] | None = None) -> tuple[Any, str]:
+        """``section`` with a run's ``overrides`` (same bounds as the file) and its source;
+        a bad override fails the run, never retried and never used."""
+        return self._failing_run(lambda _path: read.resolve(section, overrides))
+
+    def load(self) -> CurationSettings:
+        """The settings alone (sensors, checks); a step that records its source uses :meth:`read`."""
+        return self.read().settings
 
     def _failing_run(self, read: Callable[[str], Any]) -> Any:
         # A dg.Failure: the run's failure message is the one line naming the file and key.
@@ -209,10 +218,13 @@ class PoseEstimatorResource(dg.ConfigurableResource):
         """The model of ``backend``, or with keypoint files the ``fallback_backend``'s."""
         from danbooru_assets.pose.backends import make_estimator
 
+        return make_estimator(**self._estimator_args())
+
+    def _estimator_args(self) -> dict[str, Any]:
         self.check()
         backend = self.fallback_backend if self.uses_files() else self.backend
-        return make_estimator(
-            backend,
+        return dict(
+            backend=backend,
             checkpoint=self.checkpoint,
             device=self.device,
             allow_random_weights=self.allow_random_weights,
@@ -220,6 +232,15 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             batch_size=self.batch_size,
             **({"min_size": self.input_size} if backend == "keypoint_rcnn" else {}),
         )
+
+    def model_fingerprint(self) -> dict:
+        """The model's fingerprint without loading it (``pose.backends.estimator_fingerprint``)."""
+        from danbooru_assets.pose.backends import estimator_fingerprint
+
+        args = self._estimator_args()
+        for unused in ("device", "batch_size"):  # not part of a model's identity
+            args.pop(unused)
+        return estimator_fingerprint(**args)
 
     def fingerprint(self) -> str:
         """The backend's identity, stored with every keypoint row: rows are reused only
@@ -232,8 +253,8 @@ class PoseEstimatorResource(dg.ConfigurableResource):
             if not self.has_fallback():
                 return files
             # Rows are reused only under the same fallback model too.
-            return fingerprint_string({"files": files, "fallback": self.estimator().fingerprint()})
-        return fingerprint_string(self.estimator().fingerprint())
+            return fingerprint_string({"files": files, "fallback": self.model_fingerprint()})
+        return fingerprint_string(self.model_fingerprint())
 
     def files_fingerprint(self) -> str:
         """The keypoint files' identity alone (what published_keypoints imported)."""

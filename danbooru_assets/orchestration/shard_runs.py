@@ -26,10 +26,6 @@ PROGRESS_EVERY_S = 5.0
 SHARD_TABLE_ROWS = 50
 
 
-class ShardFailures(Exception):
-    """Raised (as a ``dg.Failure``) after a range in which some shards failed."""
-
-
 class ShardLoop(Generic[T]):
     """Runs ``compute(shard) -> (value, counts)`` for every shard of the step's range,
     logs progress (shards done, images/s, ETA) and sums the per-shard counts."""
@@ -63,8 +59,9 @@ class ShardLoop(Generic[T]):
             else:
                 values[shard] = value
                 self.per_shard[shard] = counts
-                if hasattr(value, "columns"):
-                    self.row_counts[shard] = len(value)
+                table = value[0] if isinstance(value, tuple) and value else value  # a stage's tables: the first
+                if hasattr(table, "columns"):
+                    self.row_counts[shard] = len(table)
                 for key, number in counts.items():
                     if isinstance(number, (int, float)) and not isinstance(number, bool):
                         self.totals[key] = self.totals.get(key, 0) + number

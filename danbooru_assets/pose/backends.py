@@ -100,6 +100,41 @@ def _empty(n: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- keypoint R-CNN
 
 
+def rcnn_fingerprint(
+    checkpoint: str = "",
+    allow_random_weights: bool = False,
+    seed: int = 0,
+    min_size: int = 800,
+    max_size: int = 1333,
+    box_score_thresh: float = 0.05,
+    detections_per_img: int = 1,
+    **model_kwargs: object,
+) -> dict:
+    """keypoint_rcnn's fingerprint, from its settings and the weights' identity: no model built."""
+    import torchvision
+    from torchvision.models.detection import KeypointRCNN_ResNet50_FPN_Weights
+
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise BackendUnavailableError(f"keypoint_rcnn checkpoint {path} not found (a torchvision state dict)")
+        weights_id = f"file:{path.name}:sha256:{_file_digest(path)}"
+    elif allow_random_weights:
+        weights_id = f"random-init:seed{seed}"
+    else:
+        weights_id = f"torchvision:{KeypointRCNN_ResNet50_FPN_Weights.DEFAULT}"
+    return {
+        "backend": KeypointRCNNEstimator.name,
+        "weights": weights_id,
+        "min_size": min_size,
+        "max_size": max_size,
+        "box_score_thresh": box_score_thresh,
+        "detections_per_img": detections_per_img,
+        **{k: v for k, v in sorted(model_kwargs.items())},
+        "torchvision": torchvision.__version__.split("+")[0],
+    }
+
+
 class KeypointRCNNEstimator:
     """torchvision ``keypointrcnn_resnet50_fpn``; takes the top-scoring person per image.
 
@@ -124,7 +159,6 @@ class KeypointRCNNEstimator:
         **model_kwargs: object,
     ) -> None:
         import torch
-        import torchvision
         from torchvision.models.detection import (
             KeypointRCNN_ResNet50_FPN_Weights,
             keypointrcnn_resnet50_fpn,
@@ -138,35 +172,23 @@ class KeypointRCNNEstimator:
             min_size=min_size, max_size=max_size, box_score_thresh=box_score_thresh,
             box_detections_per_img=detections_per_img, **model_kwargs,
         )
+        self._fingerprint = rcnn_fingerprint(
+            checkpoint, allow_random_weights, seed, min_size, max_size, box_score_thresh, detections_per_img,
+            **model_kwargs,
+        )
         if checkpoint:
-            path = Path(checkpoint).expanduser()
-            if not path.is_file():
-                raise BackendUnavailableError(f"keypoint_rcnn checkpoint {path} not found (a torchvision state dict)")
             model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-            weights_id = f"file:{path.name}:sha256:{_file_digest(path)}"
         elif allow_random_weights:
             # random init is only for tests; a fixed seed keeps it reproducible
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = keypointrcnn_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
-            weights_id = f"random-init:seed{seed}"
         else:
             weights = KeypointRCNN_ResNet50_FPN_Weights.DEFAULT
             model = keypointrcnn_resnet50_fpn(weights=weights, **kwargs)  # torchvision hub download/cache
-            weights_id = f"torchvision:{weights}"
         self.model = model.eval().to(self.device)
-        self._fingerprint = {
-            "backend": self.name,
-            "weights": weights_id,
-            "min_size": min_size,
-            "max_size": max_size,
-            "box_score_thresh": box_score_thresh,
-            "detections_per_img": detections_per_img,
-            **{k: v for k, v in sorted(model_kwargs.items())},
-            "torchvision": torchvision.__version__.split("+")[0],
-        }
 
     def fingerprint(self) -> dict:
         return dict(self._fingerprint)
@@ -438,6 +460,45 @@ def make_estimator(
         backend, checkpoint, device, bool(allow_random_weights), bizarre_pose_repo, int(batch_size),
         tuple(sorted(options.items())),
     )
+
+
+def estimator_fingerprint(
+    backend: str,
+    checkpoint: str = "",
+    allow_random_weights: bool = False,
+    bizarre_pose_repo: str = "",
+    **options: object,
+) -> dict:
+    """The fingerprint :func:`make_estimator` 's estimator would have (same arguments),
+    without building it: a run whose rows are all reused loads no weights (as CLIP's
+    fingerprint). keypoint_rcnn and mediapipe compute it from their settings; bizarre_pose
+    digests its checkpoint files (reads them, builds nothing)."""
+    if backend == "keypoint_rcnn":
+        return rcnn_fingerprint(checkpoint, allow_random_weights, **options)
+    if backend == "mediapipe":
+        try:
+            import mediapipe as mp
+        except ImportError:  # the constructor names the extra to install
+            return make_estimator(backend, **options).fingerprint()
+        return {"backend": "mediapipe", "mediapipe": getattr(mp, "__version__", "unknown"),
+                "model_complexity": options.get("model_complexity", 1)}
+    if backend == "bizarre_pose":
+        if not bizarre_pose_repo:
+            raise _bizarre_missing("no checkout configured")
+        root = Path(bizarre_pose_repo).expanduser().resolve()
+        ckpt = Path(checkpoint).expanduser() if checkpoint else root / BIZARRE_POSE_CHECKPOINT
+        seg_ckpt = root / BIZARRE_SEGMENTER_CHECKPOINT
+        for path in (ckpt, seg_ckpt):
+            if not path.is_file():
+                raise _bizarre_missing(f"checkpoint {path} not found")
+        return {
+            "backend": "bizarre_pose",
+            "checkpoint": f"{ckpt.name}:sha256:{_file_digest(ckpt)}",
+            "segmenter": f"sha256:{_file_digest(seg_ckpt)}",
+            "smoothing": options.get("smoothing", 0.1),
+        }
+    return make_estimator(backend, checkpoint=checkpoint, allow_random_weights=allow_random_weights,
+                          bizarre_pose_repo=bizarre_pose_repo, **options).fingerprint()
 
 
 def run_estimator(

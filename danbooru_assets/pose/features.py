@@ -240,3 +240,10 @@ def robust_statistics(features: pd.DataFrame) -> dict:
     }
     json.dumps(stats)  # fail here, not in the IO manager, if something is not serialisable
     return stats
+
+
+def ok_features(keypoints: pd.DataFrame) -> pd.DataFrame:
+    """The pose features of the rows of ``keypoints`` with a pose (status ``ok``), in
+    original-image pixels (their ``width`` and ``height``)."""
+    ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
+    return pose_features(ok, ok["width"].to_numpy(), ok["height"].to_numpy())

@@ -13,7 +13,7 @@ import pandas as pd
 
 from danbooru_assets.pose.coco import KEYPOINT_INDEX
 from danbooru_assets.pose.density import inside_density
-from danbooru_assets.pose.features import LIMB_FEATURES
+from danbooru_assets.pose.features import LIMB_FEATURES, ok_features
 from danbooru_assets.settings import PoseRules
 
 REASONS: tuple[str, ...] = (
@@ -152,3 +152,41 @@ def density_rule_status(rules: PoseRules, stats: dict) -> str:
         "(no pose with that midpoint)"
         for name in missing
     )
+
+
+# The reasons pose_subset adds to the geometric ones: no pose to judge, and a copy of an
+# image another row keeps (near_duplicates says which, how, and how similar).
+NO_POSE = "no_pose"
+DUPLICATE = "duplicate"
+SUBSET_REASONS: tuple[str, ...] = (*REASONS, NO_POSE, DUPLICATE)
+
+
+def pose_subset_shard(
+    keypoints: pd.DataFrame, subset_rows: pd.DataFrame, rules: PoseRules, stats: dict, duplicates: np.ndarray
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """One shard of pose_subset: every kept clip_subset image with its keypoints judged by
+    the geometric rules, ``no_pose`` without a pose, ``duplicate`` when near_duplicates
+    drops it (every reason kept). Returns the table, the decisions of the posed rows (for
+    example sheets) and the counts (``rows``, ``kept``, ``dropped_<reason>``)."""
+    decisions = apply_pose_rules(ok_features(keypoints), rules, stats)
+    copies = np.isin(decisions["image_id"].to_numpy(), duplicates)
+    if copies.any():  # appended to the rule reasons, so every reason is kept
+        decisions.loc[copies, "drop_reasons"] = [
+            f"{r}|{DUPLICATE}" if r else DUPLICATE for r in decisions.loc[copies, "drop_reasons"]
+        ]
+        decisions.loc[copies, "keep"] = False
+    not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
+    # A copy without a pose is still named a copy (every reason is kept; a keypoint file may come later).
+    not_ok.loc[not_ok["image_id"].isin(duplicates), "drop_reasons"] = f"{NO_POSE}|{DUPLICATE}"
+    subset = (
+        pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
+        .merge(subset_rows, on="image_id", how="left")
+        .sort_values("image_id")
+        .reset_index(drop=True)
+    )
+    reasons = reason_counts(decisions)
+    reasons[NO_POSE] = len(not_ok)
+    reasons[DUPLICATE] = reasons.get(DUPLICATE, 0) + int(not_ok["image_id"].isin(duplicates).sum())
+    counts = {"rows": len(subset), "kept": int(subset["keep"].sum())}
+    counts.update({f"dropped_{name}": int(reasons.get(name, 0)) for name in SUBSET_REASONS})
+    return subset, decisions, counts

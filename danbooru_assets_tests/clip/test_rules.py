@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from pydantic import ValidationError
 
 from danbooru_assets.clip.image_stats import image_stats_frame
-from danbooru_assets.clip.rules import SUBSET_REASONS, apply_clip_rules, rules_with_overrides, values_at
+from danbooru_assets.clip.rules import SUBSET_REASONS, apply_clip_rules, values_at
+from danbooru_assets.settings import CurationSettings, ReadSettings, SettingsError
 from danbooru_assets.settings import ImageRules
 
 
@@ -69,12 +69,13 @@ def test_sizes_are_the_displayed_ones_where_the_decode_succeeded() -> None:
 
 
 def test_overrides_are_validated_like_the_settings_file() -> None:
+    read = ReadSettings(CurationSettings(), "settings file")
     rules = ImageRules(min_side=256)
-    assert rules_with_overrides(rules, {"min_side": 512}).min_side == 512
-    assert rules_with_overrides(rules, {}).model_dump() == rules.model_dump()
+    assert read.resolve(rules, {"min_side": 512}) == (ImageRules(min_side=512), "run config")
+    assert read.resolve(rules, {}) == (rules, "settings file")
     for bad in ({"min_side": -5}, {"min_content_area_frac": 1.5}, {"max_dark_border_frac": -0.1}):
-        with pytest.raises(ValidationError):
-            rules_with_overrides(rules, bad)
+        with pytest.raises(SettingsError, match="run config"):
+            read.resolve(rules, bad)
 
 
 def test_values_at_fills_absent_ids_and_nulls() -> None:

@@ -21,7 +21,6 @@ def test_reuses_only_what_every_table_holds_for_the_same_file():
     # 1: both hold the same file; 2: only one table; 3: another file (size 31 != 30); 4: new
     assert plan.todo["image_id"].tolist() == [2, 3, 4]
     assert [t["image_id"].tolist() for t in plan.reused] == [[1], [1]]
-    assert plan.n_reused == 1
     assert list(plan.reused[0].columns) == list(embeddings.columns)  # rows as stored
 
 
@@ -37,7 +36,7 @@ def test_a_replaced_file_is_computed_again():
 def test_nothing_stored_or_stored_without_identity_reuses_nothing():
     index = _index()
     plan = plan_reuse(index, [None])
-    assert plan.todo.equals(index) and plan.reused == [None] and plan.n_reused == 0
+    assert plan.todo.equals(index) and plan.reused == [None]
     old_format = pd.DataFrame({"image_id": [1, 2], "nose_x": [1.0, 2.0]})  # no file identity columns
     plan = plan_reuse(index, [old_format])
     assert len(plan.todo) == 4 and plan.reused[0].empty

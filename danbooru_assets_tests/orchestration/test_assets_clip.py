@@ -337,11 +337,23 @@ def test_one_shard_after_a_threshold_change_uses_the_new_threshold_without_clip_
 def test_a_run_config_threshold_stands_until_the_settings_file_changes(ingested):
     shard = ingested.shards[1]
     try:
-        ingested.materialize(["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": {"fixed_threshold": -1.0}}}})
+        result = ingested.materialize(["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": {"fixed_threshold": 0.0}}}})
+        assert ingested.metadata(result, "clip_threshold")["settings_source"] == "run config"
         meta = ingested.metadata(ingested.materialize(["clip_subset"], shard), "clip_subset")
-        assert meta["threshold"] == -1.0 and meta["threshold_source"] == "stored clip_threshold"
+        assert meta["threshold"] == 0.0 and meta["threshold_source"] == "stored clip_threshold"
     finally:
         ingested.materialize(["clip_threshold"])
+
+
+@pytest.mark.parametrize("bad", [{"fixed_threshold": -1.0}, {"fixed_threshold": 1.5}, {"keep_fraction": 0.0},
+                                 {"keep_fraction": 2.0}])
+def test_run_config_threshold_has_the_settings_files_bounds(ingested, bad):
+    """Issue 19: ClipThresholdConfig refused nothing; now the bounds of ClipSettings."""
+    before = ingested.table("clip_threshold")
+    with pytest.raises(Exception, match=f"ClipThresholdConfig\\n{next(iter(bad))}"):
+        ingested.materialize(["clip_threshold"], run_config={"ops": {"clip_threshold": {"config": bad}}})
+    assert ingested.table("clip_threshold").equals(before)
+
 
 
 def test_one_shard_of_clip_scores_after_a_prompt_change_uses_the_new_prompts(ingested):

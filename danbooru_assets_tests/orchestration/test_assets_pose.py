@@ -42,9 +42,10 @@ def test_malformed_keypoint_files_are_reported_not_fatal(posed):
 
 
 def test_pose_keypoints_are_reused_incrementally(posed):
-    shard = posed.shards[0]
+    shard = max(posed.shards, key=lambda s: len(posed.table("pose_keypoints", s)))
     result = posed.materialize(["pose_keypoints"], shard)
     meta = posed.metadata(result, "pose_keypoints")
+    assert meta["images"] > 0  # a shard with images: reusing nothing of nothing proves nothing
     assert meta["estimated"] == 0 and meta["reused"] == meta["images"]
 
 
@@ -233,3 +234,26 @@ def test_a_zero_byte_pose_table_is_set_aside_and_recomputed(posed):
     moved = [p for p in path.parent.iterdir() if p.name.startswith(f"{path.name}.damaged-")]
     assert len(moved) == 1 and moved[0].stat().st_size == 0  # kept, never deleted
     moved[0].unlink()
+
+
+def test_pose_keypoints_keeps_the_shards_that_succeeded_when_one_fails(posed):
+    """Issue 19: keep_on_failure for pose_keypoints, through the asset (StageRun.keep)."""
+    # Two neighbouring shards with keypoints: one run covers both (a range).
+    shards = sorted(posed.shards)
+    pairs = [(a, b) for a, b in zip(shards, shards[1:]) if int(b) == int(a) + 1]
+    good, bad = max(pairs, key=lambda p: min(len(posed.table("pose_keypoints", s)) for s in p))
+    assert len(posed.table("pose_keypoints", good)) > 0
+    subset_path = posed.storage.asset_path("clip_subset", bad)
+    kept_path = posed.storage.asset_path("pose_keypoints", good)
+    saved, before = subset_path.read_bytes(), posed.table("pose_keypoints", good)
+    try:
+        subset_path.write_bytes(b"")  # one shard's input is damaged: that shard fails
+        kept_path.unlink()
+        with pytest.raises(Exception, match="1 of 2 shards failed"):
+            posed.materialize(["pose_keypoints"], shards=sorted([good, bad]))
+        assert kept_path.exists()  # the other shard's table was stored anyway
+        assert posed.table("pose_keypoints", good).equals(before)
+    finally:
+        subset_path.write_bytes(saved)
+        if not kept_path.exists():
+            posed.materialize(["pose_keypoints"], good)

@@ -116,14 +116,19 @@ def test_settings_sensor_tick_names_the_broken_file_and_line(tmp_path):
 
     path = tmp_path / "settings.yaml"
     path.write_text("clip:\n  keep_fraction: [1\n")
-    resources = {"settings": SettingsResource(path=str(path))}
-    with dg.instance_for_test() as instance:  # the tick also reports the settings_current checks
-        context = dg.build_sensor_context(instance=instance, resources=resources)
-        with pytest.raises(dg.DagsterError) as exc:  # Dagster reports its own errors as the tick's message
-            settings_sensor.evaluate_tick(context)
-        assert str(exc.value).startswith(f"settings file {path}: not valid YAML at line 2 ('keep_fraction: [1')")
-        path.write_text("clip:\n  keep_fraction: 0.3\n")
-        assert settings_sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=resources)).asset_events
+    context = dg.build_sensor_context(resources={"settings": SettingsResource(path=str(path))})
+    with pytest.raises(dg.DagsterError) as exc:  # Dagster reports its own errors as the tick's message
+        settings_sensor.evaluate_tick(context)
+    assert str(exc.value).startswith(f"settings file {path}: not valid YAML at line 2 ('keep_fraction: [1')")
+    path.write_text("clip:\n  keep_fraction: 0.3\n")
+    # A tick that observes reads the instance (the sections' last data versions): give it one.
+    with dg.DagsterInstance.ephemeral() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"settings": SettingsResource(path=str(path))})
+        observed = {e.asset_key.to_user_string() for e in settings_sensor.evaluate_tick(context).asset_events}
+        # Every section is observed on the first tick (its data version: the section's hash).
+        assert {k for k in observed if k.startswith("settings_")} == {
+            f"settings_{s}" for s in ("prompts", "clip_threshold", "image_rules", "prefilter", "pose_rules", "dedup",
+                                      "quality")}
 
 
 @pytest.mark.slow

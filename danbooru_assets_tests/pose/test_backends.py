@@ -243,3 +243,14 @@ def test_mediapipe_on_packaged_photos():
         assert 0 <= kp[0, 0] <= im.width and 0 <= nose_y <= im.height, name
         # the person's left shoulder is on the image right for a camera-facing portrait
         assert kp[5, 0] > kp[6, 0], name
+
+
+def test_fingerprint_without_building_the_model_matches_the_model(monkeypatch):
+    """Issue 19: an all-reused pose_keypoints run loads no weights, as CLIP's."""
+    from danbooru_assets.orchestration.resources import PoseEstimatorResource
+    from danbooru_assets.pose import backends
+
+    resource = PoseEstimatorResource(backend="keypoint_rcnn", allow_random_weights=True, input_size=320)
+    built = backends.fingerprint_string(resource.estimator().fingerprint())
+    monkeypatch.setattr(backends, "_cached_estimator", lambda *a, **k: pytest.fail("model built for a fingerprint"))
+    assert resource.fingerprint() == built

@@ -147,3 +147,23 @@ def test_density_rule_status_says_what_became_of_the_rule(stats):
     status = density_rule_status(PoseRules(), no_hips)
     assert status.startswith("skipped") and "hip_midpoint_outlier" in status
     assert "shoulder_midpoint_outlier" not in status
+
+
+def test_pose_subset_shard_adds_no_pose_and_duplicate_to_every_other_reason(stats):
+    """Issue 19: the duplicate/no_pose rules live with REASONS, testable without Dagster."""
+    import pandas as pd
+
+    from danbooru_assets.pose.rules import DUPLICATE, NO_POSE, SUBSET_REASONS, pose_subset_shard
+
+    good = place(CANONICAL_POSE)
+    keypoints = frame_of(np.stack([good, good, good, good])).assign(width=W, height=H)
+    keypoints["status"] = ["ok", "ok", "no_person", "no_person"]  # ids 0..3
+    subset_rows = pd.DataFrame({"image_id": [0, 1, 2, 3], "rel_path": ["a", "b", "c", "d"]})
+    table, decisions, counts = pose_subset_shard(keypoints, subset_rows, PoseRules(), stats, np.array([1, 3]))
+    reasons = table.set_index("image_id")["drop_reasons"]
+    assert table["keep"].tolist() == [True, False, False, False]
+    assert reasons[1] == DUPLICATE and reasons[2] == NO_POSE and reasons[3] == f"{NO_POSE}|{DUPLICATE}"
+    assert table["rel_path"].tolist() == ["a", "b", "c", "d"] and len(decisions) == 2
+    assert counts["rows"] == 4 and counts["kept"] == 1
+    assert counts[f"dropped_{NO_POSE}"] == 2 and counts[f"dropped_{DUPLICATE}"] == 2
+    assert set(counts) == {"rows", "kept", *(f"dropped_{r}" for r in SUBSET_REASONS)}

@@ -115,7 +115,8 @@ def test_synthetic_pool_shape_and_imbalance() -> None:
 def test_every_kind_settings_accept_builds_a_classifier(kind) -> None:
     X, y = _toy(n=90)
     model, _ = train_quality_model(X, y, kind=kind, max_folds=2)
-    assert set(predict_proba_frame(model, X)["predicted_class"]) <= set(CLASSES)
+    predicted = predict_proba_frame(model, X)["predicted_class"]
+    assert len(predicted) == len(X) and set(predicted) <= set(CLASSES)
 
 
 def test_an_unknown_kind_names_the_kinds() -> None:

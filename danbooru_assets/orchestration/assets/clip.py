@@ -8,7 +8,6 @@ after is numpy over stored tables.
 """
 
 import json
-import time
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -18,12 +17,13 @@ from danbooru_assets.orchestration.assets.settings import settings_keys
 from danbooru_assets.clip.model import DEMO_WARNING
 from danbooru_assets.clip.rules import STATS_INPUT_COLUMNS, SUBSET_REASONS
 from danbooru_assets.orchestration.resources import DanbooruDatasetResource
-from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
+from danbooru_assets.core.incremental import FILE_IDENTITY
+from danbooru_assets.core.stage import StageRun
 from danbooru_assets.orchestration.executors import GPU_QUEUE_TAGS
 from danbooru_assets.orchestration.io_manager import COLUMNS
 from danbooru_assets.orchestration.resources import StorageResource
-from danbooru_assets.core.tables import ShardTables, read_or_set_aside, read_parquet, write_parquet
-from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
+from danbooru_assets.core.tables import ShardTables
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, INFERENCE_RETRY, shard_partitions
 from danbooru_assets.settings import prompt_lists, settings_hash, threshold_settings
 from danbooru_assets.orchestration.resources import ClipModelResource, SettingsResource
 from danbooru_assets.orchestration.settings_guard import outdated_parts, with_settings_record
@@ -33,11 +33,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
 GROUP = "clip"
-# Rows of the previous materialization are reused when these match: the same image file.
-REUSE_KEY = list(FILE_IDENTITY)
-# A transient fault (a CUDA hiccup, a network filesystem) gets one more try; stored rows
-# make the retry cost only what was not finished.
-INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)
 
 
 @dg.multi_asset(
@@ -54,7 +49,7 @@ INFERENCE_RETRY = dg.RetryPolicy(max_retries=1, delay=10)
         ),
     },
     ins={
-        "shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path", "status"]}),
+        "shard_index": dg.AssetIn(metadata={COLUMNS: [*FILE_IDENTITY, "rel_path", "status"]}),
         # In skip mode the images the metadata rules exclude are never decoded.
         "metadata_prefilter": dg.AssetIn(metadata={COLUMNS: ["image_id", "decode"]}),
     },
@@ -74,151 +69,20 @@ def clip_embeddings_and_image_stats(
     dataset: DanbooruDatasetResource,
     storage: StorageResource,
 ):
-    import pandas as pd
-
-    from danbooru_assets.clip.image_pass import embed_images_with_stats, hash_images, missing_hashes
-    from danbooru_assets.clip.image_stats import image_stats_frame
-    from danbooru_assets.core.embeddings import embedding_column
-    from danbooru_assets.core.images import TRUNCATED
-    from danbooru_assets.core.progress import ThroughputLogger
-    from danbooru_assets.dataset.prefilter import decode_candidates
+    from danbooru_assets.clip.stage import COUNT_KEYS, ClipImageStage
 
     model = clip_model.model()
-    fingerprint_id = model.fingerprint_id()
-
-    # 1. Per shard: what is new. Incremental: an image is reused when both stored tables
-    # hold it for the same file (size, mtime) and the embedding is from the same model;
-    # after a kill between the two tables' writes they differ, and only what both hold
-    # counts, so the re-run encodes the rest and the two agree again.
-    plans: dict[str, dict] = {}
-    backfilled: dict[str, int] = {}
-    plan_errors: dict[str, Exception] = {}
-    set_aside: list = []
-    for shard in sorted(context.partition_keys):
-        try:
-            index = shard_index[shard]
-            decode, prefiltered = decode_candidates(index, metadata_prefilter[shard], shard)
-            candidates = index.loc[decode, REUSE_KEY + ["rel_path"]]
-            emb_path = storage.asset_path("clip_embeddings", shard)
-            stats_path = storage.asset_path("image_stats", shard)
-            # A damaged stored table is set aside and its shard computed afresh (named in
-            # the log and on the materialization), never a failure on every run.
-            prev_emb, damaged_emb = read_or_set_aside(emb_path)
-            prev_stats, damaged_stats = read_or_set_aside(stats_path)
-            for damaged in (damaged_emb, damaged_stats):
-                if damaged is not None:
-                    context.log.warning(str(damaged))
-                    set_aside.append(damaged)
-            if prev_emb is not None:
-                prev_emb = prev_emb.loc[prev_emb["model_fingerprint_id"] == fingerprint_id]
-            reuse = plan_reuse(candidates, [prev_emb, prev_stats], REUSE_KEY)
-            reused_stats = reuse.reused[1]
-            if reused_stats is not None and len(reused_stats):
-                # Rows stored before the duplicate fingerprints existed get them now, from
-                # one decode without the model (never silently missing).
-                reused_stats = reused_stats.assign(**{c: reused_stats.get(c) for c in ("file_hash", "phash")})
-                reused_stats = reused_stats.astype({"file_hash": "string", "phash": "Int64"})
-                old = missing_hashes(reused_stats).to_numpy()
-                if old.any():
-                    rel = reused_stats.loc[old, ["image_id"]].merge(candidates[["image_id", "rel_path"]].drop_duplicates(
-                        "image_id"), on="image_id", how="left")
-                    found = hash_images([dataset.image_path(p) for p in rel["rel_path"]],
-                                        model.load().image_size, dataset.max_pixels)
-                    for column in ("file_hash", "phash"):
-                        values = [h[column] if h else None for h in found]
-                        reused_stats.loc[old, column] = pd.array(values, dtype=reused_stats[column].dtype)
-                    reused_stats = reused_stats.copy()
-                    backfilled[shard] = int(old.sum())
-            plans[shard] = {
-                "todo": reuse.todo.assign(shard=shard),
-                "reused_emb": reuse.reused[0],
-                "reused_stats": reused_stats,
-                "prefiltered": prefiltered,
-            }
-        except Exception as exc:  # reported by the shard loop below, with the others
-            plan_errors[shard] = exc
-
-    # 2. One pass of the model over every new image of the range: one data loader (its
-    # worker processes start once, not once per shard), full batches across shards.
-    todo_all = pd.concat([p["todo"] for p in plans.values()], ignore_index=True) if plans else None
-    encoded: dict[str, tuple] = {}
-    started = time.perf_counter()
-    if todo_all is not None and len(todo_all):
-        context.log.info(f"{len(todo_all):,} images to encode in {len(plans)} shards")
-        progress = ThroughputLogger(context.log.info, label="images")
-        # An id can sit in two bucket folders (a misplaced file); the model takes unique ids per call.
-        for part in (todo_all.loc[~todo_all["image_id"].duplicated()], todo_all.loc[todo_all["image_id"].duplicated()]):
-            if len(part):
-                paths = [dataset.image_path(p) for p in part["rel_path"]]
-                embeddings, stats = embed_images_with_stats(
-                    model, paths, part["image_id"].tolist(), progress=progress, max_pixels=dataset.max_pixels
-                )
-                stats.insert(1, "shard", part["shard"].to_numpy())
-                vectors = embedding_column(embeddings)
-                for shard, rows in stats.groupby("shard").indices.items():
-                    encoded.setdefault(shard, []).append(
-                        (stats.iloc[rows].drop(columns="shard").reset_index(drop=True), [vectors[i] for i in rows])
-                    )
-    seconds_encoding = time.perf_counter() - started
-
-    # 3. Per shard: new rows + reused rows, sorted by id.
-    def assemble_shard(shard: str):
-        if shard in plan_errors:
-            raise plan_errors[shard]
-        plan = plans[shard]
-        todo, reused_emb, reused_stats = plan["todo"], plan["reused_emb"], plan["reused_stats"]
-        parts = encoded.get(shard, [])
-        stats = pd.concat([s for s, _ in parts], ignore_index=True) if parts else image_stats_frame([], [], [])
-        vectors = [v for _, vs in parts for v in vs]
-        stats = stats.merge(todo[REUSE_KEY], on="image_id", how="left")
-        new_emb = stats[REUSE_KEY + ["status"]].copy()
-        new_emb["embedding"] = [v if status == "ok" else None for v, status in zip(vectors, stats["status"])]
-        new_emb["model_fingerprint_id"] = fingerprint_id
-        emb_columns = REUSE_KEY + ["status", "embedding", "model_fingerprint_id"]
-        frames_emb = [new_emb[emb_columns]] + ([reused_emb[emb_columns]] if reused_emb is not None and len(reused_emb) else [])
-        frames_stats = [stats] + ([reused_stats[stats.columns]] if reused_stats is not None and len(reused_stats) else [])
-        embeddings_table = pd.concat(frames_emb, ignore_index=True).sort_values("image_id").reset_index(drop=True)
-        stats_table = pd.concat(frames_stats, ignore_index=True).sort_values("image_id").reset_index(drop=True)
-        failed = new_emb.loc[new_emb["status"] != "ok"]
-        for row in failed.merge(todo[["image_id", "rel_path"]], on="image_id").head(50).itertuples():
-            context.log.warning(f"{row.rel_path}: {row.status}")
-        ok_stats = stats_table.loc[stats_table["status"] == "ok"]
-        counts = {
-            "images": len(embeddings_table),
-            "encoded": len(todo),
-            "reused": 0 if reused_emb is None else len(reused_emb),
-            "unreadable": int((embeddings_table["status"] != "ok").sum()),
-            # Of those, the files whose data ends before their pixels do (core.images).
-            "truncated": int(embeddings_table["status"].str.startswith(f"unreadable: {TRUNCATED}").sum()),
-            "readable": len(ok_stats),
-            "greyscale": int(ok_stats["is_greyscale"].sum()),
-            # Readable images whose fingerprints were added to their stored row this run,
-            # and those still without one (their file no longer decodes).
-            "hashes_backfilled": backfilled.get(shard, 0),
-            "without_file_hash": int(ok_stats["file_hash"].isna().sum()),
-            "without_phash_flat": int((ok_stats["file_hash"].notna() & ok_stats["phash"].isna()).sum()),
-            # Usable images the metadata prefilter (skip mode) kept from the decoder.
-            "never_decoded_prefiltered": plan["prefiltered"],
-        }
-        return (embeddings_table, stats_table), counts
-
-    def keep(shard: str, tables) -> None:  # a failed range keeps what it encoded
-        write_parquet(storage.asset_path("clip_embeddings", shard), tables[0])
-        write_parquet(storage.asset_path("image_stats", shard), tables[1])
-
+    stage = ClipImageStage(model, shard_index, metadata_prefilter, dataset.image_path, dataset.max_pixels,
+                           warn=context.log.warning)
+    run = StageRun(stage, context.partition_keys, storage.layout(), log=context.log.info).plan().compute()
     loop = ShardLoop(context, "clip_embeddings")
-    results = loop.run(assemble_shard, keep_on_failure=keep)
-    keys = ["images", "encoded", "reused", "unreadable", "truncated", "never_decoded_prefiltered",
-            "hashes_backfilled", "without_file_hash", "without_phash_flat"]
-    speed = {
-        "encode_images_per_s": round(loop.totals.get("encoded", 0) / seconds_encoding, 1) if seconds_encoding else 0.0,
-        **set_aside_metadata(set_aside),
-    }
+    results = loop.run(run.assemble, keep_on_failure=run.keep)
+    speed = {"encode_images_per_s": run.rate(), **set_aside_metadata(run.set_aside)}
     yield dg.Output(
         {shard: tables[0] for shard, tables in results.items()},
         output_name="clip_embeddings",
         metadata={
-            **loop.metadata(keys, asset_key="clip_embeddings", row_count_key="images"),
+            **loop.metadata(COUNT_KEYS, asset_key="clip_embeddings", row_count_key="images"),
             **speed,
             **model.metadata(),
             "embedding_dim": int(model.fingerprint()["embed_dim"]),
@@ -229,7 +93,8 @@ def clip_embeddings_and_image_stats(
         output_name="image_stats",
         metadata={
             **loop.metadata(
-                keys, {"greyscale_fraction": ("greyscale", "readable")}, asset_key="image_stats", row_count_key="images"
+                COUNT_KEYS, {"greyscale_fraction": ("greyscale", "readable")}, asset_key="image_stats",
+                row_count_key="images",
             ),
             **speed,
         },
@@ -259,8 +124,7 @@ def prompt_embeddings(
 ):
     from danbooru_assets.clip.scoring import prompt_embeddings_table
 
-    current = settings.load()
-    positive, negative = prompt_lists(current.clip)
+    read = settings.read()
     # Absent (None) means the settings file's prompts; an empty list is a mistake, never
     # "the defaults": with no positive (or no negative) prompt every score is the same.
     empty = [name for name in ("positive_prompts", "negative_prompts") if getattr(config, name) == []]
@@ -269,11 +133,10 @@ def prompt_embeddings(
             f"prompt_embeddings: run config {' and '.join(empty)} is an empty list; give at least one "
             "prompt, or leave the field out to use the settings file's prompts"
         )
-    overridden = config.positive_prompts is not None or config.negative_prompts is not None
-    positive = config.positive_prompts if config.positive_prompts is not None else positive
-    negative = config.negative_prompts if config.negative_prompts is not None else negative
+    clip, source = settings.resolve(read, read.settings.clip, config.model_dump(exclude_none=True))
+    positive, negative = prompt_lists(clip)
     model = clip_model.model()
-    table = with_settings_record(prompt_embeddings_table(model, positive, negative), current, "prompts")
+    table = with_settings_record(prompt_embeddings_table(model, positive, negative), read.settings, "prompts")
     return dg.Output(
         table,
         metadata={
@@ -282,7 +145,7 @@ def prompt_embeddings(
                 + "\n".join(f"| `{r.column}` | {r.kind} | {r.prompt} |" for r in table.itertuples())
             ),
             "prompt_set": settings_hash({"positive": positive, "negative": negative}),
-            "settings_source": "run config" if overridden else settings.source(),
+            "settings_source": source,
             **model.metadata(),
         },
     )
@@ -311,7 +174,8 @@ def clip_scores(
     prompts = prompt_embeddings
     # Never the prompts of before a settings change (a one-shard Materialize from the asset
     # page): a few prompts are encoded again here, as prompt_embeddings would encode them.
-    current = settings.load()
+    read = settings.read()
+    current = read.settings
     prompts_note = "stored prompt_embeddings"
     if outdated_parts(prompts, current, "prompts"):
         prompts = prompt_embeddings_table(clip_model.model(), *prompt_lists(current.clip))
@@ -336,6 +200,7 @@ def clip_scores(
             }),
             "model_fingerprint_id": str(prompts["model_fingerprint_id"].iloc[0]),
             "prompts_used": prompts_note,
+            "settings_source": read.source,
             **({"warning": DEMO_WARNING} if bool(prompts["demo_model"].iloc[0]) else {}),
         },
     )
@@ -344,8 +209,10 @@ def clip_scores(
 class ClipThresholdConfig(dg.Config):
     """Override the settings file's threshold for one run."""
 
-    keep_fraction: float | None = Field(None, description="Target fraction of scored images to keep.")
-    fixed_threshold: float | None = Field(None, description="A fixed portrait_score threshold.")
+    # The bounds of the settings file's clip section (ClipSettings): a bad value fails the
+    # step at once, naming the field, before anything is read or stored.
+    keep_fraction: float | None = Field(None, gt=0, le=1, description="Target fraction of scored images to keep.")
+    fixed_threshold: float | None = Field(None, ge=0, le=1, description="A fixed portrait_score threshold (0..1).")
 
 
 REVIEW_SHEET_SIZE = 25
@@ -387,22 +254,18 @@ def clip_threshold(
     dataset: DanbooruDatasetResource,
     clip_model: ClipModelResource,
 ) -> dg.Output:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
-    from danbooru_assets.core.visuals import figure_to_image
+    from danbooru_assets.clip.scoring import threshold_histogram
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    current = settings.load()
-    wanted = threshold_settings(current.clip)
-    overridden = config.keep_fraction is not None or config.fixed_threshold is not None
-    if config.keep_fraction is not None:
-        wanted = {"keep_fraction": config.keep_fraction, "fixed_threshold": None}
-    if config.fixed_threshold is not None:
-        wanted["fixed_threshold"] = config.fixed_threshold
+    read = settings.read()
+    current = read.settings
+    overrides = config.model_dump(exclude_none=True)
+    if "keep_fraction" in overrides:  # a fraction asked for is used, even where the file fixes a threshold
+        overrides.setdefault("fixed_threshold", None)
+    clip, source = settings.resolve(read, current.clip, overrides)
+    wanted = threshold_settings(clip)
     scores = clip_scores.concat()
     summary = _threshold_summary(scores, wanted, clip_scores, shard_index)
     values = scores["portrait_score"].to_numpy()
@@ -419,13 +282,6 @@ def clip_threshold(
     if unscored:
         context.log.warning(f"clip_threshold: {coverage_note}")
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.hist(values, bins=60, color="#4c72b0")
-    ax.axvline(threshold, color="#dd4444", lw=2, label=f"threshold {threshold:.4f}")
-    ax.set_xlabel("portrait_score")
-    ax.set_ylabel("images")
-    ax.set_title(f"{len(values):,} scored images, {kept:,} kept ({kept / len(values):.1%})")
-    ax.legend()
     above = scores.loc[values >= threshold].nsmallest(REVIEW_SHEET_SIZE, "portrait_score")
     below = scores.loc[values < threshold].nlargest(REVIEW_SHEET_SIZE, "portrait_score")
     # Only the shards of the ~50 review images are read for their paths.
@@ -437,8 +293,8 @@ def clip_threshold(
             **{k: v for k, v in summary.items() if k != "target_keep_fraction"},
             "coverage": dg.MetadataValue.md(("**Partial:** " if unscored else "") + coverage_note),
             "settings": dg.MetadataValue.json(wanted),
-            "settings_source": "run config" if overridden else settings.source(),
-            "histogram": image_markdown(figure_to_image(fig), "portrait_score histogram"),
+            "settings_source": source,
+            "histogram": image_markdown(threshold_histogram(values, threshold, kept), "portrait_score histogram"),
             "just_above_threshold": _review_sheet(dataset, paths, above, f"just above {threshold:.4f} (kept)"),
             "just_below_threshold": _review_sheet(dataset, paths, below, f"just below {threshold:.4f} (dropped)"),
             **({"warning": DEMO_WARNING} if clip_model.model().is_demo() else {}),
@@ -515,16 +371,11 @@ def clip_subset(
     settings: SettingsResource,
     storage: StorageResource,
 ) -> dg.Output:
-    from pydantic import ValidationError
+    from danbooru_assets.clip.rules import apply_clip_rules
 
-    from danbooru_assets.clip.rules import apply_clip_rules, rules_with_overrides
-
-    overrides = config.model_dump(exclude_none=True)
-    current = settings.load()
-    try:
-        rules = rules_with_overrides(current.clip.image_rules, overrides)
-    except ValidationError as exc:  # a wrong value fails this run, never used for it
-        raise dg.Failure(description=f"clip_subset: run config {exc}", allow_retries=False) from None
+    read = settings.read()
+    current = read.settings
+    rules, source = settings.resolve(read, current.clip.image_rules, config.model_dump(exclude_none=True))
     threshold, threshold_source = current_threshold(clip_threshold, current, storage)
     if threshold_source != STORED_THRESHOLD:
         context.log.warning(f"clip_subset: threshold {threshold:.6f} {threshold_source}")
@@ -550,6 +401,6 @@ def clip_subset(
             "threshold": threshold,
             "threshold_source": threshold_source,
             "rules": dg.MetadataValue.json(rules.model_dump()),
-            "settings_source": "run config" if overrides else settings.source(),
+            "settings_source": source,
         },
     )

@@ -171,7 +171,9 @@ def _stored_pairs(storage, images: "pd.DataFrame", vectors, log) -> tuple["pd.Da
         # No column list: tables stored before the hashes existed lack them (counted below).
         "image_stats": dg.AssetIn(),
     },
-    deps=settings_keys("dedup"),
+    # The labels too: the keep rule prefers an image labeled good, so a new label can change
+    # which copy is kept (and the UI marks near_duplicates stale).
+    deps=[dg.AssetKey("labels"), *settings_keys("dedup")],
     # One at a time across runs (the instance's default pool limit is 1): concurrent
     # new-data runs each re-run it, and the later one must see the earlier one's shards.
     pool="dedup",
@@ -200,10 +202,11 @@ def near_duplicates(
     from danbooru_assets.clip.model import DEMO_WARNING
     from danbooru_assets.dedup.groups import KEEP_RULE, SIGNALS, group_pairs
 
-    current = settings.load()
+    read = settings.read()
+    current = read.settings
     overrides = {k: v for k, v in (("threshold", config.threshold), ("phash_max_distance", config.phash_max_distance))
                  if v is not None}
-    rules = current.dedup.model_copy(update=overrides)
+    rules, source = settings.resolve(read, current.dedup, overrides)
     demo = clip_model.model().is_demo()
     use_clip = not demo or config.near_with_demo_model
     started = time.perf_counter()
@@ -245,7 +248,7 @@ def near_duplicates(
         "phash_max_distance": int(rules.phash_max_distance),
         "parent_child": bool(rules.parent_child),
         "settings": dg.MetadataValue.json(rules.model_dump(mode="json")),
-        "settings_source": "run config" if overrides else settings.source(),
+        "settings_source": source,
         "clip_links": "used" if use_clip else NEAR_ON_DEMO,
         "keep_rule": KEEP_RULE,
         "labeled_good": int(images["labeled_good"].sum()),

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 import dagster as dg
 
-from danbooru_assets.core.incremental import FILE_IDENTITY, plan_reuse
+from danbooru_assets.core.incremental import FILE_IDENTITY
+from danbooru_assets.core.stage import StageRun
 from danbooru_assets.core.shards import SHARD_KEYS, shard_numbers
-from danbooru_assets.core.tables import ShardTables, prune_shard_files, read_or_set_aside, read_parquet, write_bytes, write_parquet
-from danbooru_assets.orchestration.assets.clip import INFERENCE_RETRY
+from danbooru_assets.core.tables import ShardTables, TableLayout, prune_shard_files, read_parquet, write_bytes, write_parquet
 from danbooru_assets.orchestration.assets.settings import settings_keys
 from danbooru_assets.orchestration.executors import GPU_QUEUE_TAGS
 from danbooru_assets.orchestration.io_manager import COLUMNS
-from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, shard_partitions
+from danbooru_assets.orchestration.partitions import CHEAP_BACKFILL, INFERENCE_BACKFILL, INFERENCE_RETRY, shard_partitions
 from danbooru_assets.orchestration.resources import (
     DanbooruDatasetResource,
     PoseEstimatorResource,
@@ -39,12 +39,6 @@ PUBLISHED_SHARDS_DIR = "published_keypoints_shards"
 # compares it with the files now, so an import that is missing, interrupted or older than
 # the files is never taken for the current one.
 IMPORT_RECORD = "import.json"
-NO_POSE = "no_pose"
-# pose_keypoints' status of an image the published keypoint files have no file for.
-NO_KEYPOINT_FILE = "no_keypoint_file"
-# A copy of an image another row keeps (near_duplicates says which, how, and how similar).
-DUPLICATE = "duplicate"
-REUSE_KEY = list(FILE_IDENTITY)
 
 
 @dg.asset(
@@ -98,6 +92,12 @@ def published_keypoints(context: dg.AssetExecutionContext, pose_estimator: PoseE
     return pd.DataFrame(summary, columns=["shard", "rows"])
 
 
+def _published(layout: TableLayout, shard: str):
+    """published_keypoints' side table of ``shard`` (None: the files have no image of it)."""
+    path = layout.path(PUBLISHED_SHARDS_DIR, f"{shard}.parquet")
+    return read_parquet(path) if path.exists() else None
+
+
 def check_import_is_current(storage: StorageResource, fingerprint: str, source: str) -> None:
     """Fail unless published_keypoints imported exactly the keypoint files there are now
     (``fingerprint``): keypoints from an older import would be stored under the new
@@ -118,46 +118,6 @@ def check_import_is_current(storage: StorageResource, fingerprint: str, source: 
         )
 
 
-def _keypoints_from_files(
-    storage: StorageResource, shard: str, todo: "pd.DataFrame", fingerprint: str, frame: str, indexed_folder: str
-) -> "pd.DataFrame":
-    from danbooru_assets.pose.keypoint_files import keypoints_for_ids
-
-    path = storage.path(PUBLISHED_SHARDS_DIR, f"{shard}.parquet")
-    sizes = (todo["width"].to_numpy(dtype=float), todo["height"].to_numpy(dtype=float))
-    published = read_parquet(path) if path.exists() else None
-    return keypoints_for_ids(published, todo["image_id"].to_numpy(), fingerprint, frame, sizes, indexed_folder)
-
-
-def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, dataset: DanbooruDatasetResource, todo):
-    import pandas as pd
-
-    from danbooru_assets.core.images import ImageDecodeError, open_image_rgb
-    from danbooru_assets.core.progress import ThroughputLogger
-    from danbooru_assets.pose.backends import run_estimator
-    from danbooru_assets.pose.features import rescale_keypoints
-
-    frames = []
-    progress = ThroughputLogger(context.log.debug, label="images (pose)")
-    for start in range(0, len(todo), batch_size):
-        batch = todo.iloc[start : start + batch_size]
-        images, scales = [], []
-        for row in batch.itertuples():
-            try:
-                image, (w, h) = open_image_rgb(dataset.image_path(row.rel_path), input_size, dataset.max_pixels)
-                images.append(image)
-                scales.append((w / image.width, h / image.height))
-            except ImageDecodeError as exc:
-                context.log.warning(str(exc))
-                images.append(None)
-                scales.append((1.0, 1.0))
-        frame = run_estimator(estimator, batch["image_id"].tolist(), images)
-        # Back to original-image pixels (the decode may have been reduced).
-        frames.append(rescale_keypoints(frame, [s[0] for s in scales], [s[1] for s in scales]))
-        progress(start + len(batch), len(todo))
-    return pd.concat(frames, ignore_index=True)
-
-
 @dg.asset(
     partitions_def=shard_partitions,
     backfill_policy=INFERENCE_BACKFILL,
@@ -165,7 +125,7 @@ def _keypoints_from_model(context, estimator, batch_size: int, input_size: int, 
     ins={
         "clip_subset": dg.AssetIn(metadata={COLUMNS: ["image_id", "rel_path", "width", "height", "kept"]}),
         # The image files' identity (size, mtime): a replaced image is estimated again.
-        "shard_index": dg.AssetIn(metadata={COLUMNS: [*REUSE_KEY, "rel_path"]}),
+        "shard_index": dg.AssetIn(metadata={COLUMNS: [*FILE_IDENTITY, "rel_path"]}),
     },
     deps=[published_keypoints],
     pool="gpu",
@@ -185,89 +145,22 @@ def pose_keypoints(
     dataset: DanbooruDatasetResource,
     storage: StorageResource,
 ) -> dg.Output:
-    import numpy as np
-    import pandas as pd
+    from danbooru_assets.pose.stage import PoseKeypointStage
 
-    from danbooru_assets.pose.coco import NUM_KEYPOINTS
-    from danbooru_assets.pose.features import keypoint_frame
-
-    fingerprint = pose_estimator.fingerprint()
+    fingerprint = pose_estimator.fingerprint()  # no model loaded: only a run with work loads one
     if pose_estimator.uses_files():
         check_import_is_current(storage, pose_estimator.files_fingerprint(), pose_estimator.keypoint_files)
-    estimator = None  # a model loads once per run, on the first shard that needs it
-    set_aside: list = []
-    seconds_estimating = 0.0
-
-    def estimate_shard(shard: str):
-        nonlocal estimator, seconds_estimating
-        fallback_estimated = 0
-        subset = clip_subset[shard]
-        wanted = subset.loc[subset["kept"], ["image_id", "rel_path", "width", "height"]]
-        # An id missing from the index now has no identity: it never matches, and is estimated.
-        wanted = wanted.merge(shard_index[shard], on=["image_id", "rel_path"], how="left")
-        previous_path = storage.asset_path("pose_keypoints", shard)
-        previous, damaged = read_or_set_aside(previous_path)  # a damaged table: set aside, recomputed
-        if damaged is not None:
-            context.log.warning(str(damaged))
-            set_aside.append(damaged)
-        if previous is not None:
-            previous = previous.loc[previous["backend_fingerprint"] == fingerprint]
-        reuse = plan_reuse(wanted, [previous], REUSE_KEY)
-        todo = reuse.todo
-        reused = reuse.reused[0] if reuse.reused[0] is not None else pd.DataFrame()
-        if len(reused):  # the image sizes of now (the same file; the metadata may have changed)
-            sizes = wanted[[*REUSE_KEY, "width", "height"]].drop_duplicates(REUSE_KEY)
-            reused = reused.drop(columns=["width", "height"]).merge(sizes, on=REUSE_KEY)
-        started = time.perf_counter()
-        if todo.empty:
-            fresh = pd.DataFrame()
-        elif pose_estimator.uses_files():
-            fresh = _keypoints_from_files(
-                storage, shard, todo, fingerprint, pose_estimator.keypoint_frame, dataset.layout().image_folder
-            )
-            no_file = fresh["status"] == NO_KEYPOINT_FILE
-            if no_file.any() and pose_estimator.has_fallback():
-                estimator = estimator or pose_estimator.estimator()
-                estimated = _keypoints_from_model(
-                    context, estimator, pose_estimator.batch_size, pose_estimator.input_size, dataset,
-                    todo.loc[todo["image_id"].isin(fresh.loc[no_file, "image_id"])],
-                )
-                # Its rows name the model (`backend`) and are reused under the combined fingerprint.
-                fresh = pd.concat([fresh.loc[~no_file], estimated.assign(backend_fingerprint=fingerprint)],
-                                  ignore_index=True)
-                fallback_estimated = len(estimated)
-        else:
-            estimator = estimator or pose_estimator.estimator()
-            fresh = _keypoints_from_model(
-                context, estimator, pose_estimator.batch_size, pose_estimator.input_size, dataset, todo
-            )
-        seconds_estimating += time.perf_counter() - started
-        if len(fresh):
-            fresh = fresh.merge(todo[["image_id", "file_bytes", "mtime", "width", "height"]], on="image_id")
-        parts = [f for f in (reused, fresh) if len(f)]
-        if parts:
-            table = pd.concat(parts, ignore_index=True)
-        else:
-            table = keypoint_frame(np.zeros(0, dtype=np.int64), np.zeros((0, NUM_KEYPOINTS, 3)), None,
-                                   backend=pose_estimator.backend, backend_fingerprint=fingerprint, status=[])
-            table["file_bytes"] = pd.Series(dtype="int64")
-            table["mtime"] = pd.Series(dtype="float64")
-            table["width"] = pd.Series(dtype="int64")
-            table["height"] = pd.Series(dtype="int64")
-        table = table.sort_values("image_id").reset_index(drop=True)
-        counts = {"images": len(table), "estimated": len(todo), "reused": len(reused)}
-        if pose_estimator.uses_files():
-            # Kept images with no keypoint file (reused rows included): no pose, so pose_subset
-            # drops them as no_pose until a file arrives or a fallback estimates them.
-            counts["no_keypoint_file"] = int((table["status"] == NO_KEYPOINT_FILE).sum())
-            counts["fallback_estimated"] = fallback_estimated
-        counts.update({f"status_{k}": int(v) for k, v in table["status"].value_counts().items()})
-        return table, counts
-
+    layout = storage.layout()
+    stage = PoseKeypointStage(
+        clip_subset, shard_index, fingerprint, pose_estimator.backend,
+        pose_estimator.estimator if not pose_estimator.uses_files() or pose_estimator.has_fallback() else None,
+        dataset.image_path, dataset.max_pixels, pose_estimator.batch_size, pose_estimator.input_size,
+        published=lambda shard: _published(layout, shard), keypoint_frame=pose_estimator.keypoint_frame,
+        image_folder=dataset.layout().image_folder if pose_estimator.uses_files() else "", warn=context.log.warning,
+    )
+    run = StageRun(stage, context.partition_keys, layout, log=context.log.debug).plan().compute()
     loop = ShardLoop(context, "pose_keypoints")
-    tables = loop.run(estimate_shard, keep_on_failure=lambda shard, table: write_parquet(
-        storage.asset_path("pose_keypoints", shard), table))
-    estimated = loop.totals.get("estimated", 0)
+    tables = {shard: t[0] for shard, t in loop.run(run.assemble, keep_on_failure=run.keep).items()}
     files_note = {}
     if pose_estimator.uses_files():
         missing = int(loop.totals.get("no_keypoint_file", 0))
@@ -287,17 +180,10 @@ def pose_keypoints(
             **files_note,
             "backend": pose_estimator.backend,
             "backend_fingerprint": fingerprint,
-            "images_per_s": round(estimated / seconds_estimating, 1) if estimated and seconds_estimating > 0 else 0.0,
-            **set_aside_metadata(set_aside),
+            "images_per_s": run.rate(),
+            **set_aside_metadata(run.set_aside),
         },
     )
-
-
-def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
-    from danbooru_assets.pose.features import pose_features
-
-    ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
-    return pose_features(ok, ok["width"].to_numpy(), ok["height"].to_numpy())
 
 
 @dg.asset(
@@ -311,7 +197,7 @@ def _ok_features(keypoints: "pd.DataFrame") -> "pd.DataFrame":
 def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTables) -> dg.Output:
     import pandas as pd
 
-    from danbooru_assets.pose.features import robust_statistics
+    from danbooru_assets.pose.features import ok_features, robust_statistics
     from danbooru_assets.pose.plots import feature_histograms, hip_midpoint_scatter
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
@@ -319,7 +205,7 @@ def pose_statistics(context: dg.AssetExecutionContext, pose_keypoints: ShardTabl
     keypoints = pose_keypoints.concat()
     if keypoints.empty or not (keypoints["status"] == "ok").any():
         raise ValueError("no keypoints with status ok: materialize pose_keypoints for some shards first")
-    features = _ok_features(keypoints)
+    features = ok_features(keypoints)
     stats = robust_statistics(features)
     medians = {k: v.get("median") for k, v in stats.get("features", {}).items() if isinstance(v, dict)}
     table = pd.DataFrame(
@@ -379,19 +265,17 @@ def pose_subset(
     settings: SettingsResource,
     dataset: DanbooruDatasetResource,
 ) -> dg.Output:
-    import numpy as np
-    import pandas as pd
-
     from danbooru_assets.pose.plots import select_examples
-    from danbooru_assets.pose.rules import REASONS, apply_pose_rules, density_rule_status, reason_counts
+    from danbooru_assets.pose.rules import SUBSET_REASONS, density_rule_status, pose_subset_shard
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    current = settings.load()
+    read = settings.read()
+    current = read.settings
     require_current(
         "pose_subset", "near_duplicates", near_duplicates, current, ("dedup",),
         launch="near_duplicates_job (duplicates over every shard's clip_subset), then pose_subset for these shards",
     )
-    rules = config.rules or current.pose
+    rules, source = settings.resolve(read, current.pose, config.rules.model_dump() if config.rules else None)
     stats = json.loads(pose_statistics["statistics_json"].iloc[0])
     density_rule = density_rule_status(rules, stats)
     if density_rule.startswith("skipped"):
@@ -400,46 +284,25 @@ def pose_subset(
     duplicates = near_duplicates.loc[~near_duplicates["kept"].astype(bool), "image_id"].to_numpy()
 
     def filter_shard(shard: str):
-        keypoints = pose_keypoints[shard]
-        subset_rows = clip_subset[shard]
-        ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
-        decisions = apply_pose_rules(_ok_features(keypoints), rules, stats)
-        copies = np.isin(decisions["image_id"].to_numpy(), duplicates)
-        if copies.any():  # appended to the rule reasons, so every reason is kept
-            decisions.loc[copies, "drop_reasons"] = [
-                f"{r}|{DUPLICATE}" if r else DUPLICATE for r in decisions.loc[copies, "drop_reasons"]
-            ]
-            decisions.loc[copies, "keep"] = False
-        not_ok = keypoints.loc[keypoints["status"] != "ok", ["image_id"]].assign(keep=False, drop_reasons=NO_POSE)
-        # A copy without a pose is still named a copy (every reason is kept; a keypoint file may come later).
-        not_ok.loc[not_ok["image_id"].isin(duplicates), "drop_reasons"] = f"{NO_POSE}|{DUPLICATE}"
-        subset = (
-            pd.concat([decisions[["image_id", "keep", "drop_reasons"]], not_ok], ignore_index=True)
-            .merge(subset_rows, on="image_id", how="left")
-            .sort_values("image_id")
-            .reset_index(drop=True)
-        )
-        reasons = reason_counts(decisions)
-        reasons[NO_POSE] = len(not_ok)
-        reasons[DUPLICATE] = reasons.get(DUPLICATE, 0) + int(not_ok["image_id"].isin(duplicates).sum())
+        keypoints, subset_rows = pose_keypoints[shard], clip_subset[shard]
+        subset, decisions, counts = pose_subset_shard(keypoints, subset_rows, rules, stats, duplicates)
         if len(decisions):  # examples for the sheets, at most EXAMPLES_PER_SHEET of each overall
+            ok = keypoints.loc[keypoints["status"] == "ok"].reset_index(drop=True)
             for label, rows in zip(("kept", "dropped"), select_examples(decisions, n=EXAMPLES_PER_SHEET)):
                 room = EXAMPLES_PER_SHEET - len(examples[label])
                 examples[label].extend((ok.iloc[[r]], decisions.iloc[[r]], subset_rows) for r in rows[:room])
-        counts = {"rows": len(subset), "kept": int(subset["keep"].sum())}
-        counts.update({f"dropped_{name}": int(reasons.get(name, 0)) for name in (*REASONS, NO_POSE, DUPLICATE)})
         return subset, counts
 
     loop = ShardLoop(context, "pose_subset", images_key="rows")
     tables = loop.run(filter_shard)
     metadata = {
         **loop.metadata(
-            ["rows", "kept", *(f"dropped_{name}" for name in (*REASONS, NO_POSE, DUPLICATE))],
+            ["rows", "kept", *(f"dropped_{name}" for name in SUBSET_REASONS)],
             {"kept_fraction": ("kept", "rows")},
         ),
         "rules": dg.MetadataValue.json(rules.model_dump()),
         "density_rule": density_rule,
-        "settings_source": "run config" if config.rules else settings.source(),
+        "settings_source": source,
     }
     for label, picked in examples.items():
         if picked:

@@ -33,7 +33,8 @@ def metadata_prefilter(
 
     from danbooru_assets.dataset.prefilter import apply_prefilter, tag_counts
 
-    rules = settings.load().prefilter
+    read = settings.read()
+    rules = read.settings.prefilter
     excluded_tags: Counter = Counter()
 
     def prefilter_shard(shard: str):
@@ -66,6 +67,6 @@ def metadata_prefilter(
                 else "none"
             ),
             "rules": dg.MetadataValue.json(rules.model_dump(mode="json")),
-            "settings_source": settings.source(),
+            "settings_source": read.source,
         },
     )

@@ -109,13 +109,14 @@ def quality_model(
     from danbooru_assets.quality.features import classifier_features, embedded_rows
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    current = settings.load()
-    quality = current.quality
+    read = settings.read()
+    current, quality = read.settings, read.settings.quality
     store = label_store.store()
     latest = store.latest()
     labeled = latest.loc[latest["label"].isin(CLASSES)]
     version = store.version()
-    base = {"label_version": version, "labels": len(labeled), "classifier": quality.classifier}
+    base = {"label_version": version, "labels": len(labeled), "classifier": quality.classifier,
+            "settings_source": read.source}
 
     def untrained(note: str, **extra) -> dg.Output:
         table = pd.DataFrame([{**base, "trained": False, "fingerprint": "", "clip_model_fingerprint_id": "",
@@ -226,9 +227,10 @@ def quality_predictions(
     from danbooru_assets.quality.classifier import no_predictions, predict_proba_frame
     from danbooru_assets.quality.features import classifier_features, embedded_rows
 
+    read = settings.read()
     if bool(quality_model["trained"].iloc[0]):  # an untrained model predicts nothing under any setting
         require_current(
-            "quality_predictions", "quality_model", quality_model, settings.load(), MODEL_SETTINGS,
+            "quality_predictions", "quality_model", quality_model, read.settings, MODEL_SETTINGS,
             launch="quality_model_job (retrains on the stored labels), then quality_predictions for these shards",
         )
 
@@ -282,6 +284,7 @@ def quality_predictions(
             "model_trained": pipeline is not None,
             "model_fingerprint": fingerprint,
             "mean_uncertainty": loop.totals.get("uncertainty_sum", 0.0) / images if images and pipeline else 0.0,
+            "settings_source": read.source,
         },
     )
 
@@ -317,7 +320,8 @@ def labeling_queue(
     from danbooru_assets.core.visuals import contact_sheet
     from danbooru_assets.orchestration.ui_metadata import image_markdown
 
-    quality = settings.load().quality
+    read = settings.read()
+    quality = read.settings.quality
     candidates = quality_predictions.concat()
     labeled = set(label_store.store().labeled_ids())
     plan = round_targets(len(candidates), quality.round_fractions, quality.min_round_size)
@@ -372,6 +376,7 @@ def labeling_queue(
         "pool": len(candidates),
         "without_embedding": len(without),
         "round_plan_cumulative": dg.MetadataValue.json(plan),
+        "settings_source": read.source,
         "next_step": f"danbooru-assets label  (serves these {len(queue)} images)"
         if len(queue)
         else "all planned rounds are labeled",
@@ -407,7 +412,8 @@ def curated_dataset(
 ) -> dg.Output:
     from danbooru_assets.export.curated import build_manifest
 
-    keep_classes = settings.load().quality.keep_classes
+    read = settings.read()
+    keep_classes = read.settings.quality.keep_classes
     latest_labels = label_store.store().latest()
     by_class: dict[tuple, int] = {}
 
@@ -433,6 +439,7 @@ def curated_dataset(
         metadata={
             **loop.metadata(["images", "candidates", "unlabeled_and_unpredicted"]),
             "keep_classes": dg.MetadataValue.json(keep_classes),
+            "settings_source": read.source,
             "by_class_and_source": dg.MetadataValue.md(
                 "| class | source | images |\n|---|---|---|\n"
                 + "\n".join(f"| {c} | {s} | {n} |" for (c, s), n in by_class.items())
