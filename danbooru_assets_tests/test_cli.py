@@ -235,12 +235,16 @@ def test_ui_serves_without_a_warning_to_interpret(tmp_path: Path):
         proc = subprocess.Popen([sys.executable, "-m", "danbooru_assets", "ui", "--port", str(port)], cwd=project,
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Wait while the UI starts (no deadline: a loaded machine is slow, not broken).
-        while "Serving dagster-webserver" not in log.read_text():
+        # Wait while the UI starts (no deadline: a loaded machine is slow, not broken); the
+        # "Serving" line can come a moment before the socket answers.
+        while True:
             assert proc.poll() is None, log.read_text()
-            time.sleep(1)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info") as answer:
-            assert answer.status == 200
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info") as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                time.sleep(1)
     finally:
         os.killpg(proc.pid, 15)
         proc.wait()
