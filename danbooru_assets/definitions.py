@@ -56,7 +56,12 @@ from danbooru_assets.pose.backend_names import KEYPOINT_FILES
 # The main job runs in stages: a per-shard stage over every shard's range, then the
 # global asset that needs all shards (a threshold or a statistic calibrated over the
 # whole dataset). A per-shard job is partitioned by the shard partitions of its assets.
+# The assets of each job, for the CLI's skip check (orchestration.stage_fingerprints).
+JOB_ASSETS: dict[str, list] = {}
+
+
 def stage_job(name: str, assets: list, description: str = ""):
+    JOB_ASSETS[name] = list(assets)
     return dg.define_asset_job(name, selection=assets, description=description)
 
 
