@@ -4,6 +4,7 @@ tables after a skip are those of a full run."""
 from __future__ import annotations
 
 import re
+import time
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,6 @@ from danbooru_assets.cli import main
 from danbooru_assets.devtools.sample_data import generate_sample_dataset, write_sample_settings
 from danbooru_assets_tests.orchestration.test_ui_backfill import _env
 
-# Runs the whole main job several times: a minute or more.
-pytestmark = pytest.mark.slow
 
 
 def _tables(storage: Path) -> dict[str, pd.DataFrame]:
@@ -41,6 +40,7 @@ def _run(capsys, *args: str) -> tuple[list[str], list[str], str]:
     return (*_stages(out), out)
 
 
+@pytest.mark.slow  # runs the whole main job several times: minutes
 def test_a_rerun_skips_what_did_not_change_and_runs_what_did(tmp_path: Path, monkeypatch, capsys) -> None:
     summary = generate_sample_dataset(tmp_path / "sample", n_images=24, n_shards=3, max_side=300)
     for name, value in _env(tmp_path, summary.root).items():
@@ -87,3 +87,98 @@ def test_a_rerun_skips_what_did_not_change_and_runs_what_did(tmp_path: Path, mon
     assert skipped == [] and len(ran) == 11 and "the dataset's files changed" in out
     skipped, ran, _ = _run(capsys)
     assert ran == []
+
+
+# ---------------------------------------------------------------------------- the record itself, without Dagster runs
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch):
+    from danbooru_assets.settings import CurationSettings
+
+    for name, value in {"DANBOORU_LABELS": tmp_path / "labels.sqlite", "DANBOORU_SETTINGS": tmp_path / "settings.yaml"}.items():
+        monkeypatch.setenv(name, str(value))
+    (tmp_path / "data" / "original" / "0001").mkdir(parents=True)
+    (tmp_path / "data" / "original" / "0001" / "1001.jpg").write_bytes(b"x")
+    (tmp_path / "storage").mkdir()
+    return tmp_path, CurationSettings()
+
+
+def _fingerprints(base: Path, settings):
+    from danbooru_assets.orchestration.stage_fingerprints import StageFingerprints
+
+    return StageFingerprints(base / "home", str(base / "storage"), base / "data", settings, ["0001"])
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _run_stages(base: Path, settings, stages, writes: dict[str, list[str]]) -> list[str]:
+    """Runs (writes the files of) every stage that is not skipped; the names run."""
+    fp = _fingerprints(base, settings)
+    ran = []
+    for i, stage in enumerate(stages):
+        earlier = [s.name for s in stages[:i]]
+        if fp.check(stage, earlier).skip:
+            continue
+        previous, before = fp.read(stage.name), fp.storage_files()
+        fp.forget(stage.name)
+        for rel in writes[stage.name]:
+            _write(base / "storage" / rel, f"{stage.name} {time.perf_counter_ns()}")
+        fp.record(stage, earlier, before, previous, {"line": ""})
+        ran.append(stage.name)
+    return ran
+
+
+def test_a_stage_is_skipped_only_when_nothing_it_reads_changed(world) -> None:
+    from danbooru_assets.orchestration.stage_fingerprints import Stage
+
+    base, settings = world
+    stages = [
+        Stage("a_job", ["a"], ["prompts"], False),
+        Stage("b_job", ["b"], ["clip_threshold"], False),
+        Stage("c_job", ["c"], [], False),
+    ]
+    writes = {"a_job": ["a/0001.parquet"], "b_job": ["b.parquet"], "c_job": ["c/0001.parquet"]}
+    assert _run_stages(base, settings, stages, writes) == ["a_job", "b_job", "c_job"]
+    assert _run_stages(base, settings, stages, writes) == []
+
+    # A settings section: its reader and every later stage (through its rewritten tables).
+    changed = settings.model_copy(update={"clip": settings.clip.model_copy(update={"keep_fraction": 0.5})})
+    assert _run_stages(base, changed, stages, writes) == ["b_job", "c_job"]
+    assert _run_stages(base, changed, stages, writes) == []
+
+    # A deleted table: its stage and the later ones.
+    (base / "storage" / "b.parquet").unlink()
+    assert _run_stages(base, changed, stages, writes) == ["b_job", "c_job"]
+
+    # A table rewritten behind the CLI's back: its stage (its own output) and the later ones.
+    _write(base / "storage" / "a" / "0001.parquet", "changed elsewhere")
+    assert _run_stages(base, changed, stages, writes) == ["a_job", "b_job", "c_job"]
+
+    # A new image: everything (the dataset is part of every stage's fingerprint).
+    (base / "data" / "original" / "0001" / "2001.jpg").write_bytes(b"y")
+    assert _run_stages(base, changed, stages, writes) == ["a_job", "b_job", "c_job"]
+    assert _run_stages(base, changed, stages, writes) == []
+
+    # Another set of shards, or an unreadable record: run.
+    fp = _fingerprints(base, changed)
+    fp.scope = "other"
+    assert fp.check(stages[0], []).reason == "another set of shards"
+    (base / "home" / "run_fingerprints" / "a_job.json").write_text("{not json")
+    assert _run_stages(base, changed, stages, writes) == ["a_job", "b_job", "c_job"]
+
+
+def test_labels_are_part_of_the_fingerprint_of_their_readers(world) -> None:
+    from danbooru_assets.orchestration.stage_fingerprints import Stage
+
+    base, settings = world
+    stages = [Stage("q_job", ["q"], [], True)]
+    writes = {"q_job": ["q.parquet"]}
+    (base / "labels.sqlite").write_bytes(b"0")
+    assert _run_stages(base, settings, stages, writes) == ["q_job"]
+    assert _run_stages(base, settings, stages, writes) == []
+    (base / "labels.sqlite").write_bytes(b"01")
+    assert _run_stages(base, settings, stages, writes) == ["q_job"]
