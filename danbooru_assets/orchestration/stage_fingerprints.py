@@ -171,6 +171,10 @@ class StageFingerprints:
         # (a file added meanwhile is seen by the next run: the record holds the value
         # taken before the stage, so the stage runs again then).
         self._common: dict[str, str] | None = None
+        # Skipped stages change nothing: one look at the tables and the records serves
+        # every check until a stage runs (a thousand shards: ~12k files, 11 records).
+        self._files: dict[str, Stat] | None = None
+        self._records: dict[str, dict[str, Any] | None] = {}
 
     # ------------------------------------------------------------------ parts
 
@@ -185,6 +189,11 @@ class StageFingerprints:
         return self._common
 
     def storage_files(self) -> dict[str, Stat]:
+        if self._files is None:
+            self._files = self._storage_files()
+        return self._files
+
+    def _storage_files(self) -> dict[str, Stat]:
         files = _walk(self.storage) if self.enabled else {}
         return {
             path: stat
@@ -202,11 +211,14 @@ class StageFingerprints:
         return self.folder / f"{stage}.json"
 
     def read(self, stage: str) -> dict[str, Any] | None:
-        try:
-            record = json.loads(self._path(stage).read_text())
-        except (OSError, ValueError):
-            return None
-        return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+        if stage not in self._records:
+            try:
+                record = json.loads(self._path(stage).read_text())
+            except (OSError, ValueError):
+                record = None
+            ok = isinstance(record, dict) and record.get("version") == RECORD_VERSION
+            self._records[stage] = record if ok else None
+        return self._records[stage]
 
     # ------------------------------------------------------------------ decisions
 
@@ -255,6 +267,8 @@ class StageFingerprints:
 
     def forget(self, stage: str) -> None:
         """Before a stage runs: a failed run leaves no record that could skip it."""
+        self._files = None
+        self._records.pop(stage, None)
         try:
             self._path(stage).unlink()
         except FileNotFoundError:
@@ -267,6 +281,7 @@ class StageFingerprints:
         its outputs); ``summary``, what the CLI prints for a skipped stage."""
         if not self.enabled:
             return
+        self._files = None
         after = self.storage_files()
         outputs = {p for p, stat in after.items() if before.get(p) != stat}
         outputs |= {p for p in (previous or {}).get("outputs", []) if p in after}
@@ -286,3 +301,4 @@ class StageFingerprints:
         }
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self._path(stage.name), json.dumps(record))
+        self._records[stage.name] = record
