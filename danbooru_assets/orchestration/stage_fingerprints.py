@@ -171,6 +171,7 @@ class StageFingerprints:
         # (a file added meanwhile is seen by the next run: the record holds the value
         # taken before the stage, so the stage runs again then).
         self._common: dict[str, str] | None = None
+        self._dataset_folders: dict[str, str] = {}
         # Skipped stages change nothing: one look at the tables and the records serves
         # every check until a stage runs (a thousand shards: ~12k files, 11 records).
         self._files: dict[str, Stat] | None = None
@@ -180,13 +181,26 @@ class StageFingerprints:
 
     def common(self) -> dict[str, str]:
         if self._common is None:
+            files = _walk(self.dataset_root)
+            folders: dict[str, list] = {}
+            for path, stat in files.items():
+                folders.setdefault(os.path.dirname(path) or ".", []).append((path, stat))
+            # Per folder too (a shard's folder), so a change can be named.
+            self._dataset_folders = {folder: _hash(sorted(items)) for folder, items in folders.items()}
             self._common = {
-                "dataset": _hash(sorted(_walk(self.dataset_root).items())),
+                "dataset": _hash(sorted(files.items())),
                 "code": code_version(),
                 "environment": environment_fingerprint(),
                 "scope": self.scope,
             }
         return self._common
+
+    def _changed_folders(self, before: dict[str, str]) -> str:
+        now = self._dataset_folders
+        changed = sorted(f for f in set(before) | set(now) if before.get(f) != now.get(f))
+        if not changed:
+            return ""
+        return " (in " + ", ".join(changed[:3]) + (f" and {len(changed) - 3} more folders" if len(changed) > 3 else "") + ")"
 
     def storage_files(self) -> dict[str, Stat]:
         if self._files is None:
@@ -233,6 +247,8 @@ class StageFingerprints:
         for part, what in (("code", "the code changed"), ("environment", "an environment variable or a file it names changed"),
                            ("scope", "another set of shards"), ("dataset", "the dataset's files changed")):
             if record.get(part) != common[part]:
+                if part == "dataset":
+                    what += self._changed_folders(record.get("dataset_folders") or {})
                 return Decision(False, what)
         changed = [s for s in stage.sections if record.get("sections", {}).get(s) != self.sections[s]]
         if changed:
@@ -293,6 +309,7 @@ class StageFingerprints:
             "stage": stage.name,
             "at": time.time(),
             **self.common(),
+            "dataset_folders": self._dataset_folders,
             "sections": {s: self.sections[s] for s in stage.sections},
             "labels": self.labels_stat() if stage.reads_labels else None,
             "outputs": sorted(outputs),

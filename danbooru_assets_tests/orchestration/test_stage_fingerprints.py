@@ -160,6 +160,9 @@ def test_a_stage_is_skipped_only_when_nothing_it_reads_changed(world) -> None:
 
     # A new image: everything (the dataset is part of every stage's fingerprint).
     (base / "data" / "original" / "0001" / "2001.jpg").write_bytes(b"y")
+    assert _fingerprints(base, changed).check(stages[2], ["a_job", "b_job"]).reason == (
+        "the dataset's files changed (in original/0001)"
+    )
     assert _run_stages(base, changed, stages, writes) == ["a_job", "b_job", "c_job"]
     assert _run_stages(base, changed, stages, writes) == []
 
