@@ -1,6 +1,6 @@
 """Benchmark: the main job, its no-change re-run, one new image and a threshold change.
 
-    python -m danbooru_assets.bench main_job [--shards 10,100] [--images-per-shard 3] [--out DIR]
+    python -m danbooru_assets.bench main_job [--shards 10,100] [--images-per-shard 3] [--out DIR] [--only 3,4,5]
 
 For each tree size (sample images, demo CLIP model, the sample's published keypoints, all
 in a work folder: ``--out`` or a temporary one), each as a subprocess, wall time:
@@ -71,7 +71,7 @@ def run_python(bench: Bench, name: str, code: str, argv: list[str], timeout: flo
     return took, proc.stdout
 
 
-def one_tree(shards: int, per_shard: int, work: Path, timeout: float) -> dict[str, Any]:
+def one_tree(shards: int, per_shard: int, work: Path, timeout: float, only: set[str] | None = None) -> dict[str, Any]:
     args = SimpleNamespace(work=work, shards=shards, images=shards * per_shard, sensor_interval=30,
                            step_timeout=timeout)
     bench = Bench(args)
@@ -91,21 +91,24 @@ def one_tree(shards: int, per_shard: int, work: Path, timeout: float) -> dict[st
     with bench.step("2", f"{shards} shards: no-change re-run") as r:
         out["rerun_s"] = r["wall_s"] = bench.run_cli("rerun", ["run"], timeout)
         print(f"  {fmt_s(out['rerun_s'])}: " + (bench.logs / "rerun.log").read_text().strip().splitlines()[-2])
-    with bench.step("3", f"{shards} shards: one new image, danbooru-assets run") as r:
-        shard = sorted(p for p in (bench.root / "original").iterdir() if p.is_dir())[0]
-        source = next(p for p in sorted(shard.iterdir()) if p.suffix == ".jpg")
-        shutil.copy(source, shard / f"9{source.stem[1:]}{source.suffix}")
-        out["new_image_s"] = r["wall_s"] = bench.run_cli("new_image", ["run"], timeout)
-        print(f"  {fmt_s(out['new_image_s'])}")
-    with bench.step("4", f"{shards} shards: keep_fraction=0.5, rethreshold_job over every shard") as r:
-        bench.run_cli("settings", ["settings", "set", "clip.keep_fraction=0.5"], 300)
-        first, last = bench.shards[0], bench.shards[-1]
-        out["rethreshold_s"], _ = run_python(bench, "rethreshold", RETHRESHOLD, [first, last], timeout)
-        r["wall_s"] = out["rethreshold_s"]
-        print(f"  {fmt_s(out['rethreshold_s'])}")
-    with bench.step("5", f"{shards} shards: danbooru-assets run --force") as r:
-        out["force_s"] = r["wall_s"] = bench.run_cli("force", ["run", "--force"], timeout)
-        print(f"  {fmt_s(out['force_s'])}")
+    if only is None or "3" in only:
+        with bench.step("3", f"{shards} shards: one new image, danbooru-assets run") as r:
+            shard = sorted(p for p in (bench.root / "original").iterdir() if p.is_dir())[0]
+            source = next(p for p in sorted(shard.iterdir()) if p.suffix == ".jpg")
+            shutil.copy(source, shard / f"9{source.stem[1:]}{source.suffix}")
+            out["new_image_s"] = r["wall_s"] = bench.run_cli("new_image", ["run"], timeout)
+            print(f"  {fmt_s(out['new_image_s'])}")
+    if only is None or "4" in only:
+        with bench.step("4", f"{shards} shards: keep_fraction=0.5, rethreshold_job over every shard") as r:
+            bench.run_cli("settings", ["settings", "set", "clip.keep_fraction=0.5"], 300)
+            first, last = bench.shards[0], bench.shards[-1]
+            out["rethreshold_s"], _ = run_python(bench, "rethreshold", RETHRESHOLD, [first, last], timeout)
+            r["wall_s"] = out["rethreshold_s"]
+            print(f"  {fmt_s(out['rethreshold_s'])}")
+    if only is None or "5" in only:
+        with bench.step("5", f"{shards} shards: danbooru-assets run --force") as r:
+            out["force_s"] = r["wall_s"] = bench.run_cli("force", ["run", "--force"], timeout)
+            print(f"  {fmt_s(out['force_s'])}")
     return out
 
 
@@ -130,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-shard", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--step-timeout", type=float, default=3600)
+    parser.add_argument("--only", default=None, help="comma-separated steps 3,4,5 to run after 1 and 2 (default: all)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.shards.split(",") if s.strip()]
     base = args.out or Path(tempfile.mkdtemp(prefix="bench_main_job_"))
     results = []
     try:
         for n in sizes:
-            results.append(one_tree(n, args.images_per_shard, base / f"shards_{n}", args.step_timeout))
+            results.append(one_tree(n, args.images_per_shard, base / f"shards_{n}", args.step_timeout,
+                                    set(args.only.split(",")) if args.only is not None else None))
             print("\n" + table(results), flush=True)
     finally:
         if args.out is None:
