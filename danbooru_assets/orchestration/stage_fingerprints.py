@@ -123,12 +123,15 @@ class Stage:
 
         keys: list[str] = []
         deps: set[str] = set()
-        labels = False
+        labels = reads_settings = False
         for asset in assets:
             keys += [k.to_user_string() for k in asset.keys]
             deps |= {k.to_user_string() for k in asset.dependency_keys}
             labels = labels or "label_store" in asset.required_resource_keys
+            reads_settings = reads_settings or "settings" in asset.required_resource_keys
         sections = [s for s in SECTIONS if section_asset_name(s) in deps]
+        if reads_settings and not sections:  # reads the file but declares no section: any may matter
+            sections = list(SECTIONS)
         return cls(name=name, asset_keys=sorted(keys), sections=sections, reads_labels=labels)
 
 

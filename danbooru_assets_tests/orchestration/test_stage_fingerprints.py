@@ -185,3 +185,19 @@ def test_labels_are_part_of_the_fingerprint_of_their_readers(world) -> None:
     assert _run_stages(base, settings, stages, writes) == []
     (base / "labels.sqlite").write_bytes(b"01")
     assert _run_stages(base, settings, stages, writes) == ["q_job"]
+
+
+def test_each_stage_watches_the_settings_sections_and_labels_its_assets_read() -> None:
+    from danbooru_assets.definitions import JOB_ASSETS, RUN_STAGES
+    from danbooru_assets.orchestration.stage_fingerprints import Stage
+    from danbooru_assets.settings import SECTIONS
+
+    stages = {job.name: Stage.of(job.name, JOB_ASSETS[job.name]) for job in RUN_STAGES}
+    assert stages["clip_threshold_job"].sections == ["clip_threshold"]
+    assert stages["ingest_job"].sections == ["prompts", "prefilter"]
+    assert set(stages["pose_subset_job"].sections) == {"pose_rules", "dedup"}
+    # Reads the settings file without declaring a section: every section counts.
+    assert stages["quality_predictions_job"].sections == list(SECTIONS)
+    assert stages["pose_statistics_job"].sections == []
+    assert stages["quality_model_job"].reads_labels and not stages["pose_job"].reads_labels
+    assert "clip_embeddings" in stages["ingest_job"].asset_keys
