@@ -184,15 +184,17 @@ def run_main_job(args: argparse.Namespace) -> int:
     # Warnings are printed after each run, one line per kind (run_report); --verbose: all, live.
     log_level = "DEBUG" if args.verbose else "ERROR"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    from danbooru_assets.definitions import JOB_ASSETS
+    from danbooru_assets.definitions import IMAGE_FREE_STAGES, JOB_ASSETS, PER_SHARD_STAGES
     from danbooru_assets.orchestration.stage_fingerprints import Stage, StageFingerprints
 
-    fingerprints = StageFingerprints(home, config.storage_base(), dataset.root_path, settings, shards, instance)
+    fingerprints = StageFingerprints(
+        home, config.storage_base(), dataset.root_path, settings, shards, instance, image_folder=dataset.image_folder
+    )
     skipped: list[str] = []
     try:
         for index, job in enumerate(RUN_STAGES):
             earlier = [j.name for j in RUN_STAGES[:index]]
-            stage = Stage.of(job.name, JOB_ASSETS[job.name])
+            stage = Stage.of(job.name, JOB_ASSETS[job.name], reads_images=job.name not in IMAGE_FREE_STAGES)
             decision = fingerprints.check(stage, earlier) if not args.force else None
             if decision is not None and decision.skip:
                 skipped.append(job.name)
@@ -202,7 +204,13 @@ def run_main_job(args: argparse.Namespace) -> int:
                 continue
             why = f": {decision.reason}" if decision is not None else ": --force"
             job_def = defs.resolve_job_def(job.name)
-            runs: list[dict[str, str]] = [range_tags(a, b) for a, b in ranges] if job_def.partitions_def else [{}]
+            stage_ranges = ranges
+            if decision is not None and job.name in PER_SHARD_STAGES:
+                changed = fingerprints.changed_shards(stage, earlier, shards)
+                if changed is not None and len(changed) < len(shards):
+                    stage_ranges = shard_ranges(changed)
+                    why += f"; only the {len(changed)} shard{'s' if len(changed) > 1 else ''} whose inputs changed"
+            runs: list[dict[str, str]] = [range_tags(a, b) for a, b in stage_ranges] if job_def.partitions_def else [{}]
             print(f"== {job.name} ({len(runs)} run{'s' if len(runs) > 1 else ''}){why}", flush=True)
             previous = fingerprints.read(job.name)
             before = fingerprints.storage_files()

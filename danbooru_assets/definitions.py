@@ -132,6 +132,13 @@ shard_job = stage_job(
     "near_duplicates over every shard's kept images (new images are deduplicated before pose_subset).",
 )
 
+# Stages whose assets read only their own shard's images and tables (and unchanged global
+# ones): after a change confined to some shards, `danbooru-assets run` runs only those.
+PER_SHARD_STAGES = {"ingest_job"}
+# Stages that read no image (the metadata files, published keypoints, the prompts): a new
+# image does not re-run them.
+IMAGE_FREE_STAGES = {"prepare_job"}
+
 # `danbooru-assets run` runs these in order, each as one run over the shards' range(s).
 RUN_STAGES = [
     prepare_job,

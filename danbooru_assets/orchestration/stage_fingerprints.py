@@ -116,9 +116,10 @@ class Stage:
     asset_keys: list[str]
     sections: list[str]
     reads_labels: bool
+    reads_images: bool = True  # False: only the dataset's other files (metadata, keypoints) count
 
     @classmethod
-    def of(cls, name: str, assets: Iterable[dg.AssetsDefinition]) -> "Stage":
+    def of(cls, name: str, assets: Iterable[dg.AssetsDefinition], reads_images: bool = True) -> "Stage":
         from danbooru_assets.settings import SECTIONS
 
         keys: list[str] = []
@@ -132,7 +133,7 @@ class Stage:
         sections = [s for s in SECTIONS if section_asset_name(s) in deps]
         if reads_settings and not sections:  # reads the file but declares no section: any may matter
             sections = list(SECTIONS)
-        return cls(name=name, asset_keys=sorted(keys), sections=sections, reads_labels=labels)
+        return cls(name=name, asset_keys=sorted(keys), sections=sections, reads_labels=labels, reads_images=reads_images)
 
 
 @dataclass
@@ -153,7 +154,9 @@ class StageFingerprints:
         settings: CurationSettings,
         shards: list[str],
         instance: dg.DagsterInstance | None = None,
+        image_folder: str = "",
     ):
+        self.image_folder = image_folder
         self.folder = Path(home) / RECORDS_FOLDER
         self.enabled = not config.is_url(storage)
         self.storage = Path(storage.removeprefix("file://")).expanduser()
@@ -190,8 +193,14 @@ class StageFingerprints:
                 folders.setdefault(os.path.dirname(path) or ".", []).append((path, stat))
             # Per folder too (a shard's folder), so a change can be named.
             self._dataset_folders = {folder: _hash(sorted(items)) for folder, items in folders.items()}
+            inside = (self.image_folder + os.sep) if self.image_folder else None
             self._common = {
                 "dataset": _hash(sorted(files.items())),
+                # Everything but the image folder: what a stage that reads no image depends on.
+                "dataset_other": _hash(sorted(
+                    (f, h) for f, h in self._dataset_folders.items()
+                    if inside is None or not (f + os.sep).startswith(inside)
+                )),
                 "code": code_version(),
                 "environment": environment_fingerprint(),
                 "scope": self.scope,
@@ -247,10 +256,11 @@ class StageFingerprints:
         if record is None:
             return Decision(False, "no record of an earlier successful run")
         common = self.common()
+        dataset_part = "dataset" if stage.reads_images else "dataset_other"
         for part, what in (("code", "the code changed"), ("environment", "an environment variable or a file it names changed"),
-                           ("scope", "another set of shards"), ("dataset", "the dataset's files changed")):
+                           ("scope", "another set of shards"), (dataset_part, "the dataset's files changed")):
             if record.get(part) != common[part]:
-                if part == "dataset":
+                if part.startswith("dataset"):
                     what += self._changed_folders(record.get("dataset_folders") or {})
                 return Decision(False, what)
         changed = [s for s in stage.sections if record.get("sections", {}).get(s) != self.sections[s]]
@@ -283,6 +293,42 @@ class StageFingerprints:
                     return Decision(False, f"{key} is not materialized in this Dagster instance")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("at", 0)))
         return Decision(True, f"inputs, settings and code unchanged since {when}", record)
+
+    def changed_shards(self, stage: Stage, earlier: list[str], shards: list[str]) -> list[str] | None:
+        """For a stage whose assets read only their own shard's images and tables: the
+        shards whose inputs changed, when nothing else did (one new image re-runs its
+        shard, not the range); ``None`` when the whole stage must run."""
+        record = self.read(stage.name)
+        if not self.enabled or record is None:
+            return None
+        common = self.common()
+        if any(record.get(part) != common[part] for part in ("code", "environment", "scope")):
+            return None
+        if any(record.get("sections", {}).get(s) != self.sections[s] for s in stage.sections) or stage.reads_labels:
+            return None
+        wanted = set(shards)
+        changed: set[str] = set()
+        before = record.get("dataset_folders") or {}
+        now = self._dataset_folders
+        for folder in set(before) | set(now):
+            if before.get(folder) != now.get(folder):
+                parts = folder.split(os.sep)
+                if len(parts) != 2 or parts[1] not in wanted:  # not <image folder>/<shard>
+                    return None
+                changed.add(parts[1])
+        watched = set(record.get("outputs", []))
+        for name in earlier:
+            watched |= set((self.read(name) or {}).get("outputs", []))
+        files = self.storage_files()
+        recorded = record.get("tables", {})
+        for path in watched | set(recorded):
+            if path in recorded and tuple(files.get(path, ())) == tuple(recorded[path]):
+                continue
+            shard, ext = os.path.splitext(os.path.basename(path))
+            if ext != ".parquet" or shard not in wanted:  # a table of every shard (or none) changed
+                return None
+            changed.add(shard)
+        return sorted(changed) or None
 
     def forget(self, stage: str) -> None:
         """Before a stage runs: a failed run leaves no record that could skip it."""

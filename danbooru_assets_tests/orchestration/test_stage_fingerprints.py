@@ -79,14 +79,20 @@ def test_a_rerun_skips_what_did_not_change_and_runs_what_did(tmp_path: Path, mon
     assert ran[0] == "pose_job" and "deleted" in out
     assert victim.exists()
 
-    # A new image re-runs everything (each stage reuses its stored rows).
+    # A new image: prepare_job reads no image (skipped), ingest_job runs its shard only,
+    # every later stage runs; the tables equal those of a full run.
     shard = sorted(p for p in (summary.root / "original").iterdir() if p.is_dir())[0]
     source = next(p for p in sorted(shard.iterdir()) if p.suffix == ".jpg")
     shutil.copy(source, shard / f"9{source.stem[1:]}{source.suffix}")
     skipped, ran, out = _run(capsys)
-    assert skipped == [] and len(ran) == 11 and "the dataset's files changed" in out
+    assert skipped == ["prepare_job"] and len(ran) == 10, out
+    assert f"the dataset's files changed (in original/{shard.name})" in out
+    assert f"shards {shard.name}..{shard.name}: shard_index=" in out
+    after_new_image = _tables(storage)
     skipped, ran, _ = _run(capsys)
     assert ran == []
+    skipped, ran, _ = _run(capsys, "--force")
+    _assert_same_tables(after_new_image, _tables(storage))
 
 
 # ---------------------------------------------------------------------------- the record itself, without Dagster runs
