@@ -23,6 +23,10 @@ from pathlib import Path
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show Dagster's debug event log")
     parser.add_argument(
+        "--force", action="store_true",
+        help="run every stage, even one whose inputs, settings and code are unchanged since its last successful run",
+    )
+    parser.add_argument(
         "--shards",
         help="comma-separated shard keys (e.g. 0042,0107); default: every shard folder that has images",
     )
@@ -182,11 +186,39 @@ def run_main_job(args: argparse.Namespace) -> int:
     # Warnings are printed after each run, one line per kind (run_report); --verbose: all, live.
     log_level = "DEBUG" if args.verbose else "ERROR"
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    from danbooru_assets.definitions import IMAGE_FREE_STAGES, JOB_ASSETS, PER_SHARD_STAGES
+    from danbooru_assets.orchestration.stage_fingerprints import Stage, StageFingerprints
+
+    fingerprints = StageFingerprints(
+        home, config.storage_base(), dataset.root_path, settings, shards, instance, image_folder=dataset.image_folder
+    )
+    skipped: list[str] = []
     try:
-        for job in RUN_STAGES:
+        for index, job in enumerate(RUN_STAGES):
+            earlier = [j.name for j in RUN_STAGES[:index]]
+            stage = Stage.of(job.name, JOB_ASSETS[job.name], reads_images=job.name not in IMAGE_FREE_STAGES)
+            decision = fingerprints.check(stage, earlier) if not args.force else None
+            if decision is not None and decision.skip:
+                skipped.append(job.name)
+                done = decision.record.get("summary", {})
+                outputs.update(done.get("outputs", {}))
+                print(f"== {job.name}: skipped, {decision.reason} ({done.get('line', '')})", flush=True)
+                continue
+            why = f": {decision.reason}" if decision is not None else ": --force"
             job_def = defs.resolve_job_def(job.name)
-            runs: list[dict[str, str]] = [range_tags(a, b) for a, b in ranges] if job_def.partitions_def else [{}]
-            print(f"== {job.name} ({len(runs)} run{'s' if len(runs) > 1 else ''})", flush=True)
+            stage_ranges = ranges
+            if decision is not None and job.name in PER_SHARD_STAGES:
+                changed = fingerprints.changed_shards(stage, earlier, shards)
+                if changed is not None and len(changed) < len(shards):
+                    stage_ranges = shard_ranges(changed)
+                    why += f"; only the {len(changed)} shard{'s' if len(changed) > 1 else ''} whose inputs changed"
+            runs: list[dict[str, str]] = [range_tags(a, b) for a, b in stage_ranges] if job_def.partitions_def else [{}]
+            print(f"== {job.name} ({len(runs)} run{'s' if len(runs) > 1 else ''}){why}", flush=True)
+            previous = fingerprints.read(job.name)
+            before = fingerprints.storage_files()
+            fingerprints.forget(job.name)
+            lines: list[str] = []
+            stage_outputs: dict[str, dict] = {}
             for tags in runs:
                 t0 = time.perf_counter()
                 run_id = new_run_id()
@@ -205,14 +237,19 @@ def run_main_job(args: argparse.Namespace) -> int:
                     return 1
                 summary = stage_summary(result, asset_keys)
                 outputs.update(summary.metadata)
+                stage_outputs.update(summary.metadata)
+                lines.append(summary.line() or _materialized_summary(result))
                 print(f"  {label}: {summary.line() or _materialized_summary(result)} ({took:.1f}s)", *checks, sep="\n", flush=True)
                 if not args.verbose:
                     for line in warning_lines(instance, result.run_id):
                         print(f"    {line}")
+            fingerprints.record(stage, earlier, before, previous, {"line": "; ".join(lines), "outputs": stage_outputs})
     finally:
         progress_logger.removeHandler(bar)
     if note := curated_note(outputs):
         print(note)
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(RUN_STAGES)} stages (nothing they read had changed; --force runs them all)")
     print(f"done in {time.perf_counter() - started:.1f}s. Browse it: `danbooru-assets ui` (DAGSTER_HOME={home})")
     return 0
 

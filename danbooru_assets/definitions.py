@@ -56,7 +56,12 @@ from danbooru_assets.pose.backend_names import KEYPOINT_FILES
 # The main job runs in stages: a per-shard stage over every shard's range, then the
 # global asset that needs all shards (a threshold or a statistic calibrated over the
 # whole dataset). A per-shard job is partitioned by the shard partitions of its assets.
+# The assets of each job, for the CLI's skip check (orchestration.stage_fingerprints).
+JOB_ASSETS: dict[str, list] = {}
+
+
 def stage_job(name: str, assets: list, description: str = ""):
+    JOB_ASSETS[name] = list(assets)
     return dg.define_asset_job(name, selection=assets, description=description)
 
 
@@ -126,6 +131,13 @@ shard_job = stage_job(
     "Every per-shard asset of a range of shards, with the current global threshold and statistics, and "
     "near_duplicates over every shard's kept images (new images are deduplicated before pose_subset).",
 )
+
+# Stages whose assets read only their own shard's images and tables (and unchanged global
+# ones): after a change confined to some shards, `danbooru-assets run` runs only those.
+PER_SHARD_STAGES = {"ingest_job"}
+# Stages that read no image (the metadata files, published keypoints, the prompts): a new
+# image does not re-run them.
+IMAGE_FREE_STAGES = {"prepare_job"}
 
 # `danbooru-assets run` runs these in order, each as one run over the shards' range(s).
 RUN_STAGES = [

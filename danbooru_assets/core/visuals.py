@@ -15,12 +15,14 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def figure_to_image(fig) -> Image.Image:
-    """Render a matplotlib figure to a PIL image and close it."""
+def figure_to_image(fig, tight: bool = True) -> Image.Image:
+    """Render a matplotlib figure to a PIL image and close it. ``tight``: crop to the
+    drawn content (a second layout pass over every axis; a many-axes figure that sets
+    its own margins passes False)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight" if tight else None)
     plt.close(fig)
     buf.seek(0)
     return Image.open(buf).convert("RGB")
