@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from danbooru_assets.cli import main
 from danbooru_assets.devtools.sample_data import generate_sample_dataset, write_sample_settings
 from danbooru_assets_tests.orchestration.test_ui_backfill import _env
 
@@ -34,9 +33,21 @@ def _stages(out: str) -> tuple[list[str], list[str]]:
     return skipped, ran
 
 
+def _cli(*args: str):
+    """The CLI in its own process, as users run it: definitions read the environment when
+    they are imported, so an in-process call would see an earlier test's dataset."""
+    import os
+    import sys
+
+    from danbooru_assets.devtools.local_dagster import DEFAULT_STALL_S, run_until_quiet
+
+    done = run_until_quiet([sys.executable, "-m", "danbooru_assets", *args], DEFAULT_STALL_S, env=dict(os.environ))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def _run(capsys, *args: str) -> tuple[list[str], list[str], str]:
-    assert main(["run", *args]) == 0
-    out = capsys.readouterr().out
+    out = _cli("run", *args).stdout
     return (*_stages(out), out)
 
 
@@ -64,7 +75,7 @@ def test_a_rerun_skips_what_did_not_change_and_runs_what_did(tmp_path: Path, mon
     _assert_same_tables(first, _tables(storage))
 
     # A settings change re-runs the stage that reads the section and every later one.
-    assert main(["settings", "set", "clip.keep_fraction=0.6"]) == 0
+    _cli("settings", "set", "clip.keep_fraction=0.6")
     capsys.readouterr()
     skipped, ran, out = _run(capsys)
     assert skipped == ["prepare_job", "ingest_job"], out
