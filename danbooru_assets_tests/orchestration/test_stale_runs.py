@@ -152,22 +152,12 @@ def test_runs_of_another_host_or_a_live_process_are_never_marked(instance):
 
 
 def _cli_env(tmp_path: Path) -> dict[str, str]:
-    from danbooru_assets.config import KEYPOINTS_TARBALL
     from danbooru_assets.devtools.sample_data import generate_sample_dataset
+    from danbooru_assets_tests.orchestration.test_ui_backfill import _env
 
     root = tmp_path / "dataset"
     generate_sample_dataset(root, n_images=60, n_shards=2, max_side=320)
-    return {
-        **os.environ,
-        "DANBOORU_ROOT": str(root),
-        "DAGSTER_HOME": str(tmp_path / "home"),
-        "DANBOORU_STORAGE": str(tmp_path / "storage"),
-        "DANBOORU_SETTINGS": str(tmp_path / "settings.yaml"),
-        "DANBOORU_LABELS": str(tmp_path / "labels.sqlite"),
-        "DANBOORU_CLIP_MODEL": "danbooru-demo-tiny",
-        "DANBOORU_CLIP_PRETRAINED": "",
-        "DANBOORU_KEYPOINTS": str(root / KEYPOINTS_TARBALL),
-    }
+    return {**os.environ, **_env(tmp_path, root)}
 
 
 def _kill_cli_when(env: dict, tmp_path: Path, name: str, reached) -> str:
